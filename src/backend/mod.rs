@@ -1,0 +1,248 @@
+//! Backends: where values come from.
+//!
+//! A [`Backend`] serves every [`Source`] of one scheme. It is handed all the
+//! sources of a run at once, so it can batch them (SSM `GetParameters` takes
+//! ten names, Secrets Manager `BatchGetSecretValue` twenty) and fetch them
+//! concurrently; it answers one result per source, in order, so that one
+//! missing value never hides the others. [`Backend::plan`] describes the
+//! requests a fetch would make without making them (`envrender check`), and
+//! [`Backend::observe`] reports later changes (`envrender watch`).
+
+pub mod local;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::environment::Environment;
+use crate::reference::{Scheme, Source};
+use crate::secret::Secret;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A value as a backend returned it, with what is known about its version.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fetched {
+    pub value: Secret,
+    /// The backend's own version (SSM version, Vault KV version, Consul
+    /// modify index…), when it has one. Compared to detect changes.
+    pub version: Option<String>,
+    /// A Vault lease that must be renewed before it expires.
+    pub lease: Option<Lease>,
+}
+
+impl Fetched {
+    pub fn new(value: Secret) -> Self {
+        Fetched {
+            value,
+            version: None,
+            lease: None,
+        }
+    }
+
+    /// Whether `newer` differs from this value: by version when both have one,
+    /// otherwise by content.
+    pub fn differs_from(&self, newer: &Fetched) -> bool {
+        match (&self.version, &newer.version) {
+            (Some(a), Some(b)) => a != b,
+            _ => self.value != newer.value,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub id: String,
+    pub duration: Duration,
+    pub renewable: bool,
+}
+
+/// Why a value could not be had, in classes that decide what happens next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The value does not exist. Not retried; tolerated by `|optional` and
+    /// `|default=`.
+    NotFound,
+    /// The caller is not allowed to read it. Not retried.
+    Denied,
+    /// The value exists but cannot be used as asked (not JSON, no such field,
+    /// not UTF-8…). Not retried.
+    Invalid,
+    /// The backend could not be reached or asked us to slow down. Retried with
+    /// backoff until the deadline.
+    Transient,
+    /// No backend serves this scheme.
+    Unsupported,
+}
+
+impl ErrorKind {
+    pub fn is_retryable(self) -> bool {
+        self == ErrorKind::Transient
+    }
+}
+
+/// A failure to fetch one source, with what a person needs to fix it. It never
+/// carries a value: messages are built from names, paths and statuses only.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FetchError {
+    pub kind: ErrorKind,
+    /// `file`, `env`, `ssm`, `vault`, …
+    pub backend: &'static str,
+    /// The call that failed: `read file`, `ssm:GetParameters`, `GET /v1/kv/…`.
+    pub action: String,
+    /// The resource the call was about (ARN, URL, path), when not obvious from
+    /// the reference.
+    pub resource: Option<String>,
+    /// Who asked (AWS caller ARN, Vault token accessor and policies…).
+    pub identity: Option<String>,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl FetchError {
+    pub fn new(
+        kind: ErrorKind,
+        backend: &'static str,
+        action: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        FetchError {
+            kind,
+            backend,
+            action: action.into(),
+            resource: None,
+            identity: None,
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    pub fn resource(mut self, resource: impl Into<String>) -> Self {
+        self.resource = Some(resource.into());
+        self
+    }
+
+    pub fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+}
+
+impl fmt::Display for FetchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.backend, self.action)?;
+        if let Some(resource) = &self.resource {
+            write!(f, " {resource}")?;
+        }
+        write!(f, ": {}", self.message)?;
+        if let Some(identity) = &self.identity {
+            write!(f, " (as {identity})")?;
+        }
+        if let Some(hint) = &self.hint {
+            write!(f, "; hint: {hint}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for FetchError {}
+
+/// One request a fetch would make, for `envrender check`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PlannedCall {
+    /// AWS region, Consul datacenter…, when requests go to different places.
+    pub target: Option<String>,
+    /// `read file`, `GetParameters`, …
+    pub action: String,
+    /// What this one request covers: a path, "10 names".
+    pub detail: String,
+}
+
+/// What a later look at a source found.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Observation {
+    Unchanged,
+    Changed(Fetched),
+    Failed(FetchError),
+}
+
+pub trait Backend: Send + Sync {
+    /// The backend's name in messages: `file`, `ssm`, …
+    fn name(&self) -> &'static str;
+
+    /// The requests [`Backend::fetch`] would make for these sources.
+    fn plan(&self, sources: &[Source]) -> Vec<PlannedCall>;
+
+    /// Fetches every source; one result per source, in the same order.
+    fn fetch<'a>(&'a self, sources: &'a [Source]) -> BoxFuture<'a, Vec<Result<Fetched, FetchError>>>;
+
+    /// How often [`Backend::observe`] should be called when the backend has no
+    /// way to push changes.
+    fn poll_interval(&self) -> Duration {
+        Duration::from_secs(60)
+    }
+
+    /// Looks at each known source again and reports whether it changed. The
+    /// default fetches again and compares versions (or content, when the
+    /// backend has no versions); backends with change feeds override it.
+    fn observe<'a>(&'a self, known: &'a [(Source, Fetched)]) -> BoxFuture<'a, Vec<Observation>> {
+        Box::pin(async move {
+            let sources: Vec<Source> = known.iter().map(|(s, _)| s.clone()).collect();
+            let fresh = self.fetch(&sources).await;
+            known
+                .iter()
+                .zip(fresh)
+                .map(|((_, old), new)| match new {
+                    Ok(new) if old.differs_from(&new) => Observation::Changed(new),
+                    Ok(_) => Observation::Unchanged,
+                    Err(e) => Observation::Failed(e),
+                })
+                .collect()
+        })
+    }
+}
+
+/// The backends of one run, by scheme.
+#[derive(Clone)]
+pub struct Backends {
+    by_scheme: BTreeMap<Scheme, Arc<dyn Backend>>,
+}
+
+impl Backends {
+    /// The local backends, which need no configuration: `file:` and `env:`.
+    pub fn local(env: Arc<dyn Environment>) -> Self {
+        let mut by_scheme: BTreeMap<Scheme, Arc<dyn Backend>> = BTreeMap::new();
+        by_scheme.insert(Scheme::File, Arc::new(local::FileBackend));
+        by_scheme.insert(Scheme::Env, Arc::new(local::EnvBackend::new(env)));
+        Backends { by_scheme }
+    }
+
+    pub fn insert(&mut self, scheme: Scheme, backend: Arc<dyn Backend>) {
+        self.by_scheme.insert(scheme, backend);
+    }
+
+    pub fn get(&self, scheme: Scheme) -> Result<Arc<dyn Backend>, FetchError> {
+        self.by_scheme.get(&scheme).cloned().ok_or_else(|| {
+            FetchError::new(
+                ErrorKind::Unsupported,
+                scheme.prefix(),
+                "resolve",
+                format!(
+                    "this build of envrender {} has no {scheme}: backend",
+                    env!("CARGO_PKG_VERSION")
+                ),
+            )
+            .hint(format!(
+                "backends available: {}; for local runs, serve the value from a file: or env: reference",
+                self.by_scheme
+                    .keys()
+                    .map(|s| format!("{s}:"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ))
+        })
+    }
+}

@@ -1,0 +1,6 @@
+pub mod backend;
+pub mod environment;
+pub mod reference;
+pub mod resolve;
+pub mod secret;
+pub mod template;

@@ -1,0 +1,585 @@
+//! Templates: Handlebars, strict, no HTML escaping, compiled once.
+//!
+//! Handlebars helpers are synchronous and must not do I/O, so rendering is in
+//! two steps. In the discovery pass the reference helpers (`secret`, `ssm`,
+//! `vault`, …) record each reference they are asked for and stand in a
+//! placeholder (an empty string, or an empty map for a prefix); the resolver
+//! then fetches everything recorded at once. References computed from fetched
+//! data (`{{#each (secret "consul:app/")}}{{secret (concat "vault:db/" @key)}}`)
+//! show up when discovery runs again with the first values known, so discovery
+//! repeats until it finds nothing new, a bounded number of times. The real
+//! render reads only resolved values; a template is never produced from a
+//! placeholder.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use base64::Engine as _;
+use handlebars::{
+    Context, Handlebars, Helper, HelperDef, HelperResult, Output, RenderContext, RenderError,
+    RenderErrorReason, ScopedJson,
+};
+use serde_json::Value;
+
+use crate::reference::{self, Reference, Scheme};
+
+/// A template error: which template, where, and what.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TemplateError {
+    pub template: String,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for TemplateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.column) {
+            (Some(l), Some(c)) => write!(f, "{}:{l}:{c}: {}", self.template, self.message),
+            (Some(l), None) => write!(f, "{}:{l}: {}", self.template, self.message),
+            _ => write!(f, "{}: {}", self.template, self.message),
+        }
+    }
+}
+
+impl TemplateError {
+    fn from_render(template: &str, e: &RenderError, bad_reference: Option<&str>) -> Self {
+        let message = match (bad_reference, e.reason()) {
+            (Some(detail), _) => detail.to_string(),
+            (None, RenderErrorReason::MissingVariable(Some(var))) => format!(
+                "\"{var}\" is not defined (templates see no variables of their own: read values with {{{{secret \"REF\"}}}})"
+            ),
+            (None, reason) => reason.to_string(),
+        };
+        TemplateError {
+            template: e.template_name.clone().unwrap_or_else(|| template.to_string()),
+            line: e.line_no,
+            column: e.column_no,
+            message,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Discover,
+    Render,
+}
+
+struct State {
+    mode: Mode,
+    values: Arc<HashMap<Reference, Value>>,
+    /// References asked for during discovery whose value is not known yet.
+    unknown: BTreeSet<Reference>,
+    /// A reference that did not parse, with its error, during the current render.
+    bad_reference: Option<String>,
+}
+
+/// The outcome of one discovery pass over every template.
+#[derive(Debug, Default)]
+pub struct Discovery {
+    /// Every reference the templates asked for whose value is not known yet.
+    pub unknown: BTreeSet<Reference>,
+    /// References that did not parse: input errors.
+    pub bad_references: Vec<TemplateError>,
+    /// Render errors in templates that asked for nothing unknown: with all
+    /// their data present, they are errors in the template itself.
+    pub errors: Vec<TemplateError>,
+}
+
+pub struct Templates {
+    registry: Handlebars<'static>,
+    state: Arc<Mutex<State>>,
+    names: Vec<String>,
+}
+
+impl Templates {
+    /// Compiles every template; returns every compile error, not just the first.
+    pub fn compile(sources: &[(String, String)]) -> Result<Templates, Vec<TemplateError>> {
+        let state = Arc::new(Mutex::new(State {
+            mode: Mode::Discover,
+            values: Arc::new(HashMap::new()),
+            unknown: BTreeSet::new(),
+            bad_reference: None,
+        }));
+        let mut registry = Handlebars::new();
+        registry.set_strict_mode(true);
+        registry.register_escape_fn(handlebars::no_escape);
+        register_helpers(&mut registry, &state);
+        let mut errors = Vec::new();
+        let mut names = Vec::new();
+        for (name, text) in sources {
+            match registry.register_template_string(name, text) {
+                Ok(()) => names.push(name.clone()),
+                Err(e) => {
+                    let (line, column) = e.pos().unzip();
+                    errors.push(TemplateError {
+                        template: name.clone(),
+                        line,
+                        column,
+                        message: format!("cannot parse template: {}", e.reason()),
+                    });
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(Templates {
+                registry,
+                state,
+                names,
+            })
+        } else {
+            Err(errors)
+        }
+    }
+
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic in a helper cannot leave the state half-written in a way
+        // that matters: every render resets it first.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Renders every template in discovery mode with `known` values.
+    pub fn discover(&self, known: &Arc<HashMap<Reference, Value>>) -> Discovery {
+        let mut out = Discovery::default();
+        for name in &self.names {
+            {
+                let mut st = self.state();
+                st.mode = Mode::Discover;
+                st.values = known.clone();
+                st.unknown.clear();
+                st.bad_reference = None;
+            }
+            let result = self.registry.render_with_context(name, &empty_context());
+            let mut st = self.state();
+            let asked_unknown = !st.unknown.is_empty();
+            out.unknown.append(&mut st.unknown);
+            if let Err(e) = result {
+                if let Some(bad) = st.bad_reference.take() {
+                    out.bad_references
+                        .push(TemplateError::from_render(name, &e, Some(&bad)));
+                } else if !asked_unknown {
+                    out.errors.push(TemplateError::from_render(name, &e, None));
+                }
+                // Otherwise the error may come from a placeholder; decide once
+                // the unknown values are fetched.
+            }
+        }
+        out
+    }
+
+    /// The real render of one template from resolved values.
+    pub fn render(
+        &self,
+        name: &str,
+        values: &Arc<HashMap<Reference, Value>>,
+    ) -> Result<String, TemplateError> {
+        {
+            let mut st = self.state();
+            st.mode = Mode::Render;
+            st.values = values.clone();
+            st.unknown.clear();
+            st.bad_reference = None;
+        }
+        let result = self.registry.render_with_context(name, &empty_context());
+        let bad = self.state().bad_reference.take();
+        result.map_err(|e| TemplateError::from_render(name, &e, bad.as_deref()))
+    }
+}
+
+fn empty_context() -> Context {
+    Context::wraps(serde_json::json!({})).expect("an empty object is valid context data")
+}
+
+fn other(message: impl Into<String>) -> RenderError {
+    RenderErrorReason::Other(message.into()).into()
+}
+
+/// `secret "REF"` and the per-scheme short forms (`ssm "/x"`, `vault "p" "field"`).
+struct ReferenceHelper {
+    state: Arc<Mutex<State>>,
+    name: &'static str,
+    scheme: Option<Scheme>,
+}
+
+impl ReferenceHelper {
+    fn reference(&self, h: &Helper<'_>) -> Result<Reference, String> {
+        let usage = match self.scheme {
+            None => "{{secret \"scheme:path\"}}".to_string(),
+            Some(s) => format!("{{{{{} \"PATH\" [\"FIELD\"]}}}}", s.prefix()),
+        };
+        let Some(Value::String(arg)) = h.param(0).map(|p| p.value()) else {
+            return Err(format!("{}: expects a reference string, as in {usage}", self.name));
+        };
+        let mut text = match self.scheme {
+            None => arg.clone(),
+            Some(s) => format!("{}:{arg}", s.prefix()),
+        };
+        match h.param(1).map(|p| p.value()) {
+            None => {}
+            Some(Value::String(field)) if !field.is_empty() => {
+                text = format!("{text}#{field}");
+            }
+            Some(_) => return Err(format!("{}: the second argument is a field name string", self.name)),
+        }
+        let mut r = reference::parse(&text).map_err(|e| e.to_string())?;
+        for (key, value) in h.hash() {
+            match (*key, value.value()) {
+                ("default", Value::String(d)) => r.default = Some(d.clone()),
+                ("default", v) if !v.is_object() && !v.is_array() && !v.is_null() => {
+                    r.default = Some(crate::secret::to_text(v))
+                }
+                ("optional", Value::Bool(b)) => r.optional = *b,
+                (k, _) => {
+                    return Err(format!(
+                        "{}: unknown option {k}= (options are default=\"TEXT\" and optional=true)",
+                        self.name
+                    ));
+                }
+            }
+        }
+        Ok(r)
+    }
+
+    fn lookup(&self, h: &Helper<'_>) -> Result<Value, RenderError> {
+        let r = match self.reference(h) {
+            Ok(r) => r,
+            Err(message) => {
+                let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                st.bad_reference = Some(message.clone());
+                return Err(other(message));
+            }
+        };
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = st.values.get(&r) {
+            tracing::trace!(reference = %r, "template read a resolved value");
+            return Ok(v.clone());
+        }
+        match st.mode {
+            Mode::Discover => {
+                tracing::trace!(reference = %r, "template asked for a reference");
+                let placeholder = if r.source.is_prefix() && r.field.is_none() {
+                    Value::Object(Default::default())
+                } else {
+                    Value::String(String::new())
+                };
+                st.unknown.insert(r);
+                Ok(placeholder)
+            }
+            Mode::Render => Err(other(format!("{r} was not resolved"))),
+        }
+    }
+}
+
+impl HelperDef for ReferenceHelper {
+    fn call_inner<'reg: 'rc, 'rc>(
+        &self,
+        h: &Helper<'rc>,
+        _: &'reg Handlebars<'reg>,
+        _: &'rc Context,
+        _: &mut RenderContext<'reg, 'rc>,
+    ) -> Result<ScopedJson<'rc>, RenderError> {
+        self.lookup(h).map(ScopedJson::Derived)
+    }
+
+    fn call<'reg: 'rc, 'rc>(
+        &self,
+        h: &Helper<'rc>,
+        _: &'reg Handlebars<'reg>,
+        _: &'rc Context,
+        _: &mut RenderContext<'reg, 'rc>,
+        out: &mut dyn Output,
+    ) -> HelperResult {
+        let value = self.lookup(h)?;
+        match &value {
+            Value::Object(_) | Value::Array(_) => Err(other(format!(
+                "{}: the value is a {}; iterate it with {{{{#each}}}}, select a field with #key, or print it with the json helper",
+                self.name,
+                crate::secret::describe(&value)
+            ))),
+            v => Ok(out.write(&crate::secret::to_text(v))?),
+        }
+    }
+}
+
+/// A helper that computes a value from its arguments. Its error messages
+/// never quote the arguments, which may be secrets.
+struct Transform {
+    name: &'static str,
+    f: fn(&Helper<'_>) -> Result<Value, String>,
+}
+
+impl HelperDef for Transform {
+    fn call_inner<'reg: 'rc, 'rc>(
+        &self,
+        h: &Helper<'rc>,
+        _: &'reg Handlebars<'reg>,
+        _: &'rc Context,
+        _: &mut RenderContext<'reg, 'rc>,
+    ) -> Result<ScopedJson<'rc>, RenderError> {
+        (self.f)(h)
+            .map(ScopedJson::Derived)
+            .map_err(|m| other(format!("{}: {m}", self.name)))
+    }
+}
+
+fn arg<'a>(h: &'a Helper<'_>, i: usize) -> Result<&'a Value, String> {
+    h.param(i)
+        .map(|p| p.value())
+        .ok_or_else(|| format!("argument {} is missing", i + 1))
+}
+
+fn text_arg(h: &Helper<'_>, i: usize) -> Result<String, String> {
+    match arg(h, i)? {
+        Value::Object(_) | Value::Array(_) => Err(format!(
+            "argument {} is a map or list, not text",
+            i + 1
+        )),
+        v => Ok(crate::secret::to_text(v)),
+    }
+}
+
+fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::String(s) => s.is_empty(),
+        Value::Object(m) => m.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        _ => false,
+    }
+}
+
+fn register_helpers(registry: &mut Handlebars<'static>, state: &Arc<Mutex<State>>) {
+    let reference_helpers: [(&'static str, Option<Scheme>); 8] = [
+        ("secret", None),
+        ("consul", Some(Scheme::Consul)),
+        ("vault", Some(Scheme::Vault)),
+        ("ssm", Some(Scheme::Ssm)),
+        ("sm", Some(Scheme::SecretsManager)),
+        ("kms", Some(Scheme::Kms)),
+        ("file", Some(Scheme::File)),
+        ("env", Some(Scheme::Env)),
+    ];
+    for (name, scheme) in reference_helpers {
+        registry.register_helper(
+            name,
+            Box::new(ReferenceHelper {
+                state: state.clone(),
+                name,
+                scheme,
+            }),
+        );
+    }
+    let transforms: [(&'static str, fn(&Helper<'_>) -> Result<Value, String>); 11] = [
+        ("default", |h| {
+            let v = arg(h, 0)?;
+            Ok(if is_empty(v) { arg(h, 1)?.clone() } else { v.clone() })
+        }),
+        ("json", |h| {
+            let v = arg(h, 0)?;
+            let pretty = matches!(h.hash_get("pretty").map(|p| p.value()), Some(Value::Bool(true)));
+            let s = if pretty {
+                serde_json::to_string_pretty(v)
+            } else {
+                serde_json::to_string(v)
+            };
+            s.map(Value::String).map_err(|_| "cannot encode as JSON".into())
+        }),
+        ("base64", |h| {
+            Ok(Value::String(
+                base64::engine::general_purpose::STANDARD.encode(text_arg(h, 0)?),
+            ))
+        }),
+        ("base64_decode", |h| {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(text_arg(h, 0)?.trim())
+                .map_err(|_| "the value is not valid base64".to_string())?;
+            String::from_utf8(bytes)
+                .map(Value::String)
+                .map_err(|_| "the decoded value is not UTF-8 text".into())
+        }),
+        ("indent", |h| {
+            let n = arg(h, 0)?
+                .as_u64()
+                .ok_or("the first argument is the number of spaces")?;
+            let pad = " ".repeat(n as usize);
+            let text = text_arg(h, 1)?;
+            let indented: Vec<String> = text
+                .split('\n')
+                .map(|l| if l.is_empty() { String::new() } else { format!("{pad}{l}") })
+                .collect();
+            Ok(Value::String(indented.join("\n")))
+        }),
+        ("upper", |h| Ok(Value::String(text_arg(h, 0)?.to_uppercase()))),
+        ("lower", |h| Ok(Value::String(text_arg(h, 0)?.to_lowercase()))),
+        ("trim", |h| Ok(Value::String(text_arg(h, 0)?.trim().to_string()))),
+        ("concat", |h| {
+            let mut s = String::new();
+            for i in 0..h.params().len() {
+                s.push_str(&text_arg(h, i)?);
+            }
+            Ok(Value::String(s))
+        }),
+        ("join", |h| {
+            let sep = text_arg(h, 1)?;
+            match arg(h, 0)? {
+                Value::Array(items) => Ok(Value::String(
+                    items.iter().map(crate::secret::to_text).collect::<Vec<_>>().join(&sep),
+                )),
+                Value::Object(map) => Ok(Value::String(
+                    map.keys().cloned().collect::<Vec<_>>().join(&sep),
+                )),
+                _ => Err("the first argument is a list (or a map, whose keys are joined)".into()),
+            }
+        }),
+        ("split", |h| {
+            let sep = text_arg(h, 1)?;
+            Ok(Value::Array(
+                text_arg(h, 0)?
+                    .split(sep.as_str())
+                    .map(|s| Value::String(s.to_string()))
+                    .collect(),
+            ))
+        }),
+    ];
+    for (name, f) in transforms {
+        registry.register_helper(name, Box::new(Transform { name, f }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::reference::parse;
+
+    fn compile(text: &str) -> Templates {
+        Templates::compile(&[("t.hbs".to_string(), text.to_string())]).unwrap()
+    }
+
+    fn values(pairs: &[(&str, Value)]) -> Arc<HashMap<Reference, Value>> {
+        Arc::new(pairs.iter().map(|(r, v)| (parse(r).unwrap(), v.clone())).collect())
+    }
+
+    fn refs(d: &Discovery) -> Vec<String> {
+        d.unknown.iter().map(|r| r.to_string()).collect()
+    }
+
+    #[test]
+    fn discovery_records_every_reference() {
+        let t = compile(
+            "host={{consul \"app/db/host\"}}\npass={{secret \"ssm:/app/db/password\"}}\n\
+             user={{vault \"secret/app\" \"user\"}}\nk={{ssm \"/x\" default=\"1\"}}\n",
+        );
+        let d = t.discover(&values(&[]));
+        assert_eq!(
+            refs(&d),
+            ["consul:app/db/host", "vault:secret/app#user", "ssm:/app/db/password", "ssm:/x|default=1"]
+        );
+        assert!(d.errors.is_empty() && d.bad_references.is_empty());
+    }
+
+    #[test]
+    fn discovery_repeats_for_references_computed_from_data() {
+        let t = compile(
+            "{{#each (secret \"consul:svc/\")}}{{@key}}={{secret (concat \"vault:db/\" this \"#password\")}}\n{{/each}}",
+        );
+        let d1 = t.discover(&values(&[]));
+        assert_eq!(refs(&d1), ["consul:svc/"]);
+        let known = values(&[("consul:svc/", json!({"a": "alpha", "b": "beta"}))]);
+        let d2 = t.discover(&known);
+        assert_eq!(refs(&d2), ["vault:db/alpha#password", "vault:db/beta#password"]);
+        let all = values(&[
+            ("consul:svc/", json!({"a": "alpha", "b": "beta"})),
+            ("vault:db/alpha#password", json!("p1")),
+            ("vault:db/beta#password", json!("p2")),
+        ]);
+        assert!(t.discover(&all).unknown.is_empty());
+        assert_eq!(t.render("t.hbs", &all).unwrap(), "a=p1\nb=p2\n");
+    }
+
+    #[test]
+    fn renders_without_html_escaping() {
+        let t = compile("url={{secret \"env:URL\"}}\n");
+        let v = values(&[("env:URL", json!("https://a/?x=1&y=<2>"))]);
+        assert_eq!(t.render("t.hbs", &v).unwrap(), "url=https://a/?x=1&y=<2>\n");
+    }
+
+    #[test]
+    fn transforms() {
+        let t = compile(concat!(
+            "{{upper (secret \"env:A\")}} {{lower \"AB\"}} {{trim \"  x \"}}\n",
+            "{{base64 (secret \"env:A\")}} {{base64_decode \"aGk=\"}}\n",
+            "{{json (secret \"file:v.json\")}}\n",
+            "{{indent 2 (secret \"file:cert.pem\")}}\n",
+            "{{default (secret \"env:MISSING|optional\") \"fallback\"}}\n",
+            "{{join (secret \"file:v.json#list\") \",\"}} {{join (secret \"file:v.json\") \"+\"}}\n",
+            "{{#each (split \"a:b\" \":\")}}[{{this}}]{{/each}}\n",
+        ));
+        let v = values(&[
+            ("env:A", json!("abc")),
+            ("file:v.json", json!({"list": [1, "two"], "k": "v"})),
+            ("file:v.json#list", json!([1, "two"])),
+            ("file:cert.pem", json!("L1\nL2\n")),
+            ("env:MISSING|optional", json!("")),
+        ]);
+        assert_eq!(
+            t.render("t.hbs", &v).unwrap(),
+            "ABC ab x\nYWJj hi\n{\"k\":\"v\",\"list\":[1,\"two\"]}\n  L1\n  L2\n\nfallback\n1,two k+list\n[a][b]\n"
+        );
+    }
+
+    #[test]
+    fn a_map_cannot_be_printed_directly() {
+        let t = compile("{{secret \"consul:app/\"}}");
+        let v = values(&[("consul:app/", json!({"a": "SECRETVALUE"}))]);
+        let e = t.render("t.hbs", &v).unwrap_err();
+        assert!(e.message.contains("map, 1 keys"), "{e}");
+        assert!(!e.to_string().contains("SECRETVALUE"));
+        assert_eq!((e.line, e.column), (Some(1), Some(1)));
+    }
+
+    #[test]
+    fn errors_name_template_line_and_column() {
+        let e = Templates::compile(&[("a.hbs".into(), "ok\n{{#if x}}\n".into())])
+            .err()
+            .unwrap();
+        assert_eq!(e[0].template, "a.hbs");
+        assert!(e[0].line.is_some());
+        let t = compile("line1\n  {{nope}}\n");
+        let d = t.discover(&values(&[]));
+        assert_eq!(d.errors.len(), 1);
+        assert_eq!(d.errors[0].to_string().split(':').take(3).collect::<Vec<_>>(), ["t.hbs", "2", "3"]);
+        assert!(d.errors[0].message.contains("\"nope\" is not defined"));
+    }
+
+    #[test]
+    fn bad_references_are_reported_with_their_position() {
+        let t = compile("a\nb {{secret \"smm:/x\"}}\n");
+        let d = t.discover(&values(&[]));
+        assert_eq!(d.bad_references.len(), 1);
+        let e = &d.bad_references[0];
+        assert_eq!((e.line, e.column), (Some(2), Some(3)));
+        assert!(e.message.contains("unknown scheme \"smm\""), "{e}");
+        let t = compile("{{secret \"env:A\" colour=\"red\"}}");
+        assert!(t.discover(&values(&[])).bad_references[0].message.contains("unknown option colour="));
+    }
+
+    #[test]
+    fn placeholder_errors_wait_for_data() {
+        // In discovery the placeholder is "", which base64_decode accepts, but
+        // an #each over a field placeholder must not be reported as an error.
+        let t = compile("{{#each (secret \"file:v.yaml#servers\")}}{{this.host}}{{/each}}");
+        let d = t.discover(&values(&[]));
+        assert!(d.errors.is_empty(), "{:?}", d.errors);
+        assert_eq!(refs(&d), ["file:v.yaml#servers"]);
+        let v = values(&[("file:v.yaml#servers", json!([{"host": "a"}, {"host": "b"}]))]);
+        assert_eq!(t.render("t.hbs", &v).unwrap(), "ab");
+    }
+}
