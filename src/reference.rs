@@ -98,7 +98,11 @@ pub enum Form {
     /// `scheme:path…`
     Scheme,
     /// An AWS ARN (`arn:PARTITION:ssm:…` or `arn:PARTITION:secretsmanager:…`).
-    Arn { partition: String, region: String, account: String },
+    Arn {
+        partition: String,
+        region: String,
+        account: String,
+    },
 }
 
 /// What has to be fetched: the unit of de-duplication, batching and caching.
@@ -359,7 +363,10 @@ impl<'a> Parser<'a> {
             return Err(self.error_hint(
                 0,
                 format!("unknown scheme \"{scheme_text}\""),
-                format!("use one of {}, or an SSM or Secrets Manager ARN", scheme_list()),
+                format!(
+                    "use one of {}, or an SSM or Secrets Manager ARN",
+                    scheme_list()
+                ),
             ));
         };
         let start = colon + 1;
@@ -531,11 +538,7 @@ impl<'a> Parser<'a> {
         let at = path.start;
         let p = &path.text;
         if p.is_empty() {
-            return Err(self.error_hint(
-                at,
-                format!("{scheme}: empty path"),
-                example(scheme),
-            ));
+            return Err(self.error_hint(at, format!("{scheme}: empty path"), example(scheme)));
         }
         if p.ends_with('/') && !scheme.has_prefixes() {
             return Err(self.error_hint(
@@ -544,10 +547,10 @@ impl<'a> Parser<'a> {
                 example(scheme),
             ));
         }
-        if p.ends_with('/') {
-            if let Some(v) = &version {
-                return Err(self.error(v.start - 1, "a prefix reference cannot take a version"));
-            }
+        if p.ends_with('/')
+            && let Some(v) = &version
+        {
+            return Err(self.error(v.start - 1, "a prefix reference cannot take a version"));
         }
         match scheme {
             Scheme::Consul | Scheme::Vault => {
@@ -555,11 +558,16 @@ impl<'a> Parser<'a> {
                     return Err(self.error_hint(
                         at,
                         format!("{scheme}: path starts with '/'"),
-                        format!("write the path without the leading slash: {scheme}:{}", p.trim_start_matches('/')),
+                        format!(
+                            "write the path without the leading slash: {scheme}:{}",
+                            p.trim_start_matches('/')
+                        ),
                     ));
                 }
                 if let Some(bad) = p.find("//") {
-                    return Err(self.error(at + p[..bad].chars().count(), "empty path segment ('//')"));
+                    return Err(
+                        self.error(at + p[..bad].chars().count(), "empty path segment ('//')")
+                    );
                 }
             }
             Scheme::Ssm => {
@@ -619,10 +627,9 @@ impl<'a> Parser<'a> {
             }
             Scheme::File => {}
             Scheme::Env => {
-                let valid = p
-                    .chars()
-                    .enumerate()
-                    .all(|(i, c)| c == '_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit()));
+                let valid = p.chars().enumerate().all(|(i, c)| {
+                    c == '_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit())
+                });
                 if !valid {
                     return Err(self.error_hint(
                         at,
@@ -685,7 +692,12 @@ impl<'a> Parser<'a> {
                 "expected arn:PARTITION:SERVICE:REGION:ACCOUNT:RESOURCE",
             ));
         }
-        let offset = |n: usize| parts[..n].iter().map(|p| p.chars().count() + 1).sum::<usize>();
+        let offset = |n: usize| {
+            parts[..n]
+                .iter()
+                .map(|p| p.chars().count() + 1)
+                .sum::<usize>()
+        };
         let (partition, service, region, account, resource) =
             (parts[1], parts[2], parts[3], parts[4], parts[5]);
         if !partition.starts_with("aws") {
@@ -760,7 +772,12 @@ impl<'a> Parser<'a> {
                 if name.is_empty() {
                     return Err(self.error(res_at + 7, "the ARN names no secret"));
                 }
-                let nonempty = |i: usize| fields.get(i).filter(|s| !s.is_empty()).map(|s| s.to_string());
+                let nonempty = |i: usize| {
+                    fields
+                        .get(i)
+                        .filter(|s| !s.is_empty())
+                        .map(|s| s.to_string())
+                };
                 let field = match nonempty(1) {
                     Some(key) => {
                         let key_at = res_at + 7 + name.chars().count() + 1;
@@ -779,7 +796,9 @@ impl<'a> Parser<'a> {
                 Ok(Reference {
                     source: Source {
                         scheme: Scheme::SecretsManager,
-                        path: format!("arn:{partition}:secretsmanager:{region}:{account}:secret:{name}"),
+                        path: format!(
+                            "arn:{partition}:secretsmanager:{region}:{account}:secret:{name}"
+                        ),
                         version: stage.or(id),
                         params: BTreeMap::new(),
                         form,
@@ -896,7 +915,11 @@ impl fmt::Display for Reference {
             (Form::Arn { .. }, Scheme::SecretsManager) => {
                 // ECS form: NAME:json-key:stage:version-id
                 write!(f, "{}", self.source.path)?;
-                let field = self.field.as_ref().map(|k| k.to_string()).unwrap_or_default();
+                let field = self
+                    .field
+                    .as_ref()
+                    .map(|k| k.to_string())
+                    .unwrap_or_default();
                 match &self.source.version {
                     Some(v) if is_version_id(v) => write!(f, ":{field}::{v}")?,
                     Some(v) => write!(f, ":{field}:{v}")?,
@@ -976,8 +999,16 @@ mod tests {
         let p = ok("vault:pki/issue/web?common_name=app.example.com&ttl=24h#certificate");
         assert_eq!(p.source.params["common_name"], "app.example.com");
         assert_eq!(p.source.params["ttl"], "24h");
-        assert_eq!(err("vault:secret/app@latest").message, "a Vault version is a number");
-        assert!(err("vault:/secret/app").hint.unwrap().contains("vault:secret/app"));
+        assert_eq!(
+            err("vault:secret/app@latest").message,
+            "a Vault version is a number"
+        );
+        assert!(
+            err("vault:/secret/app")
+                .hint
+                .unwrap()
+                .contains("vault:secret/app")
+        );
     }
 
     #[test]
@@ -985,17 +1016,27 @@ mod tests {
         let r = ok("ssm:/app/prod/db/password");
         assert_eq!(r.source.path, "/app/prod/db/password");
         assert_eq!(ok("ssm:/app/x@3").source.version.as_deref(), Some("3"));
-        assert_eq!(ok("ssm:/app/x@live").source.version.as_deref(), Some("live"));
+        assert_eq!(
+            ok("ssm:/app/x@live").source.version.as_deref(),
+            Some("live")
+        );
         assert!(ok("ssm:/app/prod/").source.is_prefix());
         assert_eq!(ok("ssm:plain-name").source.path, "plain-name");
         let e = err("ssm:/app/x@");
         assert_eq!(e.at, 10);
         assert_eq!(err("ssm:/app/x@0").message, "SSM versions start at 1");
-        assert!(err("ssm:/app/x@1abc").message.contains("cannot start with a digit"));
+        assert!(
+            err("ssm:/app/x@1abc")
+                .message
+                .contains("cannot start with a digit")
+        );
         let e = err("ssm:/app/db pass");
         assert_eq!(e.at, 11);
         assert!(e.message.contains("' '"));
-        assert_eq!(err("ssm:app/").message, "an SSM path (prefix) must start with '/'");
+        assert_eq!(
+            err("ssm:app/").message,
+            "an SSM path (prefix) must start with '/'"
+        );
         assert!(err("ssm:/app/@3").message.contains("prefix"));
     }
 
@@ -1004,11 +1045,18 @@ mod tests {
         let r = ok("arn:aws:ssm:eu-west-1:123456789012:parameter/app/x");
         assert_eq!(r.source.scheme, Scheme::Ssm);
         assert_eq!(r.source.region(), Some("eu-west-1"));
-        assert_eq!(r.source.path, "arn:aws:ssm:eu-west-1:123456789012:parameter/app/x");
+        assert_eq!(
+            r.source.path,
+            "arn:aws:ssm:eu-west-1:123456789012:parameter/app/x"
+        );
         let f = ok("arn:aws:ssm:eu-west-1:123456789012:parameter/app/json#a.b|optional");
         assert_eq!(f.field, Some(Field(vec!["a".into(), "b".into()])));
         assert!(f.optional);
-        assert!(err("arn:aws:ssm:eu-west-1:1:document/x").message.contains("names a parameter"));
+        assert!(
+            err("arn:aws:ssm:eu-west-1:1:document/x")
+                .message
+                .contains("names a parameter")
+        );
         assert!(err("arn:aws:s3:::bucket").message.contains("\"s3\""));
         assert_eq!(err("arn:aws:ssm").message, "incomplete ARN");
     }
@@ -1030,12 +1078,19 @@ mod tests {
         assert_eq!(e.message, "the version must come before the field");
         assert!(e.hint.unwrap().contains("sm:prod/db@AWSPREVIOUS#password"));
 
-        let a = ok("arn:aws:secretsmanager:us-east-1:123456789012:secret:prod/db-AbCdEf:password:AWSPREVIOUS:");
-        assert_eq!(a.source.path, "arn:aws:secretsmanager:us-east-1:123456789012:secret:prod/db-AbCdEf");
+        let a = ok(
+            "arn:aws:secretsmanager:us-east-1:123456789012:secret:prod/db-AbCdEf:password:AWSPREVIOUS:",
+        );
+        assert_eq!(
+            a.source.path,
+            "arn:aws:secretsmanager:us-east-1:123456789012:secret:prod/db-AbCdEf"
+        );
         assert_eq!(a.field, Some(Field(vec!["password".into()])));
         assert_eq!(a.source.version.as_deref(), Some("AWSPREVIOUS"));
         assert_eq!(a.source.region(), Some("us-east-1"));
-        let id = ok("arn:aws:secretsmanager:us-east-1:1:secret:db:::0b4f6a52-8e4c-4c3e-9f1e-6a7b8c9d0e1f");
+        let id = ok(
+            "arn:aws:secretsmanager:us-east-1:1:secret:db:::0b4f6a52-8e4c-4c3e-9f1e-6a7b8c9d0e1f",
+        );
         assert_eq!(id.field, None);
         assert!(is_version_id(id.source.version.as_deref().unwrap()));
         let bare = ok("arn:aws:secretsmanager:us-east-1:1:secret:db");
@@ -1044,7 +1099,11 @@ mod tests {
         assert!(err("arn:aws:secretsmanager:us-east-1:1:secret:db:k:AWSCURRENT:0b4f6a52-8e4c-4c3e-9f1e-6a7b8c9d0e1f")
             .message
             .contains("not both"));
-        assert!(err("arn:aws:secretsmanager:us-east-1:1:secret:db:a:b:c:d").message.contains("too many"));
+        assert!(
+            err("arn:aws:secretsmanager:us-east-1:1:secret:db:a:b:c:d")
+                .message
+                .contains("too many")
+        );
         assert!(err("sm:prod/").message.contains("cannot be prefixes"));
     }
 
@@ -1070,7 +1129,11 @@ mod tests {
         assert!(ok("file:/run/secrets/").source.is_prefix());
         assert_eq!(ok("file:/srv/a@b.json").source.path, "/srv/a@b.json");
         assert_eq!(ok("env:DB_PASSWORD").source.path, "DB_PASSWORD");
-        assert!(err("env:1BAD").message.contains("not an environment variable name"));
+        assert!(
+            err("env:1BAD")
+                .message
+                .contains("not an environment variable name")
+        );
         assert!(err("env:A/").message.contains("cannot be prefixes"));
     }
 
@@ -1144,7 +1207,9 @@ mod tests {
     fn looks_like() {
         assert!(looks_like_reference("ssm:/a"));
         assert!(looks_like_reference("arn:aws:ssm:eu-west-1:1:parameter/a"));
-        assert!(looks_like_reference("arn:aws:secretsmanager:eu-west-1:1:secret:a"));
+        assert!(looks_like_reference(
+            "arn:aws:secretsmanager:eu-west-1:1:secret:a"
+        ));
         assert!(!looks_like_reference("arn:aws:s3:::bucket"));
         assert!(!looks_like_reference("https://example.com"));
         assert!(!looks_like_reference("postgres://u@h/db"));
@@ -1193,6 +1258,9 @@ mod tests {
             "vault:pki/issue/web?common_name=a&ttl=1h"
         );
         assert_eq!(ok("ssm:/a@3#k").to_string(), "ssm:/a@3#k");
-        assert_eq!(ok("env:X|default=1|optional").to_string(), "env:X|default=1|optional");
+        assert_eq!(
+            ok("env:X|default=1|optional").to_string(),
+            "env:X|default=1|optional"
+        );
     }
 }

@@ -9,6 +9,7 @@
 //! reports all of them at once rather than the first.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -16,6 +17,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::backend::{Backends, ErrorKind, FetchError, Fetched};
+use crate::local_values::LocalValues;
 use crate::reference::{Field, Reference, Source};
 
 /// Backoff between retries of transient failures.
@@ -38,7 +40,10 @@ impl Backoff {
     /// The delay before retry number `attempt` (0-based): exponential, capped,
     /// with jitter so a fleet does not retry in step.
     pub fn delay(&self, attempt: u32) -> Duration {
-        let base = self.first.saturating_mul(1u32 << attempt.min(16)).min(self.max);
+        let base = self
+            .first
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.max);
         base.mul_f64(0.5 + fastrand::f64() / 2.0)
     }
 }
@@ -56,6 +61,7 @@ pub type FetchResults = HashMap<Source, Result<Fetched, FetchError>>;
 pub struct Resolver {
     backends: Backends,
     backoff: Backoff,
+    local: Option<Arc<LocalValues>>,
 }
 
 impl Resolver {
@@ -63,7 +69,22 @@ impl Resolver {
         Resolver {
             backends,
             backoff: Backoff::default(),
+            local: None,
         }
+    }
+
+    /// Serves the sources found in a local values file from it, before any
+    /// backend is asked.
+    pub fn with_local_values(mut self, local: LocalValues) -> Self {
+        self.local = Some(Arc::new(local));
+        self
+    }
+
+    /// Whether a source is served from the local values file.
+    pub fn serves_locally(&self, source: &Source) -> bool {
+        self.local
+            .as_ref()
+            .is_some_and(|l| l.lookup(source).is_some())
     }
 
     pub fn with_backoff(mut self, backoff: Backoff) -> Self {
@@ -78,7 +99,12 @@ impl Resolver {
     /// Fetches every source not already in `results`, adding the outcome
     /// there. Sources of one backend go to it in one call; backends run
     /// concurrently. Transient failures are retried until `deadline`.
-    pub async fn fetch(&self, sources: impl IntoIterator<Item = Source>, results: &mut FetchResults, deadline: Instant) {
+    pub async fn fetch(
+        &self,
+        sources: impl IntoIterator<Item = Source>,
+        results: &mut FetchResults,
+        deadline: Instant,
+    ) {
         let mut pending: Vec<Source> = sources
             .into_iter()
             .filter(|s| !results.contains_key(s))
@@ -123,11 +149,15 @@ impl Resolver {
 
     async fn fetch_once(&self, sources: Vec<Source>) -> Vec<(Source, Result<Fetched, FetchError>)> {
         let mut groups: BTreeMap<_, Vec<Source>> = BTreeMap::new();
+        let mut out = Vec::new();
         for s in sources {
-            groups.entry(s.scheme).or_default().push(s);
+            if let Some(value) = self.local.as_ref().and_then(|l| l.lookup(&s)) {
+                out.push((s, Ok(value)));
+            } else {
+                groups.entry(s.scheme).or_default().push(s);
+            }
         }
         let mut tasks = JoinSet::new();
-        let mut out = Vec::new();
         for (scheme, group) in groups {
             match self.backends.get(scheme) {
                 Ok(backend) => {
@@ -137,7 +167,25 @@ impl Resolver {
                         group.into_iter().zip(results).collect::<Vec<_>>()
                     });
                 }
-                Err(e) => out.extend(group.into_iter().map(|s| (s, Err(e.clone())))),
+                Err(e) => out.extend(group.into_iter().map(|s| {
+                    let e = match &self.local {
+                        // In airplane mode a value missing from the values
+                        // file is missing, so optional and default apply.
+                        Some(local) => FetchError::new(
+                            ErrorKind::NotFound,
+                            e.backend,
+                            "read local values",
+                            format!(
+                                "not in {} (and no {}: backend is configured)",
+                                local.path.display(),
+                                s.scheme
+                            ),
+                        )
+                        .hint(format!("add a key \"{s}\" to {}", local.path.display())),
+                        None => e.clone(),
+                    };
+                    (s, Err(e))
+                })),
             }
         }
         while let Some(joined) = tasks.join_next().await {
@@ -199,9 +247,7 @@ pub fn select(r: &Reference, fetched: Result<&Fetched, &FetchError>) -> Result<V
         Err(e) => return Err(e.clone()),
     };
     let whole = fetched.value.expose();
-    if r.source.is_prefix()
-        && r.field.is_none()
-        && whole.as_object().is_some_and(|m| m.is_empty())
+    if r.source.is_prefix() && r.field.is_none() && whole.as_object().is_some_and(|m| m.is_empty())
     {
         if r.tolerates_missing() {
             return Ok(missing());
@@ -282,7 +328,10 @@ pub fn select_field(value: &Value, field: &Field) -> Result<Value, FetchError> {
                         ErrorKind::NotFound,
                         "",
                         "select",
-                        format!("no item \"{key}\" at {place}: a list of {} items", items.len()),
+                        format!(
+                            "no item \"{key}\" at {place}: a list of {} items",
+                            items.len()
+                        ),
                     )
                 })?,
             other => {
@@ -303,7 +352,6 @@ pub fn select_field(value: &Value, field: &Field) -> Result<Value, FetchError> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use serde_json::json;
@@ -325,7 +373,10 @@ mod tests {
     #[test]
     fn fields_select_into_documents_and_json_strings() {
         let doc = ok(json!({"db": {"password": "p", "hosts": ["a", "b"]}}));
-        assert_eq!(select(&r("file:x.yaml#db.password"), Ok(&doc)).unwrap(), "p");
+        assert_eq!(
+            select(&r("file:x.yaml#db.password"), Ok(&doc)).unwrap(),
+            "p"
+        );
         assert_eq!(select(&r("file:x.yaml#db.hosts.1"), Ok(&doc)).unwrap(), "b");
         let text = ok(json!(r#"{"user": "app"}"#));
         assert_eq!(select(&r("env:J#user"), Ok(&text)).unwrap(), "app");
@@ -347,14 +398,22 @@ mod tests {
         assert_eq!(select(&r("env:X|optional"), Err(&missing)).unwrap(), "");
         assert_eq!(select(&r("env:X|default=7"), Err(&missing)).unwrap(), "7");
         assert!(select(&r("env:X"), Err(&missing)).is_err());
-        assert_eq!(select(&r("file:d/|optional"), Err(&missing)).unwrap(), json!({}));
+        assert_eq!(
+            select(&r("file:d/|optional"), Err(&missing)).unwrap(),
+            json!({})
+        );
         // A missing field is missing too.
         let doc = ok(json!({"a": 1}));
-        assert_eq!(select(&r("file:x.json#b|default=2"), Ok(&doc)).unwrap(), "2");
+        assert_eq!(
+            select(&r("file:x.json#b|default=2"), Ok(&doc)).unwrap(),
+            "2"
+        );
         // Access errors are never papered over by a default.
         let denied = FetchError::new(ErrorKind::Denied, "ssm", "GetParameters", "denied");
         assert_eq!(
-            select(&r("ssm:/x|default=1"), Err(&denied)).unwrap_err().kind,
+            select(&r("ssm:/x|default=1"), Err(&denied))
+                .unwrap_err()
+                .kind,
             ErrorKind::Denied
         );
     }
@@ -364,7 +423,10 @@ mod tests {
         let empty = ok(json!({}));
         let e = select(&r("file:dir/"), Ok(&empty)).unwrap_err();
         assert!(e.message.contains("nothing found under the prefix"));
-        assert_eq!(select(&r("file:dir/|optional"), Ok(&empty)).unwrap(), json!({}));
+        assert_eq!(
+            select(&r("file:dir/|optional"), Ok(&empty)).unwrap(),
+            json!({})
+        );
     }
 
     /// A backend that fails transiently a set number of times per source,
@@ -381,7 +443,10 @@ mod tests {
         fn plan(&self, _: &[Source]) -> Vec<PlannedCall> {
             Vec::new()
         }
-        fn fetch<'a>(&'a self, sources: &'a [Source]) -> BoxFuture<'a, Vec<Result<Fetched, FetchError>>> {
+        fn fetch<'a>(
+            &'a self,
+            sources: &'a [Source],
+        ) -> BoxFuture<'a, Vec<Result<Fetched, FetchError>>> {
             Box::pin(async move {
                 self.calls.fetch_add(1, Ordering::SeqCst);
                 let fail = self
@@ -415,11 +480,20 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn retries_transient_failures_until_they_pass() {
         let (resolver, flaky) = flaky_resolver(3);
-        let refs = [r("consul:a"), r("consul:b"), r("env:A"), r("consul:a#x|optional")];
+        let refs = [
+            r("consul:a"),
+            r("consul:b"),
+            r("env:A"),
+            r("consul:a#x|optional"),
+        ];
         let mut results = FetchResults::new();
         let deadline = Instant::now() + Duration::from_secs(30);
         resolver
-            .fetch(refs.iter().map(|r| r.source.clone()), &mut results, deadline)
+            .fetch(
+                refs.iter().map(|r| r.source.clone()),
+                &mut results,
+                deadline,
+            )
             .await;
         // One call per attempt for both consul sources: batched, deduped.
         assert_eq!(flaky.calls.load(Ordering::SeqCst), 4);
@@ -436,7 +510,11 @@ mod tests {
         let mut results = FetchResults::new();
         let start = Instant::now();
         resolver
-            .fetch(refs.iter().map(|r| r.source.clone()), &mut results, start + Duration::from_secs(10))
+            .fetch(
+                refs.iter().map(|r| r.source.clone()),
+                &mut results,
+                start + Duration::from_secs(10),
+            )
             .await;
         assert!(Instant::now() - start <= Duration::from_secs(10));
         assert!(flaky.calls.load(Ordering::SeqCst) > 2);
@@ -445,7 +523,10 @@ mod tests {
         let failed: Vec<String> = failures.iter().map(|f| f.reference.to_string()).collect();
         assert_eq!(failed.len(), 3);
         assert!(failed.contains(&"consul:a".to_string()));
-        let vault = failures.iter().find(|f| f.reference.source.scheme == Scheme::Vault).unwrap();
+        let vault = failures
+            .iter()
+            .find(|f| f.reference.source.scheme == Scheme::Vault)
+            .unwrap();
         assert_eq!(vault.error.kind, ErrorKind::Unsupported);
     }
 

@@ -79,7 +79,10 @@ mod tests {
     fn debug_never_shows_the_value() {
         let s = Secret::string("hunter2");
         assert_eq!(format!("{s:?}"), "Secret(***)");
-        assert_eq!(format!("{:?}", Some(vec![s.clone()])), "Some([Secret(***)])");
+        assert_eq!(
+            format!("{:?}", Some(vec![s.clone()])),
+            "Some([Secret(***)])"
+        );
         assert_eq!(s.describe(), "string, 7 chars");
         assert_eq!(s.to_text(), "hunter2");
     }

@@ -11,7 +11,7 @@
 //! render reads only resolved values; a template is never produced from a
 //! placeholder.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -53,7 +53,10 @@ impl TemplateError {
             (None, reason) => reason.to_string(),
         };
         TemplateError {
-            template: e.template_name.clone().unwrap_or_else(|| template.to_string()),
+            template: e
+                .template_name
+                .clone()
+                .unwrap_or_else(|| template.to_string()),
             line: e.line_no,
             column: e.column_no,
             message,
@@ -79,8 +82,9 @@ struct State {
 /// The outcome of one discovery pass over every template.
 #[derive(Debug, Default)]
 pub struct Discovery {
-    /// Every reference the templates asked for whose value is not known yet.
-    pub unknown: BTreeSet<Reference>,
+    /// Every reference the templates asked for whose value is not known yet,
+    /// with the templates that asked.
+    pub unknown: BTreeMap<Reference, BTreeSet<String>>,
     /// References that did not parse: input errors.
     pub bad_references: Vec<TemplateError>,
     /// Render errors in templates that asked for nothing unknown: with all
@@ -158,7 +162,9 @@ impl Templates {
             let result = self.registry.render_with_context(name, &empty_context());
             let mut st = self.state();
             let asked_unknown = !st.unknown.is_empty();
-            out.unknown.append(&mut st.unknown);
+            for r in std::mem::take(&mut st.unknown) {
+                out.unknown.entry(r).or_default().insert(name.clone());
+            }
             if let Err(e) = result {
                 if let Some(bad) = st.bad_reference.take() {
                     out.bad_references
@@ -214,7 +220,10 @@ impl ReferenceHelper {
             Some(s) => format!("{{{{{} \"PATH\" [\"FIELD\"]}}}}", s.prefix()),
         };
         let Some(Value::String(arg)) = h.param(0).map(|p| p.value()) else {
-            return Err(format!("{}: expects a reference string, as in {usage}", self.name));
+            return Err(format!(
+                "{}: expects a reference string, as in {usage}",
+                self.name
+            ));
         };
         let mut text = match self.scheme {
             None => arg.clone(),
@@ -225,7 +234,12 @@ impl ReferenceHelper {
             Some(Value::String(field)) if !field.is_empty() => {
                 text = format!("{text}#{field}");
             }
-            Some(_) => return Err(format!("{}: the second argument is a field name string", self.name)),
+            Some(_) => {
+                return Err(format!(
+                    "{}: the second argument is a field name string",
+                    self.name
+                ));
+            }
         }
         let mut r = reference::parse(&text).map_err(|e| e.to_string())?;
         for (key, value) in h.hash() {
@@ -309,9 +323,11 @@ impl HelperDef for ReferenceHelper {
 
 /// A helper that computes a value from its arguments. Its error messages
 /// never quote the arguments, which may be secrets.
+type TransformFn = fn(&Helper<'_>) -> Result<Value, String>;
+
 struct Transform {
     name: &'static str,
-    f: fn(&Helper<'_>) -> Result<Value, String>,
+    f: TransformFn,
 }
 
 impl HelperDef for Transform {
@@ -336,10 +352,9 @@ fn arg<'a>(h: &'a Helper<'_>, i: usize) -> Result<&'a Value, String> {
 
 fn text_arg(h: &Helper<'_>, i: usize) -> Result<String, String> {
     match arg(h, i)? {
-        Value::Object(_) | Value::Array(_) => Err(format!(
-            "argument {} is a map or list, not text",
-            i + 1
-        )),
+        Value::Object(_) | Value::Array(_) => {
+            Err(format!("argument {} is a map or list, not text", i + 1))
+        }
         v => Ok(crate::secret::to_text(v)),
     }
 }
@@ -375,20 +390,28 @@ fn register_helpers(registry: &mut Handlebars<'static>, state: &Arc<Mutex<State>
             }),
         );
     }
-    let transforms: [(&'static str, fn(&Helper<'_>) -> Result<Value, String>); 11] = [
+    let transforms: [(&'static str, TransformFn); 11] = [
         ("default", |h| {
             let v = arg(h, 0)?;
-            Ok(if is_empty(v) { arg(h, 1)?.clone() } else { v.clone() })
+            Ok(if is_empty(v) {
+                arg(h, 1)?.clone()
+            } else {
+                v.clone()
+            })
         }),
         ("json", |h| {
             let v = arg(h, 0)?;
-            let pretty = matches!(h.hash_get("pretty").map(|p| p.value()), Some(Value::Bool(true)));
+            let pretty = matches!(
+                h.hash_get("pretty").map(|p| p.value()),
+                Some(Value::Bool(true))
+            );
             let s = if pretty {
                 serde_json::to_string_pretty(v)
             } else {
                 serde_json::to_string(v)
             };
-            s.map(Value::String).map_err(|_| "cannot encode as JSON".into())
+            s.map(Value::String)
+                .map_err(|_| "cannot encode as JSON".into())
         }),
         ("base64", |h| {
             Ok(Value::String(
@@ -411,13 +434,25 @@ fn register_helpers(registry: &mut Handlebars<'static>, state: &Arc<Mutex<State>
             let text = text_arg(h, 1)?;
             let indented: Vec<String> = text
                 .split('\n')
-                .map(|l| if l.is_empty() { String::new() } else { format!("{pad}{l}") })
+                .map(|l| {
+                    if l.is_empty() {
+                        String::new()
+                    } else {
+                        format!("{pad}{l}")
+                    }
+                })
                 .collect();
             Ok(Value::String(indented.join("\n")))
         }),
-        ("upper", |h| Ok(Value::String(text_arg(h, 0)?.to_uppercase()))),
-        ("lower", |h| Ok(Value::String(text_arg(h, 0)?.to_lowercase()))),
-        ("trim", |h| Ok(Value::String(text_arg(h, 0)?.trim().to_string()))),
+        ("upper", |h| {
+            Ok(Value::String(text_arg(h, 0)?.to_uppercase()))
+        }),
+        ("lower", |h| {
+            Ok(Value::String(text_arg(h, 0)?.to_lowercase()))
+        }),
+        ("trim", |h| {
+            Ok(Value::String(text_arg(h, 0)?.trim().to_string()))
+        }),
         ("concat", |h| {
             let mut s = String::new();
             for i in 0..h.params().len() {
@@ -429,7 +464,11 @@ fn register_helpers(registry: &mut Handlebars<'static>, state: &Arc<Mutex<State>
             let sep = text_arg(h, 1)?;
             match arg(h, 0)? {
                 Value::Array(items) => Ok(Value::String(
-                    items.iter().map(crate::secret::to_text).collect::<Vec<_>>().join(&sep),
+                    items
+                        .iter()
+                        .map(crate::secret::to_text)
+                        .collect::<Vec<_>>()
+                        .join(&sep),
                 )),
                 Value::Object(map) => Ok(Value::String(
                     map.keys().cloned().collect::<Vec<_>>().join(&sep),
@@ -464,11 +503,16 @@ mod tests {
     }
 
     fn values(pairs: &[(&str, Value)]) -> Arc<HashMap<Reference, Value>> {
-        Arc::new(pairs.iter().map(|(r, v)| (parse(r).unwrap(), v.clone())).collect())
+        Arc::new(
+            pairs
+                .iter()
+                .map(|(r, v)| (parse(r).unwrap(), v.clone()))
+                .collect(),
+        )
     }
 
     fn refs(d: &Discovery) -> Vec<String> {
-        d.unknown.iter().map(|r| r.to_string()).collect()
+        d.unknown.keys().map(|r| r.to_string()).collect()
     }
 
     #[test]
@@ -480,7 +524,12 @@ mod tests {
         let d = t.discover(&values(&[]));
         assert_eq!(
             refs(&d),
-            ["consul:app/db/host", "vault:secret/app#user", "ssm:/app/db/password", "ssm:/x|default=1"]
+            [
+                "consul:app/db/host",
+                "vault:secret/app#user",
+                "ssm:/app/db/password",
+                "ssm:/x|default=1"
+            ]
         );
         assert!(d.errors.is_empty() && d.bad_references.is_empty());
     }
@@ -494,7 +543,10 @@ mod tests {
         assert_eq!(refs(&d1), ["consul:svc/"]);
         let known = values(&[("consul:svc/", json!({"a": "alpha", "b": "beta"}))]);
         let d2 = t.discover(&known);
-        assert_eq!(refs(&d2), ["vault:db/alpha#password", "vault:db/beta#password"]);
+        assert_eq!(
+            refs(&d2),
+            ["vault:db/alpha#password", "vault:db/beta#password"]
+        );
         let all = values(&[
             ("consul:svc/", json!({"a": "alpha", "b": "beta"})),
             ("vault:db/alpha#password", json!("p1")),
@@ -555,7 +607,14 @@ mod tests {
         let t = compile("line1\n  {{nope}}\n");
         let d = t.discover(&values(&[]));
         assert_eq!(d.errors.len(), 1);
-        assert_eq!(d.errors[0].to_string().split(':').take(3).collect::<Vec<_>>(), ["t.hbs", "2", "3"]);
+        assert_eq!(
+            d.errors[0]
+                .to_string()
+                .split(':')
+                .take(3)
+                .collect::<Vec<_>>(),
+            ["t.hbs", "2", "3"]
+        );
         assert!(d.errors[0].message.contains("\"nope\" is not defined"));
     }
 
@@ -568,7 +627,11 @@ mod tests {
         assert_eq!((e.line, e.column), (Some(2), Some(3)));
         assert!(e.message.contains("unknown scheme \"smm\""), "{e}");
         let t = compile("{{secret \"env:A\" colour=\"red\"}}");
-        assert!(t.discover(&values(&[])).bad_references[0].message.contains("unknown option colour="));
+        assert!(
+            t.discover(&values(&[])).bad_references[0]
+                .message
+                .contains("unknown option colour=")
+        );
     }
 
     #[test]

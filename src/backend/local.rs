@@ -48,7 +48,10 @@ impl Backend for FileBackend {
             .collect()
     }
 
-    fn fetch<'a>(&'a self, sources: &'a [Source]) -> BoxFuture<'a, Vec<Result<Fetched, FetchError>>> {
+    fn fetch<'a>(
+        &'a self,
+        sources: &'a [Source],
+    ) -> BoxFuture<'a, Vec<Result<Fetched, FetchError>>> {
         Box::pin(async move {
             let mut out = Vec::with_capacity(sources.len());
             for source in sources {
@@ -154,19 +157,10 @@ impl Format {
 pub fn parse_document(path: &Path, text: String) -> Result<Value, String> {
     match Format::of(path) {
         Format::Text => Ok(Value::String(text)),
-        Format::Json => serde_json::from_str(&text).map_err(|e| {
-            format!(
-                "not valid JSON at line {}, column {}",
-                e.line(),
-                e.column()
-            )
-        }),
+        Format::Json => serde_json::from_str(&text)
+            .map_err(|e| format!("not valid JSON at line {}, column {}", e.line(), e.column())),
         Format::Yaml => serde_saphyr::from_str::<Value>(&text).map_err(|e| match e.location() {
-            Some(l) => format!(
-                "not valid YAML at line {}, column {}",
-                l.line(),
-                l.column()
-            ),
+            Some(l) => format!("not valid YAML at line {}, column {}", l.line(), l.column()),
             None => "not valid YAML".to_string(),
         }),
         Format::Toml => {
@@ -188,7 +182,9 @@ pub fn parse_document(path: &Path, text: String) -> Result<Value, String> {
                     }
                     Err(dotenvy::Error::LineParse(_, index)) => {
                         let (line, column) = line_column(&text, index);
-                        return Err(format!("not a valid .env line at line {line}, column {column}"));
+                        return Err(format!(
+                            "not a valid .env line at line {line}, column {column}"
+                        ));
                     }
                     Err(_) => return Err("not a valid .env file".to_string()),
                 }
@@ -202,7 +198,12 @@ pub fn parse_document(path: &Path, text: String) -> Result<Value, String> {
 pub fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let column = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+    let column = before
+        .rsplit('\n')
+        .next()
+        .map(|l| l.chars().count())
+        .unwrap_or(0)
+        + 1;
     (line, column)
 }
 
@@ -274,7 +275,10 @@ impl Backend for EnvBackend {
             .collect()
     }
 
-    fn fetch<'a>(&'a self, sources: &'a [Source]) -> BoxFuture<'a, Vec<Result<Fetched, FetchError>>> {
+    fn fetch<'a>(
+        &'a self,
+        sources: &'a [Source],
+    ) -> BoxFuture<'a, Vec<Result<Fetched, FetchError>>> {
         Box::pin(async move {
             sources
                 .iter()
@@ -314,7 +318,11 @@ mod tests {
         std::fs::write(d.join("v.yaml"), "db:\n  password: s3cret\n  port: 5432\n").unwrap();
         std::fs::write(d.join("v.json"), r#"{"db": {"password": "s3cret"}}"#).unwrap();
         std::fs::write(d.join("v.toml"), "[db]\npassword = \"s3cret\"\n").unwrap();
-        std::fs::write(d.join("v.env"), "DB_PASSWORD='s3cret'\n# comment\nPORT=5432\n").unwrap();
+        std::fs::write(
+            d.join("v.env"),
+            "DB_PASSWORD='s3cret'\n# comment\nPORT=5432\n",
+        )
+        .unwrap();
         std::fs::write(d.join("cert.pem"), "-----BEGIN X-----\n").unwrap();
         let refs: Vec<String> = ["v.yaml", "v.json", "v.toml", "v.env", "cert.pem"]
             .iter()
@@ -322,7 +330,10 @@ mod tests {
             .collect();
         let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
         let got = FileBackend.fetch(&sources(&refs)).await;
-        let values: Vec<Value> = got.into_iter().map(|r| r.unwrap().value.into_exposed()).collect();
+        let values: Vec<Value> = got
+            .into_iter()
+            .map(|r| r.unwrap().value.into_exposed())
+            .collect();
         assert_eq!(values[0]["db"]["password"], "s3cret");
         assert_eq!(values[0]["db"]["port"], 5432);
         assert_eq!(values[1]["db"]["password"], "s3cret");
@@ -340,7 +351,12 @@ mod tests {
         std::fs::write(d.join("bad.json"), "{\"a\": \"CANARY-zq9\",}").unwrap();
         std::fs::write(d.join("bad.toml"), "a = 1\nb = CANARY-zq9\n").unwrap();
         std::fs::write(d.join("bad.env"), "A=1\nB='CANARY-zq9\n").unwrap();
-        for (file, line) in [("bad.yaml", 2), ("bad.json", 1), ("bad.toml", 2), ("bad.env", 2)] {
+        for (file, line) in [
+            ("bad.yaml", 2),
+            ("bad.json", 1),
+            ("bad.toml", 2),
+            ("bad.env", 2),
+        ] {
             let s = sources(&[&format!("file:{}", d.join(file).display())]);
             let err = FileBackend.fetch(&s).await.remove(0).unwrap_err();
             let shown = err.to_string();
@@ -374,7 +390,13 @@ mod tests {
         std::fs::create_dir(d.join("nested")).unwrap();
         std::fs::write(d.join("nested/key"), "v").unwrap();
         let s = sources(&[&format!("file:{}/", d.display())]);
-        let got = FileBackend.fetch(&s).await.remove(0).unwrap().value.into_exposed();
+        let got = FileBackend
+            .fetch(&s)
+            .await
+            .remove(0)
+            .unwrap()
+            .value
+            .into_exposed();
         assert_eq!(
             got,
             serde_json::json!({"username": "app", "password": "s3cret", "nested/key": "v"})
@@ -384,7 +406,9 @@ mod tests {
     #[tokio::test]
     async fn env_variables() {
         let env = Arc::new(MapEnv::new([("A", "1")]));
-        let got = EnvBackend::new(env).fetch(&sources(&["env:A", "env:B"])).await;
+        let got = EnvBackend::new(env)
+            .fetch(&sources(&["env:A", "env:B"]))
+            .await;
         assert_eq!(got[0].as_ref().unwrap().value.expose(), "1");
         let err = got[1].as_ref().unwrap_err();
         assert_eq!(err.kind, ErrorKind::NotFound);
@@ -399,7 +423,10 @@ mod tests {
         let s = sources(&[&format!("file:{}", path.display())]);
         let first = FileBackend.fetch(&s).await.remove(0).unwrap();
         let known = vec![(s[0].clone(), first)];
-        assert_eq!(FileBackend.observe(&known).await, vec![Observation::Unchanged]);
+        assert_eq!(
+            FileBackend.observe(&known).await,
+            vec![Observation::Unchanged]
+        );
         std::fs::write(&path, "two").unwrap();
         match FileBackend.observe(&known).await.remove(0) {
             Observation::Changed(f) => assert_eq!(f.value.expose(), "two"),
@@ -408,7 +435,10 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         assert!(matches!(
             FileBackend.observe(&known).await.remove(0),
-            Observation::Failed(FetchError { kind: ErrorKind::NotFound, .. })
+            Observation::Failed(FetchError {
+                kind: ErrorKind::NotFound,
+                ..
+            })
         ));
     }
 

@@ -142,7 +142,7 @@ impl fmt::Display for FetchError {
             write!(f, " (as {identity})")?;
         }
         if let Some(hint) = &self.hint {
-            write!(f, "; hint: {hint}")?;
+            write!(f, "\nhint: {hint}")?;
         }
         Ok(())
     }
@@ -177,7 +177,10 @@ pub trait Backend: Send + Sync {
     fn plan(&self, sources: &[Source]) -> Vec<PlannedCall>;
 
     /// Fetches every source; one result per source, in the same order.
-    fn fetch<'a>(&'a self, sources: &'a [Source]) -> BoxFuture<'a, Vec<Result<Fetched, FetchError>>>;
+    fn fetch<'a>(
+        &'a self,
+        sources: &'a [Source],
+    ) -> BoxFuture<'a, Vec<Result<Fetched, FetchError>>>;
 
     /// How often [`Backend::observe`] should be called when the backend has no
     /// way to push changes.
@@ -236,7 +239,7 @@ impl Backends {
                 ),
             )
             .hint(format!(
-                "backends available: {}; for local runs, serve the value from a file: or env: reference",
+                "backends available: {}; to run without servers, answer references from a local values file (--values FILE)",
                 self.by_scheme
                     .keys()
                     .map(|s| format!("{s}:"))

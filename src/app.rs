@@ -1,0 +1,298 @@
+//! The commands: settings from the configuration, the environment and flags,
+//! then `get`, `render` or `check` over the engine.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::backend::Backends;
+use crate::cli::{Cli, Command, OutputArgs};
+use crate::config::{self, Config, ConfigError, LogFormat, LogLevel};
+use crate::engine::{Plan, Resolution, Settings};
+use crate::environment::Environment;
+use crate::error::Error;
+use crate::local_values::LocalValues;
+use crate::output::{self, Status};
+use crate::reference;
+use crate::resolve::{FetchResults, Resolver};
+
+/// How long `render` and `get` retry transient failures when nothing says.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs one command. Logging is set up here, once the configuration (which
+/// may set the level) has been read.
+pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<(), Error> {
+    let config = load_config(cli.config.as_deref())?;
+    crate::telemetry::init(
+        cli.log_level.or(config.log_level).unwrap_or(LogLevel::Info),
+        cli.log_format
+            .or(config.log_format)
+            .unwrap_or(LogFormat::Text),
+    );
+    if let Some(file) = &config.file {
+        tracing::debug!(config = %file.display(), "configuration loaded");
+    }
+    let mut resolver = Resolver::new(Backends::local(env));
+    if let Some(path) = cli.values.as_ref().or(config.local_values.as_ref()) {
+        let local = LocalValues::load(path).map_err(|e| Error::Config(vec![e]))?;
+        tracing::debug!(file = %path.display(), values = local.len(), "local values loaded");
+        resolver = resolver.with_local_values(local);
+    }
+    match cli.command {
+        Command::Get { reference, timeout } => {
+            let timeout = timeout.or(config.timeout).unwrap_or(DEFAULT_TIMEOUT);
+            let text = get(&resolver, &reference, timeout).await?;
+            println!("{text}");
+            Ok(())
+        }
+        Command::Render(args) => {
+            let timeout = args.timeout.or(config.timeout).unwrap_or(DEFAULT_TIMEOUT);
+            let settings = settings(&config, &args.outputs, timeout)?;
+            render(&resolver, &settings).await
+        }
+        Command::Check(args) => {
+            let timeout = config.timeout.unwrap_or(DEFAULT_TIMEOUT);
+            let settings = settings(&config, &args, timeout)?;
+            let (report, result) = check(&resolver, &settings, &config).await?;
+            print!("{report}");
+            result
+        }
+    }
+}
+
+/// The configuration file: the one given, or `./envrender.toml` if it exists,
+/// or none.
+pub fn load_config(path: Option<&Path>) -> Result<Config, Error> {
+    match path {
+        Some(p) => config::load(p).map_err(Error::Config),
+        None if Path::new(config::DEFAULT_FILE).is_file() => {
+            config::load(Path::new(config::DEFAULT_FILE)).map_err(Error::Config)
+        }
+        None => Ok(Config::default()),
+    }
+}
+
+/// The configuration with the command's flags laid over it.
+pub fn settings(config: &Config, args: &OutputArgs, timeout: Duration) -> Result<Settings, Error> {
+    let mut templates = config.templates.clone();
+    let mut errors = Vec::new();
+    for flag in &args.templates {
+        match config::parse_template_flag(flag) {
+            Ok(t) => templates.push(t),
+            Err(e) => errors.push(e),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(Error::Config(errors));
+    }
+    let settings = Settings {
+        templates,
+        env: config.env.clone(),
+        env_files: config.env_files.clone(),
+        output_root: args.output_root.clone(),
+        timeout,
+    };
+    if settings.templates.is_empty() && settings.env_files.is_empty() {
+        return Err(Error::Config(vec![
+            ConfigError::new(
+                config
+                    .file
+                    .as_ref()
+                    .map(|f| f.display().to_string())
+                    .unwrap_or_else(|| "envrender".into()),
+                "nothing to render: no templates and no env files",
+            )
+            .hint("add [[template]] or [[env_file]] to the configuration, or pass --template SRC:DEST"),
+        ]));
+    }
+    Ok(settings)
+}
+
+/// `envrender get REF`: the value as text; a map or list as pretty JSON.
+pub async fn get(resolver: &Resolver, text: &str, timeout: Duration) -> Result<String, Error> {
+    let r = reference::parse(text)
+        .map_err(|e| Error::Config(vec![ConfigError::new("envrender get", e.to_string())]))?;
+    let mut results = FetchResults::new();
+    resolver
+        .fetch([r.source.clone()], &mut results, Instant::now() + timeout)
+        .await;
+    let (mut values, failures) = Resolver::select_all([&r], &results);
+    if let Some(f) = failures.into_iter().next() {
+        return Err(Error::Unresolved(vec![(f, Vec::new())]));
+    }
+    let value = values.remove(&r).unwrap_or_default();
+    Ok(match &value {
+        serde_json::Value::Object(_) | serde_json::Value::Array(_) => {
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        }
+        v => crate::secret::to_text(v),
+    })
+}
+
+/// `envrender render`: every output written, or none.
+pub async fn render(resolver: &Resolver, settings: &Settings) -> Result<(), Error> {
+    let started = Instant::now();
+    let plan = Plan::new(settings)?;
+    let resolution = plan.resolve(resolver, started + settings.timeout).await?;
+    let writes = plan.outputs(&resolution)?;
+    let statuses = output::commit(&writes).map_err(Error::Output)?;
+    let mut written = 0;
+    for (w, status) in writes.iter().zip(&statuses) {
+        if *status != Status::Unchanged {
+            written += 1;
+        }
+        tracing::info!(
+            path = %w.path.display(),
+            from = %w.origin,
+            mode = %format_args!("{:04o}", w.mode),
+            bytes = w.contents.len(),
+            "{status}"
+        );
+    }
+    tracing::info!(
+        outputs = writes.len(),
+        written,
+        references = resolution.users.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "render complete"
+    );
+    Ok(())
+}
+
+/// `envrender check`: the report for stdout, and the run's outcome.
+pub async fn check(
+    resolver: &Resolver,
+    settings: &Settings,
+    config: &Config,
+) -> Result<(String, Result<(), Error>), Error> {
+    let plan = Plan::new(settings)?;
+    let resolution = plan
+        .resolve(resolver, Instant::now() + settings.timeout)
+        .await?;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "configuration: {}",
+        config
+            .file
+            .as_ref()
+            .map(|f| f.display().to_string())
+            .unwrap_or_else(|| "none (flags only)".into())
+    );
+    references_report(&mut out, resolver, &resolution);
+    let result = match plan.outputs(&resolution) {
+        Ok(writes) => match output::preview(&writes) {
+            Ok(statuses) => {
+                let _ = writeln!(out, "\noutputs (nothing written):");
+                for (w, status) in writes.iter().zip(statuses) {
+                    let verb = match status {
+                        Status::Created => "would create",
+                        Status::Updated => "would update",
+                        Status::Attributes => "would fix mode/owner of",
+                        Status::Unchanged => "unchanged",
+                    };
+                    let _ = writeln!(
+                        out,
+                        "  {verb:<24} {}  (from {}, mode {:04o}, {} bytes)",
+                        w.path.display(),
+                        w.origin,
+                        w.mode,
+                        w.contents.len()
+                    );
+                }
+                Ok(())
+            }
+            Err(e) => Err(Error::Output(e)),
+        },
+        Err(e) => Err(e),
+    };
+    Ok((out, result))
+}
+
+fn references_report(out: &mut String, resolver: &Resolver, resolution: &Resolution) {
+    let failed: BTreeMap<_, _> = resolution
+        .failures
+        .iter()
+        .map(|f| (&f.reference, &f.error))
+        .collect();
+    let _ = writeln!(out, "\nreferences ({}):", resolution.users.len());
+    for (r, users) in &resolution.users {
+        let fetched = resolution.fetched.get(&r.source);
+        let state = match (resolution.values.get(r), failed.get(r), fetched) {
+            (Some(_), _, Some(Err(_))) if r.default.is_some() => {
+                "missing, default used".to_string()
+            }
+            (Some(_), _, Some(Err(_))) => "missing, optional".to_string(),
+            (Some(v), _, fetched) => {
+                let mut s = format!("ok      {}", crate::secret::describe(v));
+                if resolver.serves_locally(&r.source) {
+                    s.push_str(" (local values)");
+                } else if let Some(Ok(crate::backend::Fetched {
+                    version: Some(version),
+                    ..
+                })) = fetched
+                {
+                    let _ = write!(s, " (version {version})");
+                }
+                s
+            }
+            (None, Some(e), _) => format!("FAILED  {}", e.to_string().replace('\n', "; ")),
+            (None, None, _) => "not fetched".to_string(),
+        };
+        let users: Vec<&str> = users.iter().map(String::as_str).collect();
+        let _ = writeln!(
+            out,
+            "  {r}\n      {state}\n      used by {}",
+            users.join(", ")
+        );
+    }
+    // The requests, per backend, as the backends would batch them.
+    let mut by_scheme: BTreeMap<_, Vec<_>> = BTreeMap::new();
+    let mut local = 0;
+    for source in resolution.fetched.keys() {
+        if resolver.serves_locally(source) {
+            local += 1;
+        } else {
+            by_scheme
+                .entry(source.scheme)
+                .or_default()
+                .push(source.clone());
+        }
+    }
+    let _ = writeln!(out, "\nrequests:");
+    if local > 0 {
+        let _ = writeln!(
+            out,
+            "  local values file: {local} value{}",
+            if local == 1 { "" } else { "s" }
+        );
+    }
+    for (scheme, mut sources) in by_scheme {
+        sources.sort();
+        let Ok(backend) = resolver.backends().get(scheme) else {
+            let _ = writeln!(
+                out,
+                "  {scheme}: no backend configured ({} source{} not fetched)",
+                sources.len(),
+                if sources.len() == 1 { "" } else { "s" }
+            );
+            continue;
+        };
+        let mut counts: BTreeMap<(Option<String>, String), usize> = BTreeMap::new();
+        for call in backend.plan(&sources) {
+            *counts.entry((call.target, call.action)).or_default() += 1;
+        }
+        let calls: Vec<String> = counts
+            .into_iter()
+            .map(|((target, action), n)| match target {
+                Some(t) => format!("{n} × {action} ({t})"),
+                None => format!("{n} × {action}"),
+            })
+            .collect();
+        let _ = writeln!(out, "  {}: {}", backend.name(), calls.join(", "));
+    }
+}

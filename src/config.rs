@@ -1,0 +1,692 @@
+//! Configuration: a TOML file, validated into typed settings before anything
+//! runs.
+//!
+//! Two steps, as in ripgrep: serde reads the file into raw structures that
+//! reject unknown keys (with the key's line), then validation turns strings
+//! into durations, modes, owners, references and paths, reporting every
+//! problem with its line and a hint rather than stopping at the first.
+//! Flags and `ENVRENDER_*` variables are layered on top by the caller.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::reference::{self, Reference};
+
+/// The name looked for in the working directory when `--config` is not given.
+pub const DEFAULT_FILE: &str = "envrender.toml";
+
+/// A configuration problem, with where it is and how to fix it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file, or the flag or variable the value came from.
+    pub origin: String,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.origin)?;
+        if let Some(l) = self.line {
+            write!(f, ":{l}")?;
+            if let Some(c) = self.column {
+                write!(f, ":{c}")?;
+            }
+        }
+        write!(f, ": {}", self.message)?;
+        if let Some(h) = &self.hint {
+            write!(f, "\n    hint: {h}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    pub fn new(origin: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            origin: origin.into(),
+            line: None,
+            column: None,
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    pub fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    render: RawRender,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    local: RawLocal,
+    #[serde(default, rename = "template")]
+    templates: Vec<RawTemplate>,
+    #[serde(default)]
+    env: BTreeMap<String, Spanned<String>>,
+    #[serde(default, rename = "env_file")]
+    env_files: Vec<RawEnvFile>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRender {
+    timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    level: Option<Spanned<String>>,
+    format: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLocal {
+    values: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTemplate {
+    source: Spanned<String>,
+    destination: Spanned<String>,
+    mode: Option<Spanned<String>>,
+    owner: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEnvFile {
+    destination: Spanned<String>,
+    format: Option<Spanned<String>>,
+    mode: Option<Spanned<String>>,
+    owner: Option<Spanned<String>>,
+}
+
+/// The default mode of every file envrender writes: they hold secrets.
+pub const DEFAULT_MODE: u32 = 0o600;
+
+/// Who owns a written file. `None` leaves that id as the process's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TemplateOutput {
+    pub source: PathBuf,
+    pub destination: PathBuf,
+    pub mode: u32,
+    pub owner: Option<Owner>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EnvFormat {
+    /// `NAME='value'` lines, quoted so dotenv parsers read the value back exactly.
+    Dotenv,
+    /// One JSON object of names to values.
+    Json,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnvFileOutput {
+    pub destination: PathBuf,
+    pub format: EnvFormat,
+    pub mode: u32,
+    pub owner: Option<Owner>,
+}
+
+/// The value of an environment variable envrender produces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EnvValue {
+    Reference(Reference),
+    /// Text that is not a reference, passed through as it is.
+    Literal(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A validated configuration file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub file: Option<PathBuf>,
+    pub timeout: Option<Duration>,
+    pub log_level: Option<LogLevel>,
+    pub log_format: Option<LogFormat>,
+    /// A local values file answering references before any backend.
+    pub local_values: Option<PathBuf>,
+    pub templates: Vec<TemplateOutput>,
+    pub env: Vec<(String, EnvValue)>,
+    pub env_files: Vec<EnvFileOutput>,
+}
+
+/// Reads and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        vec![
+            ConfigError::new(&origin, format!("cannot read the configuration: {e}")).hint(
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    "give an existing file with --config or ENVRENDER_CONFIG"
+                } else {
+                    "check the file's permissions"
+                },
+            ),
+        ]
+    })?;
+    parse(&origin, &text).map(|mut c| {
+        c.file = Some(path.to_path_buf());
+        c
+    })
+}
+
+/// Validates configuration text; `origin` names it in errors.
+pub fn parse(origin: &str, text: &str) -> Result<Config, Vec<ConfigError>> {
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        let (line, column) = e
+            .span()
+            .map(|s| crate::backend::local::line_column(text, s.start))
+            .unzip();
+        vec![ConfigError {
+            origin: origin.to_string(),
+            line,
+            column,
+            message: e.message().trim_end().to_string(),
+            hint: e.message().contains("unknown field").then(|| {
+                "see the configuration reference in README.md for the keys of each table"
+                    .to_string()
+            }),
+        }]
+    })?;
+    let mut v = Validator {
+        origin,
+        text,
+        errors: Vec::new(),
+    };
+    let config = v.config(raw);
+    if v.errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(v.errors)
+    }
+}
+
+struct Validator<'a> {
+    origin: &'a str,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Validator<'_> {
+    fn error<T>(&mut self, at: &Spanned<T>, message: impl Into<String>, hint: impl Into<String>) {
+        let (line, column) = crate::backend::local::line_column(self.text, at.span().start);
+        self.errors.push(ConfigError {
+            origin: self.origin.to_string(),
+            line: Some(line),
+            column: Some(column),
+            message: message.into(),
+            hint: Some(hint.into()).filter(|h: &String| !h.is_empty()),
+        });
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Config {
+        let timeout = raw
+            .render
+            .timeout
+            .as_ref()
+            .and_then(|t| match parse_duration(t.get_ref()) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    self.error(
+                        t,
+                        format!("render.timeout: {e}"),
+                        "write a duration such as \"30s\", \"2m\" or \"1m30s\"",
+                    );
+                    None
+                }
+            });
+        let log_level = raw.log.level.as_ref().and_then(|l| {
+            match <LogLevel as clap::ValueEnum>::from_str(l.get_ref(), true) {
+                Ok(level) => Some(level),
+                Err(_) => {
+                    self.error(
+                        l,
+                        format!("log.level: unknown level \"{}\"", l.get_ref()),
+                        "one of error, warn, info, debug, trace",
+                    );
+                    None
+                }
+            }
+        });
+        let log_format = raw.log.format.as_ref().and_then(|l| {
+            match <LogFormat as clap::ValueEnum>::from_str(l.get_ref(), true) {
+                Ok(f) => Some(f),
+                Err(_) => {
+                    self.error(
+                        l,
+                        format!("log.format: unknown format \"{}\"", l.get_ref()),
+                        "one of text, json",
+                    );
+                    None
+                }
+            }
+        });
+        let templates = raw
+            .templates
+            .iter()
+            .map(|t| TemplateOutput {
+                source: self.path(&t.source, "template.source"),
+                destination: self.path(&t.destination, "template.destination"),
+                mode: self.mode(t.mode.as_ref()),
+                owner: self.owner(t.owner.as_ref()),
+            })
+            .collect();
+        let env = raw
+            .env
+            .iter()
+            .map(|(name, value)| {
+                if !is_env_name(name) {
+                    self.error(
+                        value,
+                        format!("env: \"{name}\" is not an environment variable name"),
+                        "names are letters, digits and '_', not starting with a digit",
+                    );
+                }
+                (name.clone(), self.env_value(name, value))
+            })
+            .collect();
+        let env_files = raw
+            .env_files
+            .iter()
+            .map(|f| EnvFileOutput {
+                destination: self.path(&f.destination, "env_file.destination"),
+                format: match f.format.as_ref() {
+                    None => EnvFormat::Dotenv,
+                    Some(s) => match s.get_ref().as_str() {
+                        "dotenv" => EnvFormat::Dotenv,
+                        "json" => EnvFormat::Json,
+                        other => {
+                            self.error(
+                                s,
+                                format!("env_file.format: unknown format \"{other}\""),
+                                "one of dotenv, json",
+                            );
+                            EnvFormat::Dotenv
+                        }
+                    },
+                },
+                mode: self.mode(f.mode.as_ref()),
+                owner: self.owner(f.owner.as_ref()),
+            })
+            .collect();
+        let local_values = raw
+            .local
+            .values
+            .as_ref()
+            .map(|p| self.path(p, "local.values"));
+        Config {
+            file: None,
+            timeout,
+            log_level,
+            log_format,
+            local_values,
+            templates,
+            env,
+            env_files,
+        }
+    }
+
+    fn path(&mut self, s: &Spanned<String>, key: &str) -> PathBuf {
+        if s.get_ref().trim().is_empty() {
+            self.error(s, format!("{key} is empty"), "give a file path");
+        }
+        PathBuf::from(s.get_ref())
+    }
+
+    fn mode(&mut self, s: Option<&Spanned<String>>) -> u32 {
+        let Some(s) = s else { return DEFAULT_MODE };
+        match parse_mode(s.get_ref()) {
+            Ok(m) => m,
+            Err(e) => {
+                self.error(
+                    s,
+                    format!("mode: {e}"),
+                    "write the mode as an octal string, e.g. mode = \"0640\"",
+                );
+                DEFAULT_MODE
+            }
+        }
+    }
+
+    fn owner(&mut self, s: Option<&Spanned<String>>) -> Option<Owner> {
+        let s = s?;
+        match parse_owner(s.get_ref()) {
+            Ok(o) => Some(o),
+            Err(e) => {
+                self.error(
+                    s,
+                    format!("owner: {e}"),
+                    "write \"USER\", \"USER:GROUP\", \":GROUP\", or numeric ids \"1000:1000\"",
+                );
+                None
+            }
+        }
+    }
+
+    fn env_value(&mut self, name: &str, s: &Spanned<String>) -> EnvValue {
+        match env_value(s.get_ref()) {
+            Ok(v) => v,
+            Err(e) => {
+                let hint = e.hint.clone().unwrap_or_default();
+                self.error(s, format!("env.{name}: {}", e.message), hint);
+                EnvValue::Literal(String::new())
+            }
+        }
+    }
+}
+
+/// A value in `[env]`: a reference when it starts with a known scheme or is a
+/// supported ARN, otherwise literal text.
+pub fn env_value(s: &str) -> Result<EnvValue, reference::ParseError> {
+    if reference::looks_like_reference(s) {
+        reference::parse(s).map(EnvValue::Reference)
+    } else {
+        Ok(EnvValue::Literal(s.to_string()))
+    }
+}
+
+pub fn is_env_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .enumerate()
+            .all(|(i, c)| c == '_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit()))
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| format!("\"{s}\" is not a duration ({e})"))
+}
+
+/// An octal file mode: "0600", "600" or "0o600".
+pub fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    let mode =
+        u32::from_str_radix(digits, 8).map_err(|_| format!("\"{s}\" is not an octal mode"))?;
+    if digits.is_empty() || mode > 0o7777 {
+        return Err(format!("\"{s}\" is not an octal mode of at most 4 digits"));
+    }
+    Ok(mode)
+}
+
+/// `USER[:GROUP]`, `:GROUP`, names or numeric ids. Names are looked up in the
+/// local user database now, so a typo fails before anything is fetched.
+pub fn parse_owner(s: &str) -> Result<Owner, String> {
+    let (user, group) = match s.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (s, None),
+    };
+    let uid = match user {
+        "" => None,
+        u => Some(match u.parse::<u32>() {
+            Ok(id) => id,
+            Err(_) => nix::unistd::User::from_name(u)
+                .map_err(|e| format!("cannot look up user \"{u}\": {e}"))?
+                .ok_or_else(|| format!("no user \"{u}\" on this system"))?
+                .uid
+                .as_raw(),
+        }),
+    };
+    let gid = match group {
+        None | Some("") => None,
+        Some(g) => Some(match g.parse::<u32>() {
+            Ok(id) => id,
+            Err(_) => nix::unistd::Group::from_name(g)
+                .map_err(|e| format!("cannot look up group \"{g}\": {e}"))?
+                .ok_or_else(|| format!("no group \"{g}\" on this system"))?
+                .gid
+                .as_raw(),
+        }),
+    };
+    if uid.is_none() && gid.is_none() {
+        return Err("no user or group given".into());
+    }
+    Ok(Owner { uid, gid })
+}
+
+/// `--template SRC:DEST[:MODE]`.
+pub fn parse_template_flag(s: &str) -> Result<TemplateOutput, ConfigError> {
+    let origin = format!("--template {s}");
+    let parts: Vec<&str> = s.split(':').collect();
+    let (source, destination, mode) = match parts.as_slice() {
+        [src, dest] => (*src, *dest, None),
+        [src, dest, mode] => (*src, *dest, Some(*mode)),
+        _ => {
+            return Err(
+                ConfigError::new(origin, "expected SRC:DEST or SRC:DEST:MODE")
+                    .hint("e.g. --template templates/app.conf.hbs:/etc/app/app.conf:0640"),
+            );
+        }
+    };
+    if source.is_empty() || destination.is_empty() {
+        return Err(
+            ConfigError::new(origin, "the source and the destination must both be given")
+                .hint("e.g. --template templates/app.conf.hbs:/etc/app/app.conf"),
+        );
+    }
+    let mode = match mode {
+        None => DEFAULT_MODE,
+        Some(m) => parse_mode(m)
+            .map_err(|e| ConfigError::new(&origin, e).hint("the mode is octal, e.g. 0640"))?,
+    };
+    Ok(TemplateOutput {
+        source: source.into(),
+        destination: destination.into(),
+        mode,
+        owner: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+[render]
+timeout = "45s"
+
+[log]
+level = "debug"
+format = "json"
+
+[local]
+values = "local/values.yaml"
+
+[[template]]
+source = "templates/app.conf.hbs"
+destination = "/etc/app/app.conf"
+mode = "0640"
+owner = "0:0"
+
+[[template]]
+source = "templates/b.hbs"
+destination = "out/b"
+
+[env]
+DB_PASSWORD = "ssm:/app/prod/db/password"
+LOG_URL = "https://logs.example.com"
+
+[[env_file]]
+destination = "/run/app/app.env"
+
+[[env_file]]
+destination = "/run/app/env.json"
+format = "json"
+mode = "0400"
+"#;
+
+    #[test]
+    fn full_config() {
+        let c = parse("envrender.toml", FULL).unwrap();
+        assert_eq!(c.timeout, Some(Duration::from_secs(45)));
+        assert_eq!(c.log_level, Some(LogLevel::Debug));
+        assert_eq!(c.log_format, Some(LogFormat::Json));
+        assert_eq!(c.local_values, Some(PathBuf::from("local/values.yaml")));
+        assert_eq!(c.templates.len(), 2);
+        assert_eq!(c.templates[0].mode, 0o640);
+        assert_eq!(
+            c.templates[0].owner,
+            Some(Owner {
+                uid: Some(0),
+                gid: Some(0)
+            })
+        );
+        assert_eq!(c.templates[1].mode, DEFAULT_MODE);
+        assert_eq!(c.env[0].0, "DB_PASSWORD");
+        assert!(
+            matches!(&c.env[0].1, EnvValue::Reference(r) if r.to_string() == "ssm:/app/prod/db/password")
+        );
+        assert_eq!(
+            c.env[1].1,
+            EnvValue::Literal("https://logs.example.com".into())
+        );
+        assert_eq!(c.env_files[0].format, EnvFormat::Dotenv);
+        assert_eq!(c.env_files[1].format, EnvFormat::Json);
+        assert_eq!(c.env_files[1].mode, 0o400);
+    }
+
+    #[test]
+    fn unknown_keys_name_the_key_and_line() {
+        let text = "[[template]]\nsource = \"a\"\ndestinaton = \"b\"\n";
+        let e = parse("envrender.toml", text).unwrap_err();
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].line, Some(3));
+        assert!(
+            e[0].message.contains("unknown field `destinaton`"),
+            "{}",
+            e[0]
+        );
+        assert!(e[0].message.contains("destination"), "{}", e[0]);
+        let e = parse("x.toml", "[vaults]\naddress = \"x\"\n").unwrap_err();
+        assert_eq!(e[0].line, Some(1));
+        assert!(e[0].to_string().starts_with("x.toml:1:"), "{}", e[0]);
+    }
+
+    #[test]
+    fn every_invalid_value_is_reported_with_its_line() {
+        let text = r#"[render]
+timeout = "soon"
+[[template]]
+source = "a"
+destination = "b"
+mode = "0999"
+owner = "no-such-user-envrender"
+[env]
+"1BAD" = "x"
+GOOD = "smm:/typo"
+OK = "ssm:/app/x@"
+"#;
+        let e = parse("c.toml", text).unwrap_err();
+        let shown: Vec<String> = e.iter().map(|e| e.to_string()).collect();
+        let lines: Vec<Option<usize>> = e.iter().map(|e| e.line).collect();
+        assert_eq!(
+            lines,
+            [Some(2), Some(6), Some(7), Some(9), Some(11)],
+            "{shown:#?}"
+        );
+        assert!(shown[0].contains("\"soon\" is not a duration"));
+        assert!(shown[1].contains("\"0999\" is not an octal mode"));
+        assert!(shown[2].contains("no user \"no-such-user-envrender\""));
+        assert!(shown[3].contains("\"1BAD\" is not an environment variable name"));
+        assert!(shown[4].contains("empty version"));
+        // An unknown scheme is not a reference: it is passed through as text.
+        assert!(!shown.iter().any(|s| s.contains("smm")));
+    }
+
+    #[test]
+    fn modes_and_owners() {
+        assert_eq!(parse_mode("0600"), Ok(0o600));
+        assert_eq!(parse_mode("640"), Ok(0o640));
+        assert_eq!(parse_mode("0o4755"), Ok(0o4755));
+        assert!(parse_mode("").is_err());
+        assert!(parse_mode("8").is_err());
+        assert!(parse_mode("17777").is_err());
+        assert_eq!(
+            parse_owner("1000"),
+            Ok(Owner {
+                uid: Some(1000),
+                gid: None
+            })
+        );
+        assert_eq!(
+            parse_owner(":50"),
+            Ok(Owner {
+                uid: None,
+                gid: Some(50)
+            })
+        );
+        assert_eq!(
+            parse_owner("root:root"),
+            Ok(Owner {
+                uid: Some(0),
+                gid: Some(0)
+            })
+        );
+        assert!(parse_owner(":").is_err());
+    }
+
+    #[test]
+    fn template_flags() {
+        let t = parse_template_flag("in.hbs:out.conf").unwrap();
+        assert_eq!(
+            (t.source.to_str(), t.destination.to_str(), t.mode),
+            (Some("in.hbs"), Some("out.conf"), 0o600)
+        );
+        assert_eq!(
+            parse_template_flag("in.hbs:out.conf:0644").unwrap().mode,
+            0o644
+        );
+        assert!(
+            parse_template_flag("in.hbs")
+                .unwrap_err()
+                .message
+                .contains("SRC:DEST")
+        );
+        assert!(
+            parse_template_flag("in.hbs:out:rw")
+                .unwrap_err()
+                .message
+                .contains("octal")
+        );
+        assert!(parse_template_flag(":out").is_err());
+    }
+}

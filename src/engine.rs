@@ -1,0 +1,282 @@
+//! The run: settings → plan → resolution → outputs.
+//!
+//! [`Plan::new`] reads and compiles every template and checks every reference
+//! written in the configuration, so bad input fails before any network call.
+//! [`Plan::resolve`] alternates template discovery with fetching until no new
+//! reference appears. [`Plan::outputs`] renders the files and env values from
+//! what was resolved. `render`, `check`, and later `watch` and `run` are all
+//! compositions of these three steps.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::config::{ConfigError, EnvFileOutput, EnvValue, TemplateOutput};
+use crate::error::Error;
+use crate::output::{self, FileWrite};
+use crate::reference::Reference;
+use crate::resolve::{Failure, FetchResults, Resolver};
+use crate::template::{TemplateError, Templates};
+
+/// How many times discovery may run. Each round after the first exists only
+/// because a template computes references from fetched data.
+pub const MAX_ROUNDS: usize = 5;
+
+/// Everything a run does, validated.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub templates: Vec<TemplateOutput>,
+    pub env: Vec<(String, EnvValue)>,
+    pub env_files: Vec<EnvFileOutput>,
+    /// Write every destination under this directory instead of `/`.
+    pub output_root: Option<PathBuf>,
+    pub timeout: Duration,
+}
+
+pub struct Plan {
+    templates: Templates,
+    template_outputs: Vec<TemplateOutput>,
+    env: Vec<(String, EnvValue)>,
+    env_files: Vec<EnvFileOutput>,
+    output_root: Option<PathBuf>,
+}
+
+/// The values of a run, and what could not be had.
+pub struct Resolution {
+    pub values: Arc<HashMap<Reference, Value>>,
+    pub fetched: FetchResults,
+    /// Every reference asked for, with who asked (a template, `env NAME`).
+    pub users: BTreeMap<Reference, BTreeSet<String>>,
+    pub failures: Vec<Failure>,
+    /// Template errors that appeared once data was known.
+    pub render_errors: Vec<TemplateError>,
+}
+
+impl Resolution {
+    /// The failures as an error, each with its users; `None` when all resolved.
+    pub fn failure_error(&self) -> Option<Error> {
+        if self.failures.is_empty() {
+            return None;
+        }
+        let failures = self
+            .failures
+            .iter()
+            .map(|f| {
+                let users = self
+                    .users
+                    .get(&f.reference)
+                    .map(|u| u.iter().cloned().collect())
+                    .unwrap_or_default();
+                (f.clone(), users)
+            })
+            .collect();
+        Some(Error::Unresolved(failures))
+    }
+}
+
+impl Plan {
+    pub fn new(settings: &Settings) -> Result<Plan, Error> {
+        let mut sources: Vec<(String, String)> = Vec::new();
+        let mut errors = Vec::new();
+        let mut seen = BTreeSet::new();
+        for t in &settings.templates {
+            let name = t.source.display().to_string();
+            if !seen.insert(name.clone()) {
+                continue;
+            }
+            match std::fs::read_to_string(&t.source) {
+                Ok(text) => sources.push((name, text)),
+                Err(e) => errors.push(
+                    ConfigError::new(&name, format!("cannot read the template: {e}"))
+                        .hint("template paths are relative to the working directory"),
+                ),
+            }
+        }
+        let mut destinations = BTreeSet::new();
+        let all_destinations = settings
+            .templates
+            .iter()
+            .map(|t| &t.destination)
+            .chain(settings.env_files.iter().map(|f| &f.destination));
+        for d in all_destinations {
+            if !destinations.insert(d) {
+                errors.push(
+                    ConfigError::new(
+                        d.display().to_string(),
+                        "two outputs write this destination",
+                    )
+                    .hint("give each template and env file its own destination"),
+                );
+            }
+        }
+        if !errors.is_empty() {
+            return Err(Error::Config(errors));
+        }
+        let templates = Templates::compile(&sources).map_err(Error::Input)?;
+        Ok(Plan {
+            templates,
+            template_outputs: settings.templates.clone(),
+            env: settings.env.clone(),
+            env_files: settings.env_files.clone(),
+            output_root: settings.output_root.clone(),
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.template_outputs.is_empty() && self.env_files.is_empty() && self.env.is_empty()
+    }
+
+    /// Finds and fetches every value the plan needs. Returns an error only for
+    /// bad input found before anything was fetched; failures to resolve are
+    /// in the [`Resolution`], so `check` can still show the plan.
+    pub async fn resolve(
+        &self,
+        resolver: &Resolver,
+        deadline: Instant,
+    ) -> Result<Resolution, Error> {
+        let mut users: BTreeMap<Reference, BTreeSet<String>> = BTreeMap::new();
+        for (name, value) in &self.env {
+            if let EnvValue::Reference(r) = value {
+                users
+                    .entry(r.clone())
+                    .or_default()
+                    .insert(format!("env {name}"));
+            }
+        }
+        let mut known: HashMap<Reference, Value> = HashMap::new();
+        let first = self.templates.discover(&Arc::new(known.clone()));
+        if !first.bad_references.is_empty() || !first.errors.is_empty() {
+            let mut errors = first.bad_references;
+            errors.extend(first.errors);
+            return Err(Error::Input(errors));
+        }
+        merge_users(&mut users, first.unknown);
+        let mut fetched = FetchResults::new();
+        let mut failures: Vec<Failure> = Vec::new();
+        let mut render_errors = Vec::new();
+        for round in 1..=MAX_ROUNDS {
+            let failed: BTreeSet<&Reference> = failures.iter().map(|f| &f.reference).collect();
+            let new: Vec<Reference> = users
+                .keys()
+                .filter(|r| !known.contains_key(*r) && !failed.contains(r))
+                .cloned()
+                .collect();
+            if new.is_empty() {
+                break;
+            }
+            if round == MAX_ROUNDS {
+                render_errors.push(TemplateError {
+                    template: "templates".into(),
+                    line: None,
+                    column: None,
+                    message: format!(
+                        "references were still being computed from fetched data after {MAX_ROUNDS} rounds ({} left, e.g. {})",
+                        new.len(),
+                        new[0]
+                    ),
+                });
+                break;
+            }
+            tracing::debug!(round, references = new.len(), "fetching");
+            resolver
+                .fetch(new.iter().map(|r| r.source.clone()), &mut fetched, deadline)
+                .await;
+            let (values, failed) = Resolver::select_all(&new, &fetched);
+            known.extend(values);
+            failures.extend(failed);
+            let d = self.templates.discover(&Arc::new(known.clone()));
+            render_errors = d.bad_references;
+            render_errors.extend(d.errors);
+            merge_users(&mut users, d.unknown);
+        }
+        Ok(Resolution {
+            values: Arc::new(known),
+            fetched,
+            users,
+            failures,
+            render_errors,
+        })
+    }
+
+    /// Where a destination is written, under `--output-root` if given.
+    pub fn destination(&self, path: &Path) -> PathBuf {
+        match &self.output_root {
+            None => path.to_path_buf(),
+            Some(root) => root.join(path.strip_prefix("/").unwrap_or(path)),
+        }
+    }
+
+    /// The environment variables of the plan, resolved.
+    pub fn env_vars(&self, resolution: &Resolution) -> Vec<(String, String)> {
+        self.env
+            .iter()
+            .map(|(name, value)| {
+                let text = match value {
+                    EnvValue::Literal(s) => s.clone(),
+                    EnvValue::Reference(r) => resolution
+                        .values
+                        .get(r)
+                        .map(crate::secret::to_text)
+                        .unwrap_or_default(),
+                };
+                (name.clone(), text)
+            })
+            .collect()
+    }
+
+    /// Renders every output from a complete resolution.
+    pub fn outputs(&self, resolution: &Resolution) -> Result<Vec<FileWrite>, Error> {
+        if let Some(e) = resolution.failure_error() {
+            return Err(e);
+        }
+        if !resolution.render_errors.is_empty() {
+            return Err(Error::Render(resolution.render_errors.clone()));
+        }
+        let mut outputs = Vec::new();
+        let mut errors = Vec::new();
+        for t in &self.template_outputs {
+            let name = t.source.display().to_string();
+            match self.templates.render(&name, &resolution.values) {
+                Ok(text) => outputs.push(FileWrite {
+                    path: self.destination(&t.destination),
+                    contents: text.into_bytes(),
+                    mode: t.mode,
+                    owner: t.owner,
+                    origin: name,
+                }),
+                Err(e) => errors.push(e),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(Error::Render(errors));
+        }
+        let vars = self.env_vars(resolution);
+        for f in &self.env_files {
+            outputs.push(FileWrite {
+                path: self.destination(&f.destination),
+                contents: output::env_file(&vars, f.format),
+                mode: f.mode,
+                owner: f.owner,
+                origin: match f.format {
+                    crate::config::EnvFormat::Dotenv => "env file (dotenv)",
+                    crate::config::EnvFormat::Json => "env file (json)",
+                }
+                .to_string(),
+            });
+        }
+        Ok(outputs)
+    }
+}
+
+fn merge_users(
+    users: &mut BTreeMap<Reference, BTreeSet<String>>,
+    found: BTreeMap<Reference, BTreeSet<String>>,
+) {
+    for (r, who) in found {
+        users.entry(r).or_default().extend(who);
+    }
+}

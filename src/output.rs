@@ -1,0 +1,502 @@
+//! Outputs: files written atomically, all of a run's files together.
+//!
+//! Each changed file is staged as a temporary file in its destination's
+//! directory (created with mode 0600, so a secret is never readable by others
+//! even for an instant), written, given its mode and owner, and fsynced. Only
+//! when every file of the run is staged are they renamed into place, and the
+//! directories fsynced. If a rename fails part way, the files already renamed
+//! are put back as they were, so a run never leaves some outputs new and some
+//! old. A file whose content, mode and owner are already right is not touched:
+//! its mtime stays, and nothing downstream sees a change.
+//!
+//! Env outputs are rendered here too: `.env` files quoted so that dotenv
+//! parsers read every value back exactly, and JSON objects.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::io::Write as _;
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+
+use crate::config::{EnvFormat, Owner};
+
+/// One file to write. Its contents are secret and never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct FileWrite {
+    pub path: PathBuf,
+    pub contents: Vec<u8>,
+    pub mode: u32,
+    pub owner: Option<Owner>,
+    /// What produced it, for messages: a template path or "env file".
+    pub origin: String,
+}
+
+impl fmt::Debug for FileWrite {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FileWrite")
+            .field("path", &self.path)
+            .field("contents", &format_args!("<{} bytes>", self.contents.len()))
+            .field("mode", &format_args!("{:04o}", self.mode))
+            .field("owner", &self.owner)
+            .finish()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Created,
+    Updated,
+    /// Same content; mode or owner corrected in place.
+    Attributes,
+    Unchanged,
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Status::Created => "created",
+            Status::Updated => "updated",
+            Status::Attributes => "mode/owner updated",
+            Status::Unchanged => "unchanged",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: cannot {action}: {source}")]
+pub struct OutputError {
+    pub path: PathBuf,
+    pub action: &'static str,
+    #[source]
+    pub source: std::io::Error,
+}
+
+fn err<'p>(
+    path: &'p Path,
+    action: &'static str,
+) -> impl FnOnce(std::io::Error) -> OutputError + 'p {
+    move |source| OutputError {
+        path: path.to_path_buf(),
+        action,
+        source,
+    }
+}
+
+/// What is at a destination now.
+struct Existing {
+    contents: Vec<u8>,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+}
+
+fn existing(path: &Path) -> Result<Option<Existing>, OutputError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(err(path, "inspect the destination")(e)),
+    };
+    if !meta.is_file() {
+        if meta.is_dir() {
+            return Err(err(path, "replace the destination")(std::io::Error::other(
+                "it is a directory",
+            )));
+        }
+        // A symlink or special file is replaced by a regular file, never
+        // written through.
+        return Ok(Some(Existing {
+            contents: Vec::new(),
+            mode: u32::MAX,
+            uid: meta.uid(),
+            gid: meta.gid(),
+        }));
+    }
+    let contents = std::fs::read(path).map_err(err(path, "read the destination"))?;
+    Ok(Some(Existing {
+        contents,
+        mode: meta.permissions().mode() & 0o7777,
+        uid: meta.uid(),
+        gid: meta.gid(),
+    }))
+}
+
+fn owner_matches(owner: Option<Owner>, e: &Existing) -> bool {
+    owner.is_none_or(|o| o.uid.is_none_or(|u| u == e.uid) && o.gid.is_none_or(|g| g == e.gid))
+}
+
+fn status_against(w: &FileWrite, e: Option<&Existing>) -> Status {
+    match e {
+        None => Status::Created,
+        Some(e) if e.mode == u32::MAX => Status::Updated,
+        Some(e) if e.contents != w.contents => Status::Updated,
+        Some(e) if e.mode != w.mode || !owner_matches(w.owner, e) => Status::Attributes,
+        Some(_) => Status::Unchanged,
+    }
+}
+
+/// What [`commit`] would do to each file, without doing it.
+pub fn preview(writes: &[FileWrite]) -> Result<Vec<Status>, OutputError> {
+    writes
+        .iter()
+        .map(|w| Ok(status_against(w, existing(&w.path)?.as_ref())))
+        .collect()
+}
+
+fn set_owner(file: &std::fs::File, path: &Path, owner: Option<Owner>) -> Result<(), OutputError> {
+    if let Some(o) = owner {
+        std::os::unix::fs::fchown(file, o.uid, o.gid).map_err(err(path, "set the owner"))?;
+    }
+    Ok(())
+}
+
+/// A staged file: its temporary path, and how to undo its commit.
+struct Staged<'a> {
+    write: &'a FileWrite,
+    temp: Option<tempfile::TempPath>,
+    before: Option<Existing>,
+    status: Status,
+}
+
+/// Writes every file, all or nothing. Returns each file's status, in order.
+pub fn commit(writes: &[FileWrite]) -> Result<Vec<Status>, OutputError> {
+    let mut paths = BTreeSet::new();
+    for w in writes {
+        if !paths.insert(&w.path) {
+            return Err(err(&w.path, "write")(std::io::Error::other(
+                "two outputs have this destination",
+            )));
+        }
+    }
+    // Stage: nothing visible changes yet. On error the temp files are
+    // removed as `staged` drops.
+    let mut staged = Vec::with_capacity(writes.len());
+    for w in writes {
+        let before = existing(&w.path)?;
+        let status = status_against(w, before.as_ref());
+        let temp = match status {
+            Status::Created | Status::Updated => Some(stage(w)?),
+            Status::Attributes | Status::Unchanged => None,
+        };
+        staged.push(Staged {
+            write: w,
+            temp,
+            before,
+            status,
+        });
+    }
+    // Commit: rename each staged file into place; undo on failure.
+    for i in 0..staged.len() {
+        let w = staged[i].write;
+        let result = match staged[i].status {
+            Status::Created | Status::Updated => {
+                let temp = staged[i].temp.take().expect("staged above");
+                temp.persist(&w.path)
+                    .map_err(|e| err(&w.path, "rename into place")(e.error))
+            }
+            Status::Attributes => fix_attributes(w),
+            Status::Unchanged => Ok(()),
+        };
+        if let Err(e) = result {
+            for done in staged[..i].iter().rev() {
+                if let Err(undo) = undo(done) {
+                    tracing::error!(path = %done.write.path.display(), error = %undo, "could not restore a file after a failed commit");
+                }
+            }
+            return Err(e);
+        }
+    }
+    let dirs: BTreeSet<&Path> = staged
+        .iter()
+        .filter(|s| matches!(s.status, Status::Created | Status::Updated))
+        .filter_map(|s| s.write.path.parent())
+        .collect();
+    for dir in dirs {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err(dir, "sync the directory"))?;
+    }
+    Ok(staged.iter().map(|s| s.status).collect())
+}
+
+fn stage(w: &FileWrite) -> Result<tempfile::TempPath, OutputError> {
+    let dir = match w.path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir).map_err(err(dir, "create the directory"))?;
+    let name = w
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // tempfile creates the file with mode 0600.
+    let mut temp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".envrender-tmp")
+        .tempfile_in(dir)
+        .map_err(err(&w.path, "create a temporary file beside"))?;
+    temp.write_all(&w.contents).map_err(err(&w.path, "write"))?;
+    set_owner(temp.as_file(), &w.path, w.owner)?;
+    // After chown, which clears set-id bits.
+    temp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(w.mode))
+        .map_err(err(&w.path, "set the mode"))?;
+    temp.as_file().sync_all().map_err(err(&w.path, "sync"))?;
+    Ok(temp.into_temp_path())
+}
+
+fn fix_attributes(w: &FileWrite) -> Result<(), OutputError> {
+    let file = std::fs::File::open(&w.path).map_err(err(&w.path, "open"))?;
+    set_owner(&file, &w.path, w.owner)?;
+    file.set_permissions(std::fs::Permissions::from_mode(w.mode))
+        .map_err(err(&w.path, "set the mode"))
+}
+
+/// Puts a committed file back the way it was before the run.
+fn undo(s: &Staged<'_>) -> Result<(), OutputError> {
+    let path = &s.write.path;
+    match (&s.before, s.status) {
+        (_, Status::Unchanged) => Ok(()),
+        (None, _) => std::fs::remove_file(path).map_err(err(path, "remove")),
+        (Some(before), _) if before.mode == u32::MAX => Ok(()),
+        (Some(before), _) => {
+            let restore = FileWrite {
+                path: path.clone(),
+                contents: before.contents.clone(),
+                mode: before.mode,
+                owner: Some(Owner {
+                    uid: Some(before.uid),
+                    gid: Some(before.gid),
+                }),
+                origin: s.write.origin.clone(),
+            };
+            let temp = stage(&restore)?;
+            temp.persist(path)
+                .map_err(|e| err(path, "restore")(e.error))
+        }
+    }
+}
+
+/// Renders environment variables as a file.
+pub fn env_file(vars: &[(String, String)], format: EnvFormat) -> Vec<u8> {
+    match format {
+        EnvFormat::Json => {
+            let map: serde_json::Map<String, serde_json::Value> = vars
+                .iter()
+                .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                .collect();
+            let mut out = serde_json::to_vec_pretty(&map).expect("a map of strings encodes");
+            out.push(b'\n');
+            out
+        }
+        EnvFormat::Dotenv => {
+            let mut out = String::new();
+            for (k, v) in vars {
+                out.push_str(k);
+                out.push('=');
+                out.push_str(&dotenv_quote(v));
+                out.push('\n');
+            }
+            out.into_bytes()
+        }
+    }
+}
+
+/// Quotes a value for a `.env` file. Single quotes keep everything literal in
+/// every common dotenv parser (no escapes, no `${}` expansion), so they are
+/// used whenever the value allows; otherwise double quotes with `\`, `"`,
+/// `$` and newlines escaped.
+pub fn dotenv_quote(v: &str) -> String {
+    if !v.contains(['\'', '\n', '\r']) {
+        return format!("'{v}'");
+    }
+    let mut out = String::with_capacity(v.len() + 2);
+    out.push('"');
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '$' => out.push_str("\\$"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn write(path: &Path, contents: &str) -> FileWrite {
+        FileWrite {
+            path: path.to_path_buf(),
+            contents: contents.as_bytes().to_vec(),
+            mode: 0o600,
+            owner: None,
+            origin: "test".into(),
+        }
+    }
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn creates_with_mode_and_parent_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a/b/app.conf");
+        let mut w = write(&p, "x=1\n");
+        w.mode = 0o640;
+        assert_eq!(commit(&[w]).unwrap(), [Status::Created]);
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "x=1\n");
+        assert_eq!(mode(&p), 0o640);
+        // No temporary files are left behind.
+        assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn unchanged_content_is_not_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        commit(&[write(&p, "same")]).unwrap();
+        let ino = std::fs::metadata(&p).unwrap().ino();
+        assert_eq!(preview(&[write(&p, "same")]).unwrap(), [Status::Unchanged]);
+        assert_eq!(commit(&[write(&p, "same")]).unwrap(), [Status::Unchanged]);
+        assert_eq!(std::fs::metadata(&p).unwrap().ino(), ino);
+        // Same content, new mode: fixed in place.
+        let mut w = write(&p, "same");
+        w.mode = 0o644;
+        assert_eq!(commit(&[w]).unwrap(), [Status::Attributes]);
+        assert_eq!(mode(&p), 0o644);
+        assert_eq!(std::fs::metadata(&p).unwrap().ino(), ino);
+        assert_eq!(commit(&[write(&p, "new")]).unwrap(), [Status::Updated]);
+        assert_ne!(std::fs::metadata(&p).unwrap().ino(), ino);
+        assert_eq!(mode(&p), 0o600);
+    }
+
+    #[test]
+    fn a_failed_stage_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good");
+        std::fs::write(&good, "old").unwrap();
+        // The second destination's parent is a file: staging it fails.
+        std::fs::write(dir.path().join("blocker"), "").unwrap();
+        let bad = dir.path().join("blocker/f");
+        let e = commit(&[write(&good, "new"), write(&bad, "x")]).unwrap_err();
+        assert_eq!(e.path, dir.path().join("blocker"));
+        assert_eq!(std::fs::read_to_string(&good).unwrap(), "old");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "temporary files left: {names:?}");
+    }
+
+    #[test]
+    fn a_failed_rename_puts_earlier_files_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = dir.path().join("first");
+        let created = dir.path().join("created");
+        std::fs::write(&first, "old").unwrap();
+        std::fs::set_permissions(&first, std::fs::Permissions::from_mode(0o640)).unwrap();
+        // A rename cannot be made to fail on cue between staging and commit,
+        // so drive the two phases by hand: commit two of three files, then
+        // undo them as `commit` does when the third rename fails.
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let last = sub.join("last");
+        let writes = [
+            write(&first, "new"),
+            write(&created, "c"),
+            write(&last, "l"),
+        ];
+        let before: Vec<_> = writes.iter().map(|w| existing(&w.path).unwrap()).collect();
+        let mut staged = Vec::new();
+        for (w, b) in writes.iter().zip(before) {
+            let status = status_against(w, b.as_ref());
+            staged.push(Staged {
+                write: w,
+                temp: Some(stage(w).unwrap()),
+                before: b,
+                status,
+            });
+        }
+        for s in &mut staged[..2] {
+            s.temp.take().unwrap().persist(&s.write.path).unwrap();
+        }
+        assert_eq!(std::fs::read_to_string(&first).unwrap(), "new");
+        for s in staged[..2].iter().rev() {
+            undo(s).unwrap();
+        }
+        assert_eq!(std::fs::read_to_string(&first).unwrap(), "old");
+        assert_eq!(mode(&first), 0o640);
+        assert!(!created.exists());
+    }
+
+    #[test]
+    fn symlinks_are_replaced_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        std::fs::write(&target, "keep").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert_eq!(commit(&[write(&link, "new")]).unwrap(), [Status::Updated]);
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+        assert!(std::fs::symlink_metadata(&link).unwrap().is_file());
+    }
+
+    #[test]
+    fn dotenv_values_read_back_exactly() {
+        let tricky = [
+            "plain",
+            "",
+            "with space",
+            "it's",
+            "a\"b",
+            "$HOME and ${HOME}",
+            "multi\nline\nvalue",
+            "back\\slash",
+            "it's $HOME\\n \"quoted\"\nnext",
+            "#not a comment",
+            "trailing space ",
+            "=equals=",
+        ];
+        let vars: Vec<(String, String)> = tricky
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (format!("V{i}"), v.to_string()))
+            .collect();
+        let text = env_file(&vars, EnvFormat::Dotenv);
+        let parsed: Vec<(String, String)> = dotenvy::from_read_iter(&text[..])
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(parsed, vars);
+    }
+
+    #[test]
+    fn json_env_file() {
+        let vars = vec![
+            ("A".to_string(), "1".to_string()),
+            ("B".to_string(), "x\"y".to_string()),
+        ];
+        let v: serde_json::Value =
+            serde_json::from_slice(&env_file(&vars, EnvFormat::Json)).unwrap();
+        assert_eq!(v, serde_json::json!({"A": "1", "B": "x\"y"}));
+    }
+
+    #[test]
+    fn debug_hides_contents() {
+        let w = write(Path::new("/x"), "CANARY");
+        assert!(!format!("{w:?}").contains("CANARY"));
+    }
+}
