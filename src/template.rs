@@ -127,6 +127,11 @@ impl Templates {
                 }
             }
         }
+        for name in &names {
+            if let Some(template) = registry.get_template(name) {
+                undefined_variables(name, template, &mut errors);
+            }
+        }
         if errors.is_empty() {
             Ok(Templates {
                 registry,
@@ -196,6 +201,136 @@ impl Templates {
         let bad = self.state().bad_reference.take();
         result.map_err(|e| TemplateError::from_render(name, &e, bad.as_deref()))
     }
+}
+
+/// Helpers known to the registry: Handlebars' built-ins and ours.
+const HELPERS: &[&str] = &[
+    "if",
+    "unless",
+    "each",
+    "with",
+    "lookup",
+    "raw",
+    "log",
+    "eq",
+    "ne",
+    "gt",
+    "gte",
+    "lt",
+    "lte",
+    "and",
+    "or",
+    "not",
+    "len",
+    "secret",
+    "consul",
+    "vault",
+    "ssm",
+    "sm",
+    "kms",
+    "file",
+    "env",
+    "default",
+    "json",
+    "base64",
+    "base64_decode",
+    "indent",
+    "upper",
+    "lower",
+    "trim",
+    "concat",
+    "join",
+    "split",
+];
+
+/// Finds variables read in the root context. Templates get no data of their
+/// own (values come from helpers), so such a read always fails; finding it
+/// at compile time makes it an input error reported before any fetch, even
+/// when the template also asks for values.
+fn undefined_variables(
+    name: &str,
+    template: &handlebars::template::Template,
+    errors: &mut Vec<TemplateError>,
+) {
+    use handlebars::template::{Parameter, TemplateElement};
+
+    fn variable(p: &Parameter) -> Option<&str> {
+        match p {
+            Parameter::Path(handlebars::Path::Relative((_, raw)))
+                if raw != "this" && !raw.starts_with("this.") && !raw.starts_with("this/") =>
+            {
+                Some(raw)
+            }
+            _ => None,
+        }
+    }
+
+    fn check_params(params: &[&Parameter], found: &mut Vec<String>) {
+        for p in params {
+            if let Some(v) = variable(p) {
+                found.push(v.to_string());
+            } else if let Parameter::Subexpression(sub) = p {
+                let inner: Vec<&Parameter> = sub
+                    .params()
+                    .into_iter()
+                    .flatten()
+                    .chain(sub.hash().into_iter().flat_map(|h| h.values()))
+                    .collect();
+                check_params(&inner, found);
+            }
+        }
+    }
+
+    fn walk(name: &str, t: &handlebars::template::Template, errors: &mut Vec<TemplateError>) {
+        for (i, element) in t.elements.iter().enumerate() {
+            let (line, column) = t.mapping.get(i).map(|m| (m.0, m.1)).unzip();
+            let mut found = Vec::new();
+            match element {
+                TemplateElement::Expression(h) | TemplateElement::HtmlExpression(h) => {
+                    let called = match &h.name {
+                        Parameter::Name(n) => Some(n.as_str()),
+                        p => variable(p),
+                    };
+                    let is_helper = called.is_some_and(|n| HELPERS.contains(&n));
+                    if !is_helper
+                        && h.params.is_empty()
+                        && h.hash.is_empty()
+                        && let Some(v) = called.filter(|_| variable(&h.name).is_some())
+                    {
+                        found.push(v.to_string());
+                    }
+                    let params: Vec<&Parameter> = h.params.iter().chain(h.hash.values()).collect();
+                    check_params(&params, &mut found);
+                }
+                TemplateElement::HelperBlock(h) => {
+                    let params: Vec<&Parameter> = h.params.iter().chain(h.hash.values()).collect();
+                    check_params(&params, &mut found);
+                    // `if` and `unless` keep the root context; `each`,
+                    // `with` and others give their block a context of data.
+                    let keeps_context =
+                        matches!(&h.name, Parameter::Name(n) if n == "if" || n == "unless");
+                    if keeps_context {
+                        for inner in [&h.template, &h.inverse].into_iter().flatten() {
+                            walk(name, inner, errors);
+                        }
+                    }
+                }
+                _ => {}
+            }
+            for v in found {
+                errors.push(TemplateError {
+                    template: name.to_string(),
+                    line,
+                    column,
+                    message: format!(
+                        "\"{v}\" is not defined (templates see no variables of their own: read values with {{{{secret \"REF\"}}}})"
+                    ),
+                });
+            }
+        }
+    }
+
+    walk(name, template, errors);
 }
 
 fn empty_context() -> Context {
@@ -604,18 +739,33 @@ mod tests {
             .unwrap();
         assert_eq!(e[0].template, "a.hbs");
         assert!(e[0].line.is_some());
-        let t = compile("line1\n  {{nope}}\n");
+        // A helper used wrongly fails in discovery, with its position.
+        let t = compile("line1\n  {{indent \"x\" \"y\"}}\n");
         let d = t.discover(&values(&[]));
         assert_eq!(d.errors.len(), 1);
-        assert_eq!(
-            d.errors[0]
-                .to_string()
-                .split(':')
-                .take(3)
-                .collect::<Vec<_>>(),
-            ["t.hbs", "2", "3"]
+        let shown = d.errors[0].to_string();
+        assert!(shown.starts_with("t.hbs:2:3: indent:"), "{shown}");
+        assert!(shown.contains("number of spaces"), "{shown}");
+    }
+
+    #[test]
+    fn root_variables_are_compile_errors() {
+        let e = Templates::compile(&[(
+            "t.hbs".into(),
+            "{{secret \"env:A\"}}\n {{undefined}}\n{{#if (secret \"env:B\")}}{{upper other}}{{/if}}\n\
+             {{#each (secret \"file:d/\")}}{{@key}}{{this}}{{inside}}{{/each}}{{concat \"a\" (lower nested)}}{{this}}"
+                .into(),
+        )])
+        .err()
+        .unwrap();
+        let shown: Vec<String> = e.iter().map(|e| e.to_string()).collect();
+        assert_eq!(shown.len(), 3, "{shown:#?}");
+        assert!(
+            shown[0].starts_with("t.hbs:2:2: \"undefined\" is not defined"),
+            "{shown:#?}"
         );
-        assert!(d.errors[0].message.contains("\"nope\" is not defined"));
+        assert!(shown[1].contains("\"other\""), "{shown:#?}");
+        assert!(shown[2].contains("\"nested\""), "{shown:#?}");
     }
 
     #[test]

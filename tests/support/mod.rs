@@ -1,0 +1,150 @@
+//! Test harness: a scratch directory and a builder for running the envrender
+//! binary in it, with a clean environment.
+
+#![allow(dead_code)]
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A value planted in fixtures that must never appear in any output but the
+/// rendered files themselves.
+pub const CANARY: &str = "CANARY-7f3a9c-do-not-print";
+
+pub struct Dir {
+    pub dir: tempfile::TempDir,
+}
+
+impl Dir {
+    pub fn new() -> Self {
+        Dir {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn join(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Writes a file, creating its directory.
+    pub fn write(&self, rel: &str, contents: &str) -> PathBuf {
+        let path = self.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
+    pub fn read(&self, rel: &str) -> String {
+        std::fs::read_to_string(self.join(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+    }
+
+    pub fn mode(&self, rel: &str) -> u32 {
+        std::fs::metadata(self.join(rel))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+
+    /// The envrender binary, run in this directory with no `ENVRENDER_*`
+    /// variables inherited.
+    pub fn cmd(&self, args: &[&str]) -> Cmd {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_envrender"));
+        command.current_dir(self.path()).args(args);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("ENVRENDER_") {
+                command.env_remove(k);
+            }
+        }
+        Cmd { command }
+    }
+}
+
+pub struct Cmd {
+    pub command: Command,
+}
+
+/// What a run printed and how it ended.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Cmd {
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.command.env(k, v);
+        self
+    }
+
+    pub fn run(mut self) -> Run {
+        let Output {
+            status,
+            stdout,
+            stderr,
+        } = self.command.output().expect("run envrender");
+        Run {
+            code: status.code().expect("exited normally"),
+            stdout: String::from_utf8(stdout).unwrap(),
+            stderr: String::from_utf8(stderr).unwrap(),
+        }
+    }
+}
+
+impl Run {
+    /// Asserts the exit code, showing the output when it is not.
+    pub fn code(self, expected: i32) -> Self {
+        assert_eq!(
+            self.code, expected,
+            "exit code\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+
+    pub fn success(self) -> Self {
+        self.code(0)
+    }
+
+    pub fn stderr_has(self, needle: &str) -> Self {
+        assert!(
+            self.stderr.contains(needle),
+            "stderr lacks {needle:?}:\n{}",
+            self.stderr
+        );
+        self
+    }
+
+    pub fn stdout_has(self, needle: &str) -> Self {
+        assert!(
+            self.stdout.contains(needle),
+            "stdout lacks {needle:?}:\n{}",
+            self.stdout
+        );
+        self
+    }
+
+    /// Neither stream carries the canary.
+    pub fn no_canary(self) -> Self {
+        assert!(
+            !self.stderr.contains(CANARY),
+            "canary in stderr:\n{}",
+            self.stderr
+        );
+        assert!(
+            !self.stdout.contains(CANARY),
+            "canary in stdout:\n{}",
+            self.stdout
+        );
+        self
+    }
+}
+
+/// The repository root, for the shipped examples.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
