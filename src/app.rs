@@ -124,7 +124,7 @@ pub async fn get(resolver: &Resolver, text: &str, timeout: Duration) -> Result<S
     if let Some(f) = failures.into_iter().next() {
         return Err(Error::Unresolved(vec![(f, Vec::new())]));
     }
-    let value = values.remove(&r).unwrap_or_default();
+    let value = values.remove(&r).unwrap_or_default().into_exposed();
     Ok(match &value {
         serde_json::Value::Object(_) | serde_json::Value::Array(_) => {
             serde_json::to_string_pretty(&value).unwrap_or_default()
@@ -228,7 +228,7 @@ fn references_report(out: &mut String, resolver: &Resolver, resolution: &Resolut
             }
             (Some(_), _, Some(Err(_))) => "missing, optional".to_string(),
             (Some(v), _, fetched) => {
-                let mut s = format!("ok      {}", crate::secret::describe(v));
+                let mut s = format!("ok      {}", v.describe());
                 if resolver.serves_locally(&r.source) {
                     s.push_str(" (local values)");
                 } else if let Some(Ok(crate::backend::Fetched {

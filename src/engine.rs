@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::config::{ConfigError, EnvFileOutput, EnvValue, TemplateOutput};
@@ -20,6 +19,7 @@ use crate::error::Error;
 use crate::output::{self, FileWrite};
 use crate::reference::Reference;
 use crate::resolve::{Failure, FetchResults, Resolver};
+use crate::secret::Secret;
 use crate::template::{TemplateError, Templates};
 
 /// How many times discovery may run. Each round after the first exists only
@@ -47,7 +47,7 @@ pub struct Plan {
 
 /// The values of a run, and what could not be had.
 pub struct Resolution {
-    pub values: Arc<HashMap<Reference, Value>>,
+    pub values: Arc<HashMap<Reference, Secret>>,
     pub fetched: FetchResults,
     /// Every reference asked for, with who asked (a template, `env NAME`).
     pub users: BTreeMap<Reference, BTreeSet<String>>,
@@ -147,7 +147,7 @@ impl Plan {
                     .insert(format!("env {name}"));
             }
         }
-        let mut known: HashMap<Reference, Value> = HashMap::new();
+        let mut known: HashMap<Reference, Secret> = HashMap::new();
         let first = self.templates.discover(&Arc::new(known.clone()));
         if !first.bad_references.is_empty() || !first.errors.is_empty() {
             let mut errors = first.bad_references;
@@ -220,7 +220,7 @@ impl Plan {
                     EnvValue::Reference(r) => resolution
                         .values
                         .get(r)
-                        .map(crate::secret::to_text)
+                        .map(Secret::to_text)
                         .unwrap_or_default(),
                 };
                 (name.clone(), text)

@@ -655,6 +655,7 @@ impl<'a> Parser<'a> {
             && let Some(last) = field.0.last()
             && let Some((_, stage)) = last.rsplit_once('@')
             && !stage.is_empty()
+            && (scheme != Scheme::Vault || stage.chars().all(|c| c.is_ascii_digit()))
         {
             return Err(self.error_hint(
                 self.chars.len() - stage.chars().count() - 1,
@@ -990,6 +991,16 @@ mod tests {
 
     #[test]
     fn vault_field_version_params() {
+        // An '@' in a Vault field is text unless it looks like a version.
+        assert_eq!(
+            ok("vault:secret/users#ann@example.com").field,
+            Some(Field(vec!["ann@example".into(), "com".into()]))
+        );
+        assert!(
+            err("vault:secret/app#password@2")
+                .message
+                .contains("before the field")
+        );
         let r = ok("vault:secret/app#password");
         assert_eq!(r.source.path, "secret/app");
         assert_eq!(r.field, Some(Field(vec!["password".into()])));

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use crate::backend::{Backends, ErrorKind, FetchError, Fetched};
 use crate::local_values::LocalValues;
 use crate::reference::{Field, Reference, Source};
+use crate::secret::Secret;
 
 /// Backoff between retries of transient failures.
 #[derive(Clone, Copy, Debug)]
@@ -204,7 +205,7 @@ impl Resolver {
     pub fn select_all<'r>(
         refs: impl IntoIterator<Item = &'r Reference>,
         results: &FetchResults,
-    ) -> (HashMap<Reference, Value>, Vec<Failure>) {
+    ) -> (HashMap<Reference, Secret>, Vec<Failure>) {
         let mut values = HashMap::new();
         let mut failures = Vec::new();
         for r in refs {
@@ -235,7 +236,14 @@ impl Resolver {
 }
 
 /// The value of one reference, given what its source fetched.
-pub fn select(r: &Reference, fetched: Result<&Fetched, &FetchError>) -> Result<Value, FetchError> {
+pub fn select(r: &Reference, fetched: Result<&Fetched, &FetchError>) -> Result<Secret, FetchError> {
+    select_value(r, fetched).map(Secret::new)
+}
+
+fn select_value(
+    r: &Reference,
+    fetched: Result<&Fetched, &FetchError>,
+) -> Result<Value, FetchError> {
     let missing = || match &r.default {
         Some(d) => Value::String(d.clone()),
         None if r.source.is_prefix() && r.field.is_none() => Value::Object(Default::default()),
@@ -360,7 +368,6 @@ mod tests {
     use crate::backend::{Backend, BoxFuture, PlannedCall};
     use crate::environment::MapEnv;
     use crate::reference::{Scheme, parse};
-    use crate::secret::Secret;
 
     fn r(s: &str) -> Reference {
         parse(s).unwrap()
@@ -368,6 +375,10 @@ mod tests {
 
     fn ok(v: Value) -> Fetched {
         Fetched::new(Secret::new(v))
+    }
+
+    fn select(r: &Reference, fetched: Result<&Fetched, &FetchError>) -> Result<Value, FetchError> {
+        super::select(r, fetched).map(Secret::into_exposed)
     }
 
     #[test]
@@ -499,8 +510,8 @@ mod tests {
         assert_eq!(flaky.calls.load(Ordering::SeqCst), 4);
         let (values, failures) = Resolver::select_all(&refs[..3], &results);
         assert!(failures.is_empty(), "{failures:?}");
-        assert_eq!(values[&r("consul:b")], "b");
-        assert_eq!(values[&r("env:A")], "a");
+        assert_eq!(values[&r("consul:b")].expose(), "b");
+        assert_eq!(values[&r("env:A")].expose(), "a");
     }
 
     #[tokio::test(start_paused = true)]

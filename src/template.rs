@@ -23,6 +23,7 @@ use handlebars::{
 use serde_json::Value;
 
 use crate::reference::{self, Reference, Scheme};
+use crate::secret::Secret;
 
 /// A template error: which template, where, and what.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,7 +73,7 @@ enum Mode {
 
 struct State {
     mode: Mode,
-    values: Arc<HashMap<Reference, Value>>,
+    values: Arc<HashMap<Reference, Secret>>,
     /// References asked for during discovery whose value is not known yet.
     unknown: BTreeSet<Reference>,
     /// A reference that did not parse, with its error, during the current render.
@@ -154,7 +155,7 @@ impl Templates {
     }
 
     /// Renders every template in discovery mode with `known` values.
-    pub fn discover(&self, known: &Arc<HashMap<Reference, Value>>) -> Discovery {
+    pub fn discover(&self, known: &Arc<HashMap<Reference, Secret>>) -> Discovery {
         let mut out = Discovery::default();
         for name in &self.names {
             {
@@ -188,7 +189,7 @@ impl Templates {
     pub fn render(
         &self,
         name: &str,
-        values: &Arc<HashMap<Reference, Value>>,
+        values: &Arc<HashMap<Reference, Secret>>,
     ) -> Result<String, TemplateError> {
         {
             let mut st = self.state();
@@ -407,7 +408,7 @@ impl ReferenceHelper {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(v) = st.values.get(&r) {
             tracing::trace!(reference = %r, "template read a resolved value");
-            return Ok(v.clone());
+            return Ok(v.expose().clone());
         }
         match st.mode {
             Mode::Discover => {
@@ -637,11 +638,11 @@ mod tests {
         Templates::compile(&[("t.hbs".to_string(), text.to_string())]).unwrap()
     }
 
-    fn values(pairs: &[(&str, Value)]) -> Arc<HashMap<Reference, Value>> {
+    fn values(pairs: &[(&str, Value)]) -> Arc<HashMap<Reference, Secret>> {
         Arc::new(
             pairs
                 .iter()
-                .map(|(r, v)| (parse(r).unwrap(), v.clone()))
+                .map(|(r, v)| (parse(r).unwrap(), Secret::new(v.clone())))
                 .collect(),
         )
     }
