@@ -137,7 +137,7 @@ pub struct TemplateOutput {
     pub owner: Option<Owner>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum EnvFormat {
     /// `NAME='value'` lines, quoted so dotenv parsers read the value back exactly.
     Dotenv,
@@ -275,32 +275,8 @@ impl Validator<'_> {
                     None
                 }
             });
-        let log_level = raw.log.level.as_ref().and_then(|l| {
-            match <LogLevel as clap::ValueEnum>::from_str(l.get_ref(), true) {
-                Ok(level) => Some(level),
-                Err(_) => {
-                    self.error(
-                        l,
-                        format!("log.level: unknown level \"{}\"", l.get_ref()),
-                        "one of error, warn, info, debug, trace",
-                    );
-                    None
-                }
-            }
-        });
-        let log_format = raw.log.format.as_ref().and_then(|l| {
-            match <LogFormat as clap::ValueEnum>::from_str(l.get_ref(), true) {
-                Ok(f) => Some(f),
-                Err(_) => {
-                    self.error(
-                        l,
-                        format!("log.format: unknown format \"{}\"", l.get_ref()),
-                        "one of text, json",
-                    );
-                    None
-                }
-            }
-        });
+        let log_level = self.choice(raw.log.level.as_ref(), "log.level");
+        let log_format = self.choice(raw.log.format.as_ref(), "log.format");
         let templates = raw
             .templates
             .iter()
@@ -330,21 +306,9 @@ impl Validator<'_> {
             .iter()
             .map(|f| EnvFileOutput {
                 destination: self.path(&f.destination, "env_file.destination"),
-                format: match f.format.as_ref() {
-                    None => EnvFormat::Dotenv,
-                    Some(s) => match s.get_ref().as_str() {
-                        "dotenv" => EnvFormat::Dotenv,
-                        "json" => EnvFormat::Json,
-                        other => {
-                            self.error(
-                                s,
-                                format!("env_file.format: unknown format \"{other}\""),
-                                "one of dotenv, json",
-                            );
-                            EnvFormat::Dotenv
-                        }
-                    },
-                },
+                format: self
+                    .choice(f.format.as_ref(), "env_file.format")
+                    .unwrap_or(EnvFormat::Dotenv),
                 mode: self.mode(f.mode.as_ref()),
                 owner: self.owner(f.owner.as_ref()),
             })
@@ -364,6 +328,24 @@ impl Validator<'_> {
             env,
             env_files,
         }
+    }
+
+    /// One of a fixed set of words.
+    fn choice<T: clap::ValueEnum>(&mut self, s: Option<&Spanned<String>>, key: &str) -> Option<T> {
+        let s = s?;
+        T::from_str(s.get_ref(), true)
+            .map_err(|_| {
+                let names: Vec<String> = T::value_variants()
+                    .iter()
+                    .filter_map(|v| v.to_possible_value().map(|p| p.get_name().to_string()))
+                    .collect();
+                self.error(
+                    s,
+                    format!("{key}: unknown value \"{}\"", s.get_ref()),
+                    format!("one of {}", names.join(", ")),
+                );
+            })
+            .ok()
     }
 
     fn path(&mut self, s: &Spanned<String>, key: &str) -> PathBuf {
@@ -630,6 +612,25 @@ OK = "ssm:/app/x@"
         assert!(shown[4].contains("empty version"));
         // An unknown scheme is not a reference: it is passed through as text.
         assert!(!shown.iter().any(|s| s.contains("smm")));
+    }
+
+    #[test]
+    fn choices_list_the_valid_values() {
+        let e = parse(
+            "c.toml",
+            "[log]\nlevel = \"loud\"\n[[env_file]]\ndestination = \"x\"\nformat = \"yaml\"\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.len(), 2);
+        assert_eq!(
+            e[0].to_string(),
+            "c.toml:2:9: log.level: unknown value \"loud\"\n    hint: one of error, warn, info, debug, trace"
+        );
+        assert!(
+            e[1].to_string().contains("hint: one of dotenv, json"),
+            "{}",
+            e[1]
+        );
     }
 
     #[test]
