@@ -38,7 +38,8 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<(), Error> {
     }
     let mut resolver = Resolver::new(Backends::local(env));
     if let Some(path) = cli.values.as_ref().or(config.local_values.as_ref()) {
-        let local = LocalValues::load(path).map_err(|e| Error::Config(vec![e]))?;
+        let mut local = LocalValues::load(path).map_err(|e| Error::Config(vec![e]))?;
+        local.fallthrough = config.local_fallthrough;
         tracing::debug!(file = %path.display(), values = local.len(), "local values loaded");
         resolver = resolver.with_local_values(local);
     }

@@ -99,6 +99,8 @@ struct RawLog {
 #[serde(deny_unknown_fields)]
 struct RawLocal {
     values: Option<Spanned<String>>,
+    #[serde(default)]
+    fallthrough: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -185,6 +187,8 @@ pub struct Config {
     pub log_format: Option<LogFormat>,
     /// A local values file answering references before any backend.
     pub local_values: Option<PathBuf>,
+    /// Send network references missing from the values file to their backends.
+    pub local_fallthrough: bool,
     pub templates: Vec<TemplateOutput>,
     pub env: Vec<(String, EnvValue)>,
     pub env_files: Vec<EnvFileOutput>,
@@ -324,6 +328,7 @@ impl Validator<'_> {
             log_level,
             log_format,
             local_values,
+            local_fallthrough: raw.local.fallthrough,
             templates,
             env,
             env_files,

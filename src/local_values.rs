@@ -11,15 +11,19 @@
 //!
 //! So the same templates, written against Consul, Vault and SSM, render on a
 //! laptop or in CI with no server at all. A prefix reference is answered by a
-//! key for the prefix itself, or else by collecting the keys below it. Sources
-//! that are not in the file go to their backend as usual.
+//! key for the prefix itself, or else by collecting the keys below it.
+//!
+//! With a values file nothing goes to the network: a Consul, Vault or AWS
+//! reference that is not in the file is missing (so `|optional` and
+//! `|default=` apply), unless `[local] fallthrough = true` sends it on to its
+//! backend. `file:` and `env:` references are read as usual.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use crate::backend::Fetched;
+use crate::backend::{ErrorKind, FetchError, Fetched};
 use crate::config::ConfigError;
 use crate::reference::{self, Source};
 use crate::secret::Secret;
@@ -27,6 +31,8 @@ use crate::secret::Secret;
 #[derive(Debug)]
 pub struct LocalValues {
     pub path: PathBuf,
+    /// Ask the backends for network sources the file does not have.
+    pub fallthrough: bool,
     values: BTreeMap<Source, Secret>,
 }
 
@@ -61,6 +67,7 @@ impl LocalValues {
         }
         Ok(LocalValues {
             path: path.to_path_buf(),
+            fallthrough: false,
             values,
         })
     }
@@ -71,6 +78,21 @@ impl LocalValues {
 
     pub fn is_empty(&self) -> bool {
         self.values.is_empty()
+    }
+
+    /// The error for a network source the file does not have.
+    pub fn missing(&self, source: &Source) -> FetchError {
+        let file = self.path.display();
+        FetchError::new(
+            ErrorKind::NotFound,
+            source.scheme.prefix(),
+            "read local values",
+            format!("not in {file}"),
+        )
+        .hint(format!(
+            "add a key \"{source}\" to {file}, or set fallthrough = true under [local] to ask the {} backend",
+            source.scheme
+        ))
     }
 
     /// The value for a source, if the file has it.

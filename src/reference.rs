@@ -67,6 +67,11 @@ impl Scheme {
         Scheme::ALL.into_iter().find(|scheme| scheme.prefix() == s)
     }
 
+    /// Whether the backend reads the local machine (no network, no server).
+    pub fn is_local(self) -> bool {
+        matches!(self, Scheme::File | Scheme::Env)
+    }
+
     /// Whether `@version` is meaningful for this backend.
     fn has_versions(self) -> bool {
         matches!(self, Scheme::Vault | Scheme::Ssm | Scheme::SecretsManager)

@@ -152,11 +152,18 @@ impl Resolver {
         let mut groups: BTreeMap<_, Vec<Source>> = BTreeMap::new();
         let mut out = Vec::new();
         for s in sources {
-            if let Some(value) = self.local.as_ref().and_then(|l| l.lookup(&s)) {
-                out.push((s, Ok(value)));
-            } else {
-                groups.entry(s.scheme).or_default().push(s);
+            if let Some(local) = &self.local {
+                if let Some(value) = local.lookup(&s) {
+                    out.push((s, Ok(value)));
+                    continue;
+                }
+                if !local.fallthrough && !s.scheme.is_local() {
+                    let missing = local.missing(&s);
+                    out.push((s, Err(missing)));
+                    continue;
+                }
             }
+            groups.entry(s.scheme).or_default().push(s);
         }
         let mut tasks = JoinSet::new();
         for (scheme, group) in groups {
@@ -168,25 +175,7 @@ impl Resolver {
                         group.into_iter().zip(results).collect::<Vec<_>>()
                     });
                 }
-                Err(e) => out.extend(group.into_iter().map(|s| {
-                    let e = match &self.local {
-                        // In airplane mode a value missing from the values
-                        // file is missing, so optional and default apply.
-                        Some(local) => FetchError::new(
-                            ErrorKind::NotFound,
-                            e.backend,
-                            "read local values",
-                            format!(
-                                "not in {} (and no {}: backend is configured)",
-                                local.path.display(),
-                                s.scheme
-                            ),
-                        )
-                        .hint(format!("add a key \"{s}\" to {}", local.path.display())),
-                        None => e.clone(),
-                    };
-                    (s, Err(e))
-                })),
+                Err(e) => out.extend(group.into_iter().map(|s| (s, Err(e.clone())))),
             }
         }
         while let Some(joined) = tasks.join_next().await {

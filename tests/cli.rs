@@ -458,8 +458,19 @@ fn envrender_variables_and_local_values() {
     ])
     .run()
     .code(1)
+    .stderr_has("consul:app/db/host  (used by prod.hbs)")
     .stderr_has("not in local.yaml")
     .stderr_has("add a key \"consul:app/db/host\" to local.yaml");
+    // With fallthrough, what the file lacks goes to the backend.
+    d.write(
+        "conf/f.toml",
+        "[local]\nvalues = \"local.yaml\"\nfallthrough = true\n\
+         [[template]]\nsource = \"prod.hbs\"\ndestination = \"/etc/app/prod.conf\"\n",
+    );
+    d.cmd(&["render", "--config", "conf/f.toml", "--output-root", "root"])
+        .run()
+        .code(1)
+        .stderr_has("no consul: backend");
 }
 
 #[test]
