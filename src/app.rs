@@ -36,7 +36,9 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<(), Error> {
     if let Some(file) = &config.file {
         tracing::debug!(config = %file.display(), "configuration loaded");
     }
-    let mut resolver = Resolver::new(Backends::local(env));
+    let mut backends = Backends::local(env.clone());
+    crate::backend::aws::register(&mut backends, config.aws.clone(), env.as_ref());
+    let mut resolver = Resolver::new(backends);
     if let Some(path) = cli.values.as_ref().or(config.local_values.as_ref()) {
         let mut local = LocalValues::load(path).map_err(|e| Error::Config(vec![e]))?;
         local.fallthrough = config.local_fallthrough;

@@ -74,6 +74,8 @@ struct RawConfig {
     log: RawLog,
     #[serde(default)]
     local: RawLocal,
+    #[serde(default)]
+    aws: RawAws,
     #[serde(default, rename = "template")]
     templates: Vec<RawTemplate>,
     #[serde(default)]
@@ -101,6 +103,15 @@ struct RawLocal {
     values: Option<Spanned<String>>,
     #[serde(default)]
     fallthrough: bool,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAws {
+    region: Option<Spanned<String>>,
+    rate_limit: Option<Spanned<f64>>,
+    startup_jitter: Option<Spanned<String>>,
+    poll_interval: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -178,8 +189,36 @@ pub enum LogFormat {
     Json,
 }
 
+/// Settings of the AWS backends (`ssm:`, `sm:`, `kms:`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AwsConfig {
+    /// The region for references that do not name one (ARNs do); otherwise
+    /// the SDK's chain: `AWS_REGION`, the profile, IMDS.
+    pub region: Option<String>,
+    /// Requests per second per service and region. SSM's default quota is
+    /// 40 per second for the whole account and region, shared by every
+    /// instance, so one instance stays well below it.
+    pub rate_limit: f64,
+    /// Wait a random time up to this long before the first request, so a
+    /// fleet that starts together does not call in step.
+    pub startup_jitter: Duration,
+    /// How often watch mode looks for new versions.
+    pub poll_interval: Duration,
+}
+
+impl Default for AwsConfig {
+    fn default() -> Self {
+        AwsConfig {
+            region: None,
+            rate_limit: 10.0,
+            startup_jitter: Duration::ZERO,
+            poll_interval: Duration::from_secs(60),
+        }
+    }
+}
+
 /// A validated configuration file.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Config {
     pub file: Option<PathBuf>,
     pub timeout: Option<Duration>,
@@ -189,6 +228,7 @@ pub struct Config {
     pub local_values: Option<PathBuf>,
     /// Send network references missing from the values file to their backends.
     pub local_fallthrough: bool,
+    pub aws: AwsConfig,
     pub templates: Vec<TemplateOutput>,
     pub env: Vec<(String, EnvValue)>,
     pub env_files: Vec<EnvFileOutput>,
@@ -264,21 +304,7 @@ impl Validator<'_> {
     }
 
     fn config(&mut self, raw: RawConfig) -> Config {
-        let timeout = raw
-            .render
-            .timeout
-            .as_ref()
-            .and_then(|t| match parse_duration(t.get_ref()) {
-                Ok(d) => Some(d),
-                Err(e) => {
-                    self.error(
-                        t,
-                        format!("render.timeout: {e}"),
-                        "write a duration such as \"30s\", \"2m\" or \"1m30s\"",
-                    );
-                    None
-                }
-            });
+        let timeout = self.duration(raw.render.timeout.as_ref(), "render.timeout");
         let log_level = self.choice(raw.log.level.as_ref(), "log.level");
         let log_format = self.choice(raw.log.format.as_ref(), "log.format");
         let templates = raw
@@ -329,10 +355,50 @@ impl Validator<'_> {
             log_format,
             local_values,
             local_fallthrough: raw.local.fallthrough,
+            aws: self.aws(&raw.aws),
             templates,
             env,
             env_files,
         }
+    }
+
+    fn aws(&mut self, raw: &RawAws) -> AwsConfig {
+        let defaults = AwsConfig::default();
+        let rate_limit = match &raw.rate_limit {
+            Some(r) if !(r.get_ref().is_finite() && *r.get_ref() > 0.0) => {
+                self.error(
+                    r,
+                    "aws.rate_limit must be a positive number of requests per second",
+                    "e.g. rate_limit = 10",
+                );
+                defaults.rate_limit
+            }
+            Some(r) => *r.get_ref(),
+            None => defaults.rate_limit,
+        };
+        AwsConfig {
+            region: raw.region.as_ref().map(|r| r.get_ref().clone()),
+            rate_limit,
+            startup_jitter: self
+                .duration(raw.startup_jitter.as_ref(), "aws.startup_jitter")
+                .unwrap_or(defaults.startup_jitter),
+            poll_interval: self
+                .duration(raw.poll_interval.as_ref(), "aws.poll_interval")
+                .unwrap_or(defaults.poll_interval),
+        }
+    }
+
+    fn duration(&mut self, s: Option<&Spanned<String>>, key: &str) -> Option<Duration> {
+        let s = s?;
+        parse_duration(s.get_ref())
+            .map_err(|e| {
+                self.error(
+                    s,
+                    format!("{key}: {e}"),
+                    "write a duration such as \"30s\", \"2m\" or \"1m30s\"",
+                )
+            })
+            .ok()
     }
 
     /// One of a fixed set of words.

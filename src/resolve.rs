@@ -112,9 +112,21 @@ impl Resolver {
             .collect();
         pending.sort();
         pending.dedup();
+        let mine = pending.clone();
+        // The error of the previous attempt, kept for when the last attempt
+        // is cut off by the deadline: it says more than "no answer".
+        let mut previous: HashMap<Source, FetchError> = HashMap::new();
         let mut attempt = 0;
         while !pending.is_empty() {
-            for (source, result) in self.fetch_once(std::mem::take(&mut pending)).await {
+            for (source, mut result) in self
+                .fetch_once(std::mem::take(&mut pending), deadline)
+                .await
+            {
+                if matches!(&result, Err(e) if e.is_deadline())
+                    && let Some(before) = previous.remove(&source)
+                {
+                    result = Err(before);
+                }
                 if let Err(e) = &result {
                     tracing::debug!(reference = %source, backend = e.backend, error = %e, "fetch failed");
                 } else {
@@ -122,10 +134,10 @@ impl Resolver {
                 }
                 results.insert(source, result);
             }
-            let retry: Vec<Source> = results
+            let retry: Vec<Source> = mine
                 .iter()
-                .filter(|(_, r)| matches!(r, Err(e) if e.kind.is_retryable()))
-                .map(|(s, _)| s.clone())
+                .filter(|s| matches!(results.get(*s), Some(Err(e)) if e.kind.is_retryable()))
+                .cloned()
                 .collect();
             if retry.is_empty() {
                 break;
@@ -142,13 +154,19 @@ impl Resolver {
             tokio::time::sleep(delay).await;
             attempt += 1;
             for s in &retry {
-                results.remove(s);
+                if let Some(Err(e)) = results.remove(s) {
+                    previous.insert(s.clone(), e);
+                }
             }
             pending = retry;
         }
     }
 
-    async fn fetch_once(&self, sources: Vec<Source>) -> Vec<(Source, Result<Fetched, FetchError>)> {
+    async fn fetch_once(
+        &self,
+        sources: Vec<Source>,
+        deadline: Instant,
+    ) -> Vec<(Source, Result<Fetched, FetchError>)> {
         let mut groups: BTreeMap<_, Vec<Source>> = BTreeMap::new();
         let mut out = Vec::new();
         for s in sources {
@@ -170,9 +188,18 @@ impl Resolver {
             match self.backends.get(scheme) {
                 Ok(backend) => {
                     tasks.spawn(async move {
-                        let results = backend.fetch(&group).await;
-                        debug_assert_eq!(results.len(), group.len());
-                        group.into_iter().zip(results).collect::<Vec<_>>()
+                        // No backend call outlives the deadline, whatever
+                        // retries the backend does inside.
+                        match tokio::time::timeout_at(deadline, backend.fetch(&group)).await {
+                            Ok(results) => {
+                                debug_assert_eq!(results.len(), group.len());
+                                group.into_iter().zip(results).collect::<Vec<_>>()
+                            }
+                            Err(_) => {
+                                let e = FetchError::deadline(backend.name());
+                                group.into_iter().map(|s| (s, Err(e.clone()))).collect()
+                            }
+                        }
                     });
                 }
                 Err(e) => out.extend(group.into_iter().map(|s| (s, Err(e.clone())))),

@@ -444,7 +444,8 @@ fn envrender_variables_and_local_values() {
         .env("ENVRENDER_OUTPUT_ROOT", "root")
         .run()
         .code(1)
-        .stderr_has("no ssm: backend");
+        .stderr_has("no consul: backend")
+        .stderr_has("ssm: resolve region: no AWS region is configured");
     // A reference missing from the values file is reported against it.
     d.write("local.yaml", "\"ssm:/app/db/password\": pw\n");
     d.cmd(&[

@@ -8,6 +8,7 @@
 //! requests a fetch would make without making them (`envrender check`), and
 //! [`Backend::observe`] reports later changes (`envrender watch`).
 
+pub mod aws;
 pub mod local;
 
 use std::collections::BTreeMap;
@@ -84,6 +85,8 @@ impl ErrorKind {
     }
 }
 
+const DEADLINE_MESSAGE: &str = "no answer before the deadline";
+
 /// A failure to fetch one source, with what a person needs to fix it. It never
 /// carries a value: messages are built from names, paths and statuses only.
 #[derive(Clone, Debug, PartialEq)]
@@ -118,6 +121,16 @@ impl FetchError {
             message: message.into(),
             hint: None,
         }
+    }
+
+    /// The error of a call cut off by the run's deadline.
+    pub fn deadline(backend: &'static str) -> Self {
+        FetchError::new(ErrorKind::Transient, backend, "fetch", DEADLINE_MESSAGE)
+            .hint("the backend is slow or unreachable; raise --timeout or check the network")
+    }
+
+    pub fn is_deadline(&self) -> bool {
+        self.action == "fetch" && self.message == DEADLINE_MESSAGE
     }
 
     pub fn resource(mut self, resource: impl Into<String>) -> Self {

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod aws;
+
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -56,10 +58,19 @@ impl Dir {
         let mut command = Command::new(env!("CARGO_BIN_EXE_envrender"));
         command.current_dir(self.path()).args(args);
         for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("ENVRENDER_") {
+            let name = k.to_string_lossy();
+            if name.starts_with("ENVRENDER_") || name.starts_with("AWS_") {
                 command.env_remove(k);
             }
         }
+        // Never reach for real AWS configuration or the instance metadata service.
+        command
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONFIG_FILE", "/nonexistent/envrender-test/config")
+            .env(
+                "AWS_SHARED_CREDENTIALS_FILE",
+                "/nonexistent/envrender-test/credentials",
+            );
         Cmd { command }
     }
 }
@@ -79,6 +90,14 @@ impl Cmd {
     pub fn env(mut self, k: &str, v: &str) -> Self {
         self.command.env(k, v);
         self
+    }
+
+    /// Points the AWS SDK at an emulator (or a proxy in front of it).
+    pub fn aws(self, url: &str) -> Self {
+        self.env("AWS_ENDPOINT_URL", url)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", aws::REGION)
     }
 
     pub fn run(mut self) -> Run {
