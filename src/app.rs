@@ -141,7 +141,9 @@ pub async fn render(resolver: &Resolver, settings: &Settings) -> Result<(), Erro
     let started = Instant::now();
     let plan = Plan::new(settings)?;
     let resolution = plan.resolve(resolver, started + settings.timeout).await?;
-    let writes = plan.outputs(&resolution)?;
+    let writes = plan
+        .outputs(&resolution)
+        .map_err(|e| Error::NothingWritten(Box::new(e)))?;
     let statuses = output::commit(&writes).map_err(Error::Output)?;
     let mut written = 0;
     for (w, status) in writes.iter().zip(&statuses) {

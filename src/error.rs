@@ -25,6 +25,8 @@ pub enum Error {
     Render(Vec<TemplateError>),
     /// A file that could not be written; no output was changed.
     Output(OutputError),
+    /// A run that stopped before writing anything, and why.
+    NothingWritten(Box<Error>),
 }
 
 impl Error {
@@ -32,6 +34,7 @@ impl Error {
         match self {
             Error::Config(_) | Error::Input(_) => 2,
             Error::Unresolved(_) | Error::Render(_) | Error::Output(_) => 1,
+            Error::NothingWritten(e) => e.exit_code(),
         }
     }
 }
@@ -78,7 +81,7 @@ impl fmt::Display for Error {
             Error::Unresolved(failures) => {
                 write!(
                     f,
-                    "{} reference{} could not be resolved; nothing was written:",
+                    "{} reference{} could not be resolved:",
                     failures.len(),
                     plural(failures.len())
                 )?;
@@ -94,6 +97,7 @@ impl fmt::Display for Error {
                 Ok(())
             }
             Error::Output(e) => write!(f, "{e}; no output was changed"),
+            Error::NothingWritten(e) => write!(f, "{e}\nnothing was written"),
         }
     }
 }

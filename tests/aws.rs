@@ -693,3 +693,91 @@ fn missing_credentials_and_region_are_explained() {
         .stderr_has("no AWS region is configured")
         .stderr_has("hint: set AWS_REGION");
 }
+
+#[test]
+fn container_credentials_as_on_ecs_and_eks_pod_identity() {
+    let moto = moto();
+    put_parameters(
+        &moto.url,
+        &[("/t/creds/x", "via-container-credentials", false)],
+    );
+    let creds = support::aws::CredentialsServer::start();
+    let d = Dir::new();
+    d.write("t.hbs", "{{ssm \"/t/creds/x\"}}");
+    let token = d.write("pod-identity-token", "eks-pod-identity-token");
+    d.cmd(&["render", "--template", "t.hbs:t.out"])
+        .env("AWS_ENDPOINT_URL", &moto.url)
+        .env("AWS_REGION", REGION)
+        .env("AWS_CONTAINER_CREDENTIALS_FULL_URI", &creds.url)
+        .env(
+            "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+            token.to_str().unwrap(),
+        )
+        .run()
+        .success();
+    assert_eq!(d.read("t.out"), "via-container-credentials");
+    assert_eq!(
+        *creds.seen_tokens.lock().unwrap(),
+        ["eks-pod-identity-token"]
+    );
+}
+
+#[test]
+fn web_identity_credentials_as_with_irsa() {
+    let moto = moto();
+    put_parameters(&moto.url, &[("/t/irsa/x", "via-web-identity", false)]);
+    let d = Dir::new();
+    d.write("t.hbs", "{{ssm \"/t/irsa/x\"}}");
+    let token = d.write(
+        "token",
+        "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6YXBwOmFwcCJ9.c2ln",
+    );
+    let proxy = Proxy::start(&moto.url);
+    d.cmd(&["render", "--template", "t.hbs:t.out"])
+        .env("AWS_ENDPOINT_URL", &proxy.url)
+        .env("AWS_REGION", REGION)
+        .env("AWS_ROLE_ARN", &format!("arn:aws:iam::{ACCOUNT}:role/app"))
+        .env("AWS_WEB_IDENTITY_TOKEN_FILE", token.to_str().unwrap())
+        .run()
+        .success();
+    assert_eq!(d.read("t.out"), "via-web-identity");
+    assert_eq!(proxy.count("AssumeRoleWithWebIdentity"), 1);
+    assert_eq!(proxy.count("GetParameters"), 1);
+}
+
+/// The shipped least-privilege policy grants exactly the calls envrender makes
+/// (sts:GetCallerIdentity needs no permission).
+#[test]
+fn the_shipped_iam_policy_covers_every_call() {
+    let text = std::fs::read_to_string(support::repo().join("deploy/aws/iam-policy.json")).unwrap();
+    let policy: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(policy["Version"], "2012-10-17");
+    let mut actions = std::collections::BTreeSet::new();
+    for statement in policy["Statement"].as_array().unwrap() {
+        assert_eq!(statement["Effect"], "Allow");
+        assert!(statement["Resource"].is_string() || statement["Resource"].is_array());
+        match &statement["Action"] {
+            serde_json::Value::String(a) => {
+                actions.insert(a.clone());
+            }
+            serde_json::Value::Array(list) => {
+                actions.extend(list.iter().map(|a| a.as_str().unwrap().to_string()))
+            }
+            other => panic!("{other}"),
+        }
+    }
+    let expected: std::collections::BTreeSet<String> = [
+        "kms:Decrypt",
+        "secretsmanager:BatchGetSecretValue",
+        "secretsmanager:DescribeSecret",
+        "secretsmanager:GetSecretValue",
+        "ssm:GetParameters",
+        "ssm:GetParametersByPath",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    assert_eq!(actions, expected);
+    // No wildcard actions, and no write access.
+    assert!(!text.contains(":*\"") && !text.contains("Put") && !text.contains("\"*:"));
+}

@@ -221,6 +221,12 @@ pub trait Backend: Send + Sync {
     }
 }
 
+/// How long to wait before the next [`Backend::observe`] of a polled
+/// backend: its interval, spread by ±10% so a fleet does not poll in step.
+pub fn poll_delay(interval: Duration) -> Duration {
+    interval.mul_f64(0.9 + fastrand::f64() * 0.2)
+}
+
 /// The backends of one run, by scheme.
 #[derive(Clone)]
 pub struct Backends {
@@ -260,5 +266,38 @@ impl Backends {
                     .join(" ")
             ))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poll_delays_spread_around_the_interval() {
+        let interval = Duration::from_secs(60);
+        let delays: Vec<Duration> = (0..200).map(|_| poll_delay(interval)).collect();
+        assert!(
+            delays
+                .iter()
+                .all(|d| *d >= Duration::from_secs(54) && *d <= Duration::from_secs(66))
+        );
+        let distinct: std::collections::BTreeSet<_> = delays.iter().collect();
+        assert!(distinct.len() > 100);
+    }
+
+    #[test]
+    fn changes_by_version_when_known_else_by_value() {
+        let a = Fetched {
+            version: Some("1".into()),
+            ..Fetched::new(Secret::string("x"))
+        };
+        let b = Fetched {
+            version: Some("2".into()),
+            ..Fetched::new(Secret::string("x"))
+        };
+        assert!(a.differs_from(&b));
+        assert!(!a.differs_from(&a.clone()));
+        assert!(Fetched::new(Secret::string("x")).differs_from(&Fetched::new(Secret::string("y"))));
     }
 }

@@ -366,3 +366,49 @@ pub fn auth_setup(url: &str, policy: &str, params: &[(&str, &str)]) -> (String, 
         key["secret"].as_str().unwrap().to_string(),
     )
 }
+
+/// A container credentials endpoint (ECS task role, EKS Pod Identity) on
+/// loopback. Records the Authorization header of each request.
+pub struct CredentialsServer {
+    pub url: String,
+    pub seen_tokens: Arc<Mutex<Vec<String>>>,
+}
+
+impl CredentialsServer {
+    pub fn start() -> CredentialsServer {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("http://{}/v1/credentials", listener.local_addr().unwrap());
+        let state = seen.clone();
+        let app = axum::Router::new()
+            .fallback(
+                |State(seen): State<Arc<Mutex<Vec<String>>>>, headers: HeaderMap| async move {
+                    let token = headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string();
+                    seen.lock().unwrap().push(token);
+                    let body = serde_json::json!({
+                        "AccessKeyId": "ASIACONTAINERCREDS01",
+                        "SecretAccessKey": "container-secret",
+                        "Token": "container-session-token",
+                        "Expiration": "2100-01-01T00:00:00Z",
+                    });
+                    ([("content-type", "application/json")], body.to_string())
+                },
+            )
+            .with_state(state);
+        std::thread::spawn(move || {
+            block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                axum::serve(listener, app).await.unwrap();
+            })
+        });
+        CredentialsServer {
+            url,
+            seen_tokens: seen,
+        }
+    }
+}

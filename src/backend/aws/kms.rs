@@ -98,11 +98,8 @@ impl Kms {
                     )
                     .hint("encrypt text, or base64-encode binary data before encrypting it")
                 })?;
-                Ok(Fetched {
-                    value: Secret::string(text),
-                    version: out.key_id().map(str::to_string),
-                    lease: None,
-                })
+                tracing::debug!(key = out.key_id().unwrap_or("unknown"), "decrypted");
+                Ok(Fetched::new(Secret::string(text)))
             }
             Err(e) => {
                 let mut err = sdk_error("kms", "kms:Decrypt", &e);
@@ -145,7 +142,6 @@ impl Backend for Kms {
     fn plan(&self, sources: &[Source]) -> Vec<PlannedCall> {
         sources
             .iter()
-            .filter(|s| self.cached(s).is_none())
             .map(|s| PlannedCall {
                 target: Some(self.aws.region_label(None)),
                 action: "Decrypt".to_string(),

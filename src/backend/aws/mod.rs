@@ -395,6 +395,24 @@ mod tests {
         );
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn startup_jitter_delays_only_the_first_request() {
+        let config = AwsConfig {
+            startup_jitter: Duration::from_secs(2),
+            rate_limit: 1000.0,
+            ..AwsConfig::default()
+        };
+        let aws = Aws::new(config, &crate::environment::MapEnv::default());
+        let start = Instant::now();
+        aws.permit("ssm", "r").await;
+        let first = Instant::now() - start;
+        assert!(first <= Duration::from_secs(2), "{first:?}");
+        let start = Instant::now();
+        aws.permit("ssm", "r").await;
+        aws.permit("kms", "r").await;
+        assert_eq!(Instant::now() - start, Duration::ZERO);
+    }
+
     #[test]
     fn parameter_arns() {
         assert_eq!(
