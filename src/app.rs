@@ -38,6 +38,20 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<(), Error> {
     }
     let mut backends = Backends::local(env.clone());
     crate::backend::aws::register(&mut backends, config.aws.clone(), env.as_ref());
+    let consul =
+        crate::backend::consul::Consul::new(config.consul.clone(), env.as_ref()).map_err(|e| {
+            Error::Config(vec![ConfigError::new(
+                config
+                    .file
+                    .as_ref()
+                    .map(|f| f.display().to_string())
+                    .unwrap_or_else(|| "consul".into()),
+                e,
+            )])
+        })?;
+    let consul: Arc<dyn crate::backend::Backend> = Arc::new(consul);
+    backends.insert(crate::reference::Scheme::Consul, consul.clone());
+    backends.insert(crate::reference::Scheme::Service, consul);
     let mut resolver = Resolver::new(backends);
     if let Some(path) = cli.values.as_ref().or(config.local_values.as_ref()) {
         let mut local = LocalValues::load(path).map_err(|e| Error::Config(vec![e]))?;
@@ -276,6 +290,7 @@ fn references_report(out: &mut String, resolver: &Resolver, resolution: &Resolut
             if local == 1 { "" } else { "s" }
         );
     }
+    let mut watches: Vec<String> = Vec::new();
     for (scheme, mut sources) in by_scheme {
         sources.sort();
         let Ok(backend) = resolver.backends().get(scheme) else {
@@ -299,5 +314,17 @@ fn references_report(out: &mut String, resolver: &Resolver, resolution: &Resolut
             })
             .collect();
         let _ = writeln!(out, "  {}: {}", backend.name(), calls.join(", "));
+        watches.extend(
+            backend
+                .watches(&sources)
+                .into_iter()
+                .map(|w| format!("{}: {w}", backend.name())),
+        );
+    }
+    if !watches.is_empty() {
+        let _ = writeln!(out, "\nwatches (in watch mode):");
+        for w in watches {
+            let _ = writeln!(out, "  {w}");
+        }
     }
 }

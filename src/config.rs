@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::backend::consul::ConsulConfig;
 use crate::reference::{self, Reference};
 
 /// The name looked for in the working directory when `--config` is not given.
@@ -76,6 +77,8 @@ struct RawConfig {
     local: RawLocal,
     #[serde(default)]
     aws: RawAws,
+    #[serde(default)]
+    consul: RawConsul,
     #[serde(default, rename = "template")]
     templates: Vec<RawTemplate>,
     #[serde(default)]
@@ -112,6 +115,19 @@ struct RawAws {
     rate_limit: Option<Spanned<f64>>,
     startup_jitter: Option<Spanned<String>>,
     poll_interval: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConsul {
+    address: Option<Spanned<String>>,
+    token: Option<Spanned<String>>,
+    token_file: Option<Spanned<String>>,
+    datacenter: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
+    max_stale: Option<Spanned<String>>,
+    wait: Option<Spanned<String>>,
+    watch: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -229,6 +245,7 @@ pub struct Config {
     /// Send network references missing from the values file to their backends.
     pub local_fallthrough: bool,
     pub aws: AwsConfig,
+    pub consul: ConsulConfig,
     pub templates: Vec<TemplateOutput>,
     pub env: Vec<(String, EnvValue)>,
     pub env_files: Vec<EnvFileOutput>,
@@ -356,6 +373,7 @@ impl Validator<'_> {
             local_values,
             local_fallthrough: raw.local.fallthrough,
             aws: self.aws(&raw.aws),
+            consul: self.consul(&raw.consul),
             templates,
             env,
             env_files,
@@ -385,6 +403,39 @@ impl Validator<'_> {
             poll_interval: self
                 .duration(raw.poll_interval.as_ref(), "aws.poll_interval")
                 .unwrap_or(defaults.poll_interval),
+        }
+    }
+
+    fn consul(&mut self, raw: &RawConsul) -> ConsulConfig {
+        let defaults = ConsulConfig::default();
+        let wait = self
+            .duration(raw.wait.as_ref(), "consul.wait")
+            .unwrap_or(defaults.wait);
+        if let Some(w) = &raw.wait
+            && (wait > Duration::from_secs(600) || wait.is_zero())
+        {
+            self.error(
+                w,
+                "consul.wait must be more than 0 and at most 10m (Consul's cap)",
+                "e.g. wait = \"60s\"",
+            );
+        }
+        ConsulConfig {
+            address: raw.address.as_ref().map(|a| a.get_ref().clone()),
+            token: raw.token.as_ref().map(|t| t.get_ref().clone()),
+            token_file: raw
+                .token_file
+                .as_ref()
+                .map(|p| self.path(p, "consul.token_file")),
+            datacenter: raw.datacenter.as_ref().map(|d| d.get_ref().clone()),
+            ca_file: raw.ca_file.as_ref().map(|p| self.path(p, "consul.ca_file")),
+            max_stale: self
+                .duration(raw.max_stale.as_ref(), "consul.max_stale")
+                .unwrap_or(defaults.max_stale),
+            wait,
+            watch: self
+                .choice(raw.watch.as_ref(), "consul.watch")
+                .unwrap_or(defaults.watch),
         }
     }
 

@@ -37,10 +37,12 @@ pub enum Scheme {
     Kms,
     File,
     Env,
+    /// A Consul service's healthy instances (`service:web?tag=primary`).
+    Service,
 }
 
 impl Scheme {
-    pub const ALL: [Scheme; 7] = [
+    pub const ALL: [Scheme; 8] = [
         Scheme::Consul,
         Scheme::Vault,
         Scheme::Ssm,
@@ -48,6 +50,7 @@ impl Scheme {
         Scheme::Kms,
         Scheme::File,
         Scheme::Env,
+        Scheme::Service,
     ];
 
     /// The scheme as written before the colon.
@@ -60,6 +63,7 @@ impl Scheme {
             Scheme::Kms => "kms",
             Scheme::File => "file",
             Scheme::Env => "env",
+            Scheme::Service => "service",
         }
     }
 
@@ -79,7 +83,10 @@ impl Scheme {
 
     /// Whether `?name=value` parameters are meaningful for this backend.
     fn has_params(self) -> bool {
-        matches!(self, Scheme::Vault | Scheme::Kms)
+        matches!(
+            self,
+            Scheme::Vault | Scheme::Kms | Scheme::Consul | Scheme::Service
+        )
     }
 
     /// Whether a trailing `/` (a prefix read) is supported.
@@ -127,6 +134,12 @@ impl Source {
     /// A trailing slash: every value below the path, as a map.
     pub fn is_prefix(&self) -> bool {
         self.path.ends_with('/')
+    }
+
+    /// A prefix read or a service: the value is a collection, and an empty
+    /// one is treated as missing.
+    pub fn is_collection(&self) -> bool {
+        self.is_prefix() || self.scheme == Scheme::Service
     }
 
     /// The AWS region named by an ARN, if the reference was written as one.
@@ -559,6 +572,15 @@ impl<'a> Parser<'a> {
         }
         match scheme {
             Scheme::Consul | Scheme::Vault => {
+                if scheme == Scheme::Consul
+                    && let Some(name) = params.keys().find(|k| *k != "dc")
+                {
+                    return Err(self.error_hint(
+                        at + p.chars().count() + 1,
+                        format!("consul: parameter \"{name}\" is not understood"),
+                        "consul: takes dc=DATACENTER",
+                    ));
+                }
                 if p.starts_with('/') {
                     return Err(self.error_hint(
                         at,
@@ -631,6 +653,33 @@ impl<'a> Parser<'a> {
                 }
             }
             Scheme::File => {}
+            Scheme::Service => {
+                if let Some((i, c)) = p
+                    .chars()
+                    .enumerate()
+                    .find(|(_, c)| !(c.is_ascii_alphanumeric() || "_.-".contains(*c)))
+                {
+                    return Err(self.error_hint(
+                        at + i,
+                        format!("'{c}' cannot appear in a Consul service name"),
+                        "service names use letters, digits and _ . -",
+                    ));
+                }
+                for (name, value) in &params {
+                    let ok = match name.as_str() {
+                        "dc" | "tag" => !value.is_empty(),
+                        "passing" => value == "true" || value == "false",
+                        _ => false,
+                    };
+                    if !ok {
+                        return Err(self.error_hint(
+                            at + p.chars().count() + 1,
+                            format!("service: parameter {name}={value} is not understood"),
+                            "service: takes dc=DATACENTER, tag=TAG and passing=true|false",
+                        ));
+                    }
+                }
+            }
             Scheme::Env => {
                 let valid = p.chars().enumerate().all(|(i, c)| {
                     c == '_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit())
@@ -865,6 +914,7 @@ fn example(scheme: Scheme) -> String {
         Scheme::Kms => "kms:AQICAH… (base64 ciphertext)",
         Scheme::File => "file:./values.yaml#db.password or file:/run/secrets/ (a directory)",
         Scheme::Env => "env:DB_PASSWORD",
+        Scheme::Service => "service:web or service:web?tag=primary",
     };
     format!("e.g. {e}")
 }
@@ -1188,7 +1238,9 @@ mod tests {
         assert_eq!(e.at, 0);
         assert!(e.message.contains("unknown scheme \"smm\""));
         let shown = e.to_string();
-        assert!(shown.contains("hint: use one of consul: vault: ssm: sm: kms: file: env:"));
+        assert!(
+            shown.contains("hint: use one of consul: vault: ssm: sm: kms: file: env: service:")
+        );
         let e = err("vault:secret/app#db..password");
         assert!(e.message.contains("empty key"));
         assert_eq!(e.at, 20);
@@ -1200,7 +1252,25 @@ mod tests {
         assert!(err("consul:a//b").message.contains("//"));
         assert!(err("vault:a?x").message.contains("'='"));
         assert!(err("vault:a?x=1&x=2").message.contains("twice"));
-        assert!(err("consul:a?dc=x").message.contains("no '?' parameters"));
+        assert!(err("env:A?x=1").message.contains("no '?' parameters"));
+        assert!(
+            err("consul:a?stale=1")
+                .message
+                .contains("\"stale\" is not understood")
+        );
+        assert_eq!(ok("consul:a/b?dc=dc2").source.params["dc"], "dc2");
+        assert!(
+            ok("service:web?tag=primary&passing=false")
+                .source
+                .params
+                .contains_key("tag")
+        );
+        assert!(
+            err("service:web?passing=maybe")
+                .message
+                .contains("passing=maybe")
+        );
+        assert!(err("service:web/x").message.contains("'/'"));
         // The caret sits under the offending character.
         let e = err("ssm:/app/x@0");
         let shown = e.to_string();
@@ -1261,6 +1331,8 @@ mod tests {
             "file:/run/secrets/",
             "env:DB_PASSWORD|optional",
             "env:X|default=",
+            "consul:app/db?dc=dc2#host",
+            "service:web?passing=false&tag=primary",
         ] {
             roundtrip(s);
         }

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::backend::{Backends, ErrorKind, FetchError, Fetched};
 use crate::local_values::LocalValues;
-use crate::reference::{Field, Reference, Source};
+use crate::reference::{Field, Reference, Scheme, Source};
 use crate::secret::Secret;
 
 /// Backoff between retries of transient failures.
@@ -262,6 +262,7 @@ fn select_value(
 ) -> Result<Value, FetchError> {
     let missing = || match &r.default {
         Some(d) => Value::String(d.clone()),
+        None if r.source.scheme == Scheme::Service && r.field.is_none() => Value::Array(Vec::new()),
         None if r.source.is_prefix() && r.field.is_none() => Value::Object(Default::default()),
         None => Value::String(String::new()),
     };
@@ -271,21 +272,29 @@ fn select_value(
         Err(e) => return Err(e.clone()),
     };
     let whole = fetched.value.expose();
-    if r.source.is_prefix() && r.field.is_none() && whole.as_object().is_some_and(|m| m.is_empty())
-    {
+    let empty = match whole {
+        Value::Object(m) => m.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        _ => false,
+    };
+    if r.source.is_collection() && r.field.is_none() && empty {
         if r.tolerates_missing() {
             return Ok(missing());
         }
-        // An empty answer for a prefix is how files get wiped; refuse it.
+        // An empty answer for a prefix or a service is how files get wiped;
+        // refuse it.
         return Err(FetchError::new(
             ErrorKind::NotFound,
             r.source.scheme.prefix(),
             "select",
-            "nothing found under the prefix",
+            if r.source.is_prefix() {
+                "nothing found under the prefix"
+            } else {
+                "no healthy instances"
+            },
         )
         .hint(format!(
-            "mark it optional if an empty prefix is expected ({}|optional)",
-            r
+            "mark it optional if an empty answer is expected ({r}|optional)"
         )));
     }
     let Some(field) = &r.field else {
@@ -383,7 +392,7 @@ mod tests {
     use super::*;
     use crate::backend::{Backend, BoxFuture, PlannedCall};
     use crate::environment::MapEnv;
-    use crate::reference::{Scheme, parse};
+    use crate::reference::parse;
 
     fn r(s: &str) -> Reference {
         parse(s).unwrap()

@@ -206,6 +206,7 @@ impl Templates {
 
 /// Helpers known to the registry: Handlebars' built-ins and ours.
 const HELPERS: &[&str] = &[
+    "service",
     "if",
     "unless",
     "each",
@@ -413,7 +414,9 @@ impl ReferenceHelper {
         match st.mode {
             Mode::Discover => {
                 tracing::trace!(reference = %r, "template asked for a reference");
-                let placeholder = if r.source.is_prefix() && r.field.is_none() {
+                let placeholder = if r.source.scheme == Scheme::Service && r.field.is_none() {
+                    Value::Array(Vec::new())
+                } else if r.source.is_prefix() && r.field.is_none() {
                     Value::Object(Default::default())
                 } else {
                     Value::String(String::new())
@@ -506,7 +509,7 @@ fn is_empty(v: &Value) -> bool {
 }
 
 fn register_helpers(registry: &mut Handlebars<'static>, state: &Arc<Mutex<State>>) {
-    let reference_helpers: [(&'static str, Option<Scheme>); 8] = [
+    let reference_helpers: [(&'static str, Option<Scheme>); 9] = [
         ("secret", None),
         ("consul", Some(Scheme::Consul)),
         ("vault", Some(Scheme::Vault)),
@@ -515,6 +518,7 @@ fn register_helpers(registry: &mut Handlebars<'static>, state: &Arc<Mutex<State>
         ("kms", Some(Scheme::Kms)),
         ("file", Some(Scheme::File)),
         ("env", Some(Scheme::Env)),
+        ("service", Some(Scheme::Service)),
     ];
     for (name, scheme) in reference_helpers {
         registry.register_helper(

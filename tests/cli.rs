@@ -162,7 +162,7 @@ fn every_unresolved_reference_is_listed_with_its_users() {
     let d = project();
     d.write(
         "t.hbs",
-        "{{env \"ENVRENDER_TEST_UNSET\"}}{{file \"nope.yaml\"}}{{secret \"file:values.yaml#db.pass\"}}{{secret \"consul:app/x\"}}{{env \"HOME\"}}",
+        "{{env \"ENVRENDER_TEST_UNSET\"}}{{file \"nope.yaml\"}}{{secret \"file:values.yaml#db.pass\"}}{{secret \"vault:secret/x\"}}{{env \"HOME\"}}",
     );
     d.write(
         "envrender.toml",
@@ -178,8 +178,8 @@ fn every_unresolved_reference_is_listed_with_its_users() {
         .stderr_has("file:nope.yaml  (used by t.hbs)")
         .stderr_has("nope.yaml: No such file or directory")
         .stderr_has("file:values.yaml#db.pass")
-        .stderr_has("consul:app/x")
-        .stderr_has("no consul: backend")
+        .stderr_has("vault:secret/x")
+        .stderr_has("no vault: backend")
         .no_canary();
     assert!(!run.stderr.contains("env:HOME"));
     assert!(!d.join("t.out").exists() && !d.join("out.env").exists());
@@ -439,12 +439,19 @@ fn envrender_variables_and_local_values() {
         .success();
     assert_eq!(d.read("root/etc/app/prod.conf"), "db=pw host=h\na=1;b=2;\n");
     // Without the values file the same template needs backends.
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
     d.cmd(&["render"])
         .env("ENVRENDER_CONFIG", "conf/e.toml")
         .env("ENVRENDER_OUTPUT_ROOT", "root")
+        .env("ENVRENDER_TIMEOUT", "1s")
+        .env("CONSUL_HTTP_ADDR", &nobody)
         .run()
         .code(1)
-        .stderr_has("no consul: backend")
+        .stderr_has(&format!("cannot reach Consul at http://{nobody}/"))
         .stderr_has("ssm: resolve region: no AWS region is configured");
     // A reference missing from the values file is reported against it.
     d.write("local.yaml", "\"ssm:/app/db/password\": pw\n");
@@ -468,10 +475,19 @@ fn envrender_variables_and_local_values() {
         "[local]\nvalues = \"local.yaml\"\nfallthrough = true\n\
          [[template]]\nsource = \"prod.hbs\"\ndestination = \"/etc/app/prod.conf\"\n",
     );
-    d.cmd(&["render", "--config", "conf/f.toml", "--output-root", "root"])
-        .run()
-        .code(1)
-        .stderr_has("no consul: backend");
+    d.cmd(&[
+        "render",
+        "--timeout",
+        "1s",
+        "--config",
+        "conf/f.toml",
+        "--output-root",
+        "root",
+    ])
+    .env("CONSUL_HTTP_ADDR", &nobody)
+    .run()
+    .code(1)
+    .stderr_has("cannot reach Consul");
 }
 
 #[test]

@@ -9,6 +9,7 @@
 //! [`Backend::observe`] reports later changes (`envrender watch`).
 
 pub mod aws;
+pub mod consul;
 pub mod local;
 
 use std::collections::BTreeMap;
@@ -194,6 +195,20 @@ pub trait Backend: Send + Sync {
         &'a self,
         sources: &'a [Source],
     ) -> BoxFuture<'a, Vec<Result<Fetched, FetchError>>>;
+
+    /// The long-lived queries watch mode would hold open for these sources,
+    /// described for `check`. Backends that are polled describe the polling.
+    fn watches(&self, sources: &[Source]) -> Vec<String> {
+        if sources.is_empty() {
+            return Vec::new();
+        }
+        vec![format!(
+            "polled every {} ({} source{})",
+            humantime::format_duration(self.poll_interval()),
+            sources.len(),
+            if sources.len() == 1 { "" } else { "s" }
+        )]
+    }
 
     /// How often [`Backend::observe`] should be called when the backend has no
     /// way to push changes.

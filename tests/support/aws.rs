@@ -30,42 +30,13 @@ pub fn block_on<F: Future>(f: F) -> F::Output {
         .block_on(f)
 }
 
-/// Where moto is installed: `python3 -m pip install --target` into the test
-/// scratch directory, once, renamed into place when complete.
+/// Where moto is installed (once, in the test scratch directory).
 fn install() -> PathBuf {
-    if let Ok(dir) = std::env::var("ENVRENDER_TEST_MOTO_DIR") {
-        return PathBuf::from(dir);
-    }
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("moto-{MOTO_VERSION}"));
-    if dir.join("moto").is_dir() {
-        return dir;
-    }
-    let partial = dir.with_extension(format!("partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&partial);
-    eprintln!(
-        "installing moto[server]=={MOTO_VERSION} into {}",
-        dir.display()
-    );
-    let status = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--no-warn-conflicts",
-            "--target",
-        ])
-        .arg(&partial)
-        .arg(format!("moto[server]=={MOTO_VERSION}"))
-        .status()
-        .expect("python3 -m pip");
-    assert!(status.success(), "pip install moto failed");
-    if std::fs::rename(&partial, &dir).is_err() {
-        // Another test process finished first.
-        let _ = std::fs::remove_dir_all(&partial);
-    }
-    dir
+    super::pip_install(
+        &format!("moto[server]=={MOTO_VERSION}"),
+        &format!("moto-{MOTO_VERSION}"),
+        "ENVRENDER_TEST_MOTO_DIR",
+    )
 }
 
 fn free_port() -> u16 {

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod aws;
+pub mod consul;
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -59,7 +60,10 @@ impl Dir {
         command.current_dir(self.path()).args(args);
         for (k, _) in std::env::vars_os() {
             let name = k.to_string_lossy();
-            if name.starts_with("ENVRENDER_") || name.starts_with("AWS_") {
+            if ["ENVRENDER_", "AWS_", "CONSUL_", "VAULT_"]
+                .iter()
+                .any(|p| name.starts_with(p))
+            {
                 command.env_remove(k);
             }
         }
@@ -161,6 +165,43 @@ impl Run {
         );
         self
     }
+}
+
+/// Installs a PyPI package with its dependencies into the test scratch
+/// directory (`pip install --target`), once: later runs reuse it. `override_var`
+/// names an environment variable that points at an existing install instead.
+pub fn pip_install(spec: &str, dir_name: &str, override_var: &str) -> PathBuf {
+    if let Ok(dir) = std::env::var(override_var) {
+        return PathBuf::from(dir);
+    }
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(dir_name);
+    if dir.join(".complete").is_file() {
+        return dir;
+    }
+    let partial = dir.with_extension(format!("partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&partial);
+    eprintln!("installing {spec} into {}", dir.display());
+    let status = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-warn-conflicts",
+            "--target",
+        ])
+        .arg(&partial)
+        .arg(spec)
+        .status()
+        .expect("python3 -m pip");
+    assert!(status.success(), "pip install {spec} failed");
+    std::fs::write(partial.join(".complete"), spec).unwrap();
+    if std::fs::rename(&partial, &dir).is_err() {
+        // Another test process finished first.
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    dir
 }
 
 /// The repository root, for the shipped examples.

@@ -139,6 +139,11 @@ impl Backend for Kms {
         "kms"
     }
 
+    /// Nothing to watch: the value cannot change while envrender runs.
+    fn watches(&self, _: &[Source]) -> Vec<String> {
+        Vec::new()
+    }
+
     fn plan(&self, sources: &[Source]) -> Vec<PlannedCall> {
         sources
             .iter()

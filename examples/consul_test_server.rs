@@ -1,0 +1,36 @@
+//! The Consul test server as a process of its own, for benchmarks and demos:
+//! `cargo run --example consul_test_server -- [--port 8500] [KEY=VALUE]...`
+//! It serves the KV and service API subset described in
+//! `tests/support/consul.rs` on 127.0.0.1 until killed.
+
+#[path = "../tests/support/consul.rs"]
+#[allow(dead_code)]
+mod consul;
+
+fn main() {
+    let mut port = 8500u16;
+    let mut seeds = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        if arg == "--port" {
+            port = args
+                .next()
+                .and_then(|p| p.parse().ok())
+                .expect("--port takes a number");
+        } else if let Some((k, v)) = arg.split_once('=') {
+            seeds.push((k.to_string(), v.to_string()));
+        } else {
+            eprintln!("usage: consul_test_server [--port N] [KEY=VALUE]...");
+            std::process::exit(2);
+        }
+    }
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind");
+    let server = consul::ConsulServer::serve(listener);
+    for (k, v) in seeds {
+        server.put(&k, &v);
+    }
+    println!("{}", server.url);
+    loop {
+        std::thread::park();
+    }
+}

@@ -1,0 +1,592 @@
+//! Consul KV and services against the Consul test server: renders through the
+//! binary, and the blocking-query watch primitive through the library.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use envrender::backend::consul::{Consul, ConsulConfig, WatchPolicy};
+use envrender::backend::{Backend, Observation};
+use envrender::environment::MapEnv;
+use envrender::reference::{Source, parse};
+use support::Dir;
+use support::aws::block_on;
+use support::consul::{ConsulServer, Instance};
+
+fn host_port(server: &ConsulServer) -> String {
+    server.url.trim_start_matches("http://").to_string()
+}
+
+fn web(id: &str, port: u16, status: &str, tags: &[&str]) -> Instance {
+    Instance {
+        node: format!("node-{id}"),
+        node_address: "10.0.0.9".into(),
+        id: id.into(),
+        service: "web".into(),
+        address: if id == "web-2" {
+            String::new()
+        } else {
+            format!("10.0.1.{port}")
+        },
+        port,
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        meta: BTreeMap::from([("version".to_string(), "1.2".to_string())]),
+        checks: vec![status.into(), "passing".into()],
+    }
+}
+
+fn backend(server: &ConsulServer, config: ConsulConfig) -> Consul {
+    Consul::new(
+        config,
+        &MapEnv::new([("CONSUL_HTTP_ADDR", host_port(server))]),
+    )
+    .unwrap()
+}
+
+fn source(r: &str) -> Source {
+    parse(r).unwrap().source
+}
+
+#[test]
+fn renders_keys_prefixes_json_fields_and_services() {
+    let server = ConsulServer::start();
+    server.put("app/db/host", "db.internal");
+    server.put("app/db/conf", r#"{"pool": {"size": 12}}"#);
+    server.put("app/features/a", "on");
+    server.put("app/features/b", "off");
+    server.register(web("web-1", 8080, "passing", &["primary"]));
+    server.register(web("web-2", 8081, "passing", &[]));
+    server.register(web("web-3", 8082, "critical", &["primary"]));
+    let d = Dir::new();
+    d.write(
+        "t.hbs",
+        "host={{consul \"app/db/host\"}} pool={{consul \"app/db/conf\" \"pool.size\"}}\n\
+         {{#each (consul \"app/features/\")}}{{@key}}={{this}};{{/each}}\n\
+         {{#each (service \"web\")}}{{ID}}@{{Address}}:{{Port}} {{/each}}\n\
+         {{#each (secret \"service:web?tag=primary&passing=false\")}}{{ID}} {{/each}}\n",
+    );
+    // CONSUL_HTTP_ADDR as host:port, the way the consul CLI takes it.
+    d.cmd(&["render", "--template", "t.hbs:t.out"])
+        .env("CONSUL_HTTP_ADDR", &host_port(&server))
+        .run()
+        .success();
+    assert_eq!(
+        d.read("t.out"),
+        "host=db.internal pool=12\na=on;b=off;\nweb-1@10.0.1.8080:8080 web-2@10.0.0.9:8081 \nweb-1 web-3 \n"
+    );
+}
+
+#[test]
+fn a_missing_key_fails_at_once_naming_it() {
+    let server = ConsulServer::start();
+    server.put("app/present", "x");
+    let d = Dir::new();
+    d.write(
+        "t.hbs",
+        "{{consul \"app/present\"}}{{consul \"app/absent\"}}{{consul \"app/opt\" default=\"d\"}}",
+    );
+    let start = Instant::now();
+    d.cmd(&["render", "--timeout", "20s", "--template", "t.hbs:t.out"])
+        .env("CONSUL_HTTP_ADDR", &server.url)
+        .run()
+        .code(1)
+        .stderr_has("consul:app/absent  (used by t.hbs)")
+        .stderr_has("consul: GET /v1/kv/app/absent: no key app/absent");
+    // Missing is not transient: no waiting for the deadline.
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    let unreachable = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    d.cmd(&["render", "--timeout", "1s", "--template", "t.hbs:t.out"])
+        .env("CONSUL_HTTP_ADDR", &unreachable.to_string())
+        .run()
+        .code(1)
+        .stderr_has(&format!("cannot reach Consul at http://{unreachable}/"))
+        .stderr_has("check CONSUL_HTTP_ADDR");
+}
+
+#[test]
+fn acl_denial_names_the_key_and_where_the_token_came_from() {
+    let server = ConsulServer::start();
+    server.put("app/public/x", "ok");
+    server.put("app/private/y", "secret");
+    server.acl_token("s3cr3t-token", "acc-0001", &["app/public/"]);
+    let d = Dir::new();
+    d.write(
+        "t.hbs",
+        "{{consul \"app/public/x\"}}{{consul \"app/private/y\"}}",
+    );
+    let run = d
+        .cmd(&["render", "--template", "t.hbs:t.out"])
+        .env("CONSUL_HTTP_ADDR", &server.url)
+        .env("CONSUL_HTTP_TOKEN", "s3cr3t-token")
+        .run()
+        .code(1)
+        .stderr_has("consul:app/private/y  (used by t.hbs)")
+        .stderr_has("HTTP 403: Permission denied: token with AccessorID 'acc-0001' lacks permission 'key:read' on \"app/private/y\"")
+        .stderr_has("(as token from CONSUL_HTTP_TOKEN)")
+        .stderr_has("hint: give the token read access, e.g. key_prefix \"app/private/y\"");
+    assert!(!run.stderr.contains("s3cr3t-token"));
+    assert!(!run.stderr.contains("app/public/x "));
+    // A token file named in the configuration; a token with the access.
+    server.acl_token("reader", "acc-0002", &["app/"]);
+    d.write("token", "reader\n");
+    d.write("envrender.toml", "[consul]\ntoken_file = \"token\"\n");
+    d.cmd(&["render", "--template", "t.hbs:t.out"])
+        .env("CONSUL_HTTP_ADDR", &server.url)
+        .run()
+        .success();
+    assert_eq!(d.read("t.out"), "oksecret");
+    d.write("token", "wrong\n");
+    d.cmd(&["render", "--template", "t.hbs:t2.out"])
+        .env("CONSUL_HTTP_ADDR", &server.url)
+        .run()
+        .code(1)
+        .stderr_has("HTTP 403: ACL not found")
+        .stderr_has("(as token from token)");
+}
+
+#[test]
+fn an_empty_prefix_never_wipes_an_output() {
+    let server = ConsulServer::start();
+    server.put("lb/backends/a", "10.0.0.1");
+    let d = Dir::new();
+    d.write(
+        "t.hbs",
+        "{{#each (consul \"lb/backends/\")}}server {{this}}\n{{/each}}",
+    );
+    let run = |d: &Dir| {
+        d.cmd(&["render", "--template", "t.hbs:lb.conf"])
+            .env("CONSUL_HTTP_ADDR", &server.url)
+            .run()
+    };
+    run(&d).success();
+    assert_eq!(d.read("lb.conf"), "server 10.0.0.1\n");
+    server.delete("lb/backends/a");
+    run(&d)
+        .code(1)
+        .stderr_has("consul:lb/backends/")
+        .stderr_has("nothing found under the prefix")
+        .stderr_has("nothing was written");
+    assert_eq!(d.read("lb.conf"), "server 10.0.0.1\n");
+    // Unless the template says an empty list is fine.
+    d.write(
+        "t.hbs",
+        "{{#each (secret \"consul:lb/backends/|optional\")}}server {{this}}\n{{/each}}",
+    );
+    run(&d).success();
+    assert_eq!(d.read("lb.conf"), "");
+}
+
+#[test]
+fn check_reports_the_watches_it_would_open() {
+    let server = ConsulServer::start();
+    let mut template = String::new();
+    for p in 0..5 {
+        for k in 0..20 {
+            server.put(&format!("cfg/p{p}/k{k:02}"), &format!("{p}.{k}"));
+            template.push_str(&format!("{{{{consul \"cfg/p{p}/k{k:02}\"}}}}"));
+        }
+    }
+    let d = Dir::new();
+    d.write("t.hbs", &template);
+    let run = d
+        .cmd(&["check", "--template", "t.hbs:t.out"])
+        .env("CONSUL_HTTP_ADDR", &server.url)
+        .run()
+        .success()
+        .stdout_has("consul: 100 × GET /v1/kv")
+        .stdout_has("watches (in watch mode):\n  consul: blocking query: kv cfg/p0/* (recurse) (20 references)");
+    assert_eq!(
+        run.stdout.matches("blocking query:").count(),
+        5,
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn stale_reads_are_repeated_against_the_leader_when_too_old() {
+    let server = ConsulServer::start();
+    server.put("k", "v");
+    let consul = backend(&server, ConsulConfig::default());
+    let before = server.requests();
+    block_on(consul.fetch(&[source("consul:k")]))
+        .remove(0)
+        .unwrap();
+    assert_eq!((server.requests() - before, server.stale_reads()), (1, 1));
+    server.set_last_contact(5_000);
+    let before = server.requests();
+    let value = block_on(consul.fetch(&[source("consul:k")]))
+        .remove(0)
+        .unwrap();
+    assert_eq!(value.value.expose(), "v");
+    assert_eq!((server.requests() - before, server.stale_reads()), (2, 2));
+}
+
+/// Observes `known` on a thread of its own; the result arrives on the channel.
+fn observe_in_background(
+    consul: Arc<Consul>,
+    known: Vec<(Source, envrender::backend::Fetched)>,
+) -> std::sync::mpsc::Receiver<Vec<Observation>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let seen = block_on(consul.observe(&known));
+        let _ = tx.send(seen);
+    });
+    rx
+}
+
+fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn wait_until_or(what: &str, f: impl Fn() -> bool, show: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {}",
+            show()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn known(consul: &Consul, refs: &[&str]) -> Vec<(Source, envrender::backend::Fetched)> {
+    let sources: Vec<Source> = refs.iter().map(|r| source(r)).collect();
+    let fetched = block_on(consul.fetch(&sources));
+    sources
+        .into_iter()
+        .zip(fetched.into_iter().map(Result::unwrap))
+        .collect()
+}
+
+fn changed_values(seen: &[Observation]) -> Vec<Option<String>> {
+    seen.iter()
+        .map(|o| match o {
+            Observation::Changed(f) => Some(f.value.to_text()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_watch_sees_a_put_within_the_blocking_round_trip() {
+    let server = ConsulServer::start();
+    server.put("app/a", "1");
+    server.put("app/b", "2");
+    let consul = Arc::new(backend(
+        &server,
+        ConsulConfig {
+            wait: Duration::from_secs(30),
+            ..ConsulConfig::default()
+        },
+    ));
+    let known = known(&consul, &["consul:app/a", "consul:app/b"]);
+    let rx = observe_in_background(consul.clone(), known.clone());
+    wait_until("the blocking query", || server.blocking_now() == 1);
+    let put = Instant::now();
+    server.put("app/b", "3");
+    let seen = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the watch returned");
+    assert!(
+        put.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        put.elapsed()
+    );
+    assert_eq!(changed_values(&seen), [None, Some("3".to_string())]);
+}
+
+#[test]
+fn unrelated_writes_and_rewrites_of_the_same_value_are_not_changes() {
+    let server = ConsulServer::start();
+    server.put("app/a", "1");
+    let consul = Arc::new(backend(
+        &server,
+        ConsulConfig {
+            wait: Duration::from_secs(30),
+            ..ConsulConfig::default()
+        },
+    ));
+    let known = known(&consul, &["consul:app/a"]);
+    let rx = observe_in_background(consul.clone(), known);
+    wait_until("the blocking query", || server.blocking_now() == 1);
+    server.put("app/unrelated", "x");
+    server.put("app/a", "1");
+    assert!(
+        rx.recv_timeout(Duration::from_millis(500)).is_err(),
+        "an index change with the same data woke the watch"
+    );
+    // The watch re-armed each time: still one query open.
+    wait_until("the re-armed query", || server.blocking_now() == 1);
+    server.put("app/a", "2");
+    let seen = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the watch returned");
+    assert_eq!(changed_values(&seen), [Some("2".to_string())]);
+}
+
+#[test]
+fn an_index_that_goes_backwards_resets_the_watch() {
+    let server = ConsulServer::start();
+    for i in 0..5 {
+        server.put(&format!("app/k{i}"), "v");
+    }
+    let consul = Arc::new(backend(
+        &server,
+        ConsulConfig {
+            wait: Duration::from_secs(30),
+            ..ConsulConfig::default()
+        },
+    ));
+    let known = known(&consul, &["consul:app/k0"]);
+    let rx = observe_in_background(consul.clone(), known);
+    wait_until("the blocking query", || server.blocking_now() == 1);
+    let before = server.requests();
+    server.regress_index(2);
+    // The watch saw a lower index, read again from 0, found the same data
+    // and blocked again (with the lower index).
+    wait_until("a re-read after the reset", || {
+        server.requests() >= before + 2 && server.blocking_now() == 1
+    });
+    assert!(rx.try_recv().is_err());
+    server.put("app/k0", "after-restore");
+    let seen = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the watch returned");
+    assert_eq!(changed_values(&seen), [Some("after-restore".to_string())]);
+}
+
+#[test]
+fn a_hundred_templates_over_five_prefixes_hold_five_blocking_queries() {
+    let server = ConsulServer::start();
+    let mut refs = Vec::new();
+    for p in 0..5 {
+        for k in 0..20 {
+            server.put(&format!("cfg/p{p}/k{k:02}"), "v");
+            refs.push(format!("consul:cfg/p{p}/k{k:02}"));
+        }
+    }
+    let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+    for (policy, expected) in [(WatchPolicy::Prefix, 5), (WatchPolicy::Root, 1)] {
+        let consul = Arc::new(backend(
+            &server,
+            ConsulConfig {
+                wait: Duration::from_secs(30),
+                watch: policy,
+                ..ConsulConfig::default()
+            },
+        ));
+        let known = known(&consul, &refs);
+        let rx = observe_in_background(consul.clone(), known);
+        wait_until_or(
+            &format!("{expected} blocking queries ({policy:?})"),
+            || server.blocking_now() == expected,
+            || format!("{} open, {:?}", server.blocking_now(), server.kv_requests()),
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(server.blocking_now(), expected, "{policy:?}");
+        server.put("cfg/p3/k07", &format!("changed-{expected}"));
+        let seen = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the watch returned");
+        let changed: Vec<usize> = seen
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| matches!(o, Observation::Changed(_)))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(changed, [67], "{policy:?}");
+        wait_until("the queries to close", || server.blocking_now() == 0);
+    }
+    assert_eq!(server.blocking_max(), 5);
+}
+
+#[test]
+fn a_service_watch_sees_health_changes() {
+    let server = ConsulServer::start();
+    server.register(web("web-1", 8080, "passing", &[]));
+    server.register(web("web-2", 8081, "passing", &[]));
+    let consul = Arc::new(backend(
+        &server,
+        ConsulConfig {
+            wait: Duration::from_secs(30),
+            ..ConsulConfig::default()
+        },
+    ));
+    let known = known(&consul, &["service:web"]);
+    let rx = observe_in_background(consul.clone(), known);
+    wait_until("the blocking query", || server.blocking_now() == 1);
+    server.set_health("web-2", "critical");
+    let seen = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the watch returned");
+    match &seen[0] {
+        Observation::Changed(f) => {
+            let ids: Vec<&str> = f
+                .value
+                .expose()
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["ID"].as_str().unwrap())
+                .collect();
+            assert_eq!(ids, ["web-1"]);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn watch_errors_are_reported_and_backed_off() {
+    let server = ConsulServer::start();
+    server.put("app/a", "1");
+    let consul = Arc::new(backend(
+        &server,
+        ConsulConfig {
+            wait: Duration::from_secs(30),
+            ..ConsulConfig::default()
+        },
+    ));
+    let known = known(&consul, &["consul:app/a"]);
+    server.fail(1, 500, "rpc error: No cluster leader");
+    let seen = block_on(consul.observe(&known));
+    match &seen[0] {
+        Observation::Failed(e) => assert!(
+            e.to_string()
+                .contains("HTTP 500: rpc error: No cluster leader"),
+            "{e}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    // The next observation waits before asking again, then recovers.
+    let rx = observe_in_background(consul.clone(), known);
+    wait_until("the blocking query", || server.blocking_now() == 1);
+    server.put("app/a", "2");
+    let seen = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the watch returned");
+    assert_eq!(changed_values(&seen), [Some("2".to_string())]);
+}
+
+/// The test server's fidelity, checked with a client nobody here wrote.
+#[test]
+fn the_test_server_satisfies_py_consul() {
+    let server = ConsulServer::start();
+    server.register(web("web-1", 8080, "passing", &[]));
+    server.register(web("web-2", 8080, "passing", &[]));
+    server.register(web("web-3", 8080, "critical", &[]));
+    let lib = support::pip_install(
+        "py-consul==1.8.0",
+        "py-consul-1.8.0",
+        "ENVRENDER_TEST_PY_CONSUL_DIR",
+    );
+    let (host, port) = host_port(&server)
+        .split_once(':')
+        .map(|(h, p)| (h.to_string(), p.to_string()))
+        .unwrap();
+    let out = std::process::Command::new("python3")
+        .arg("-s")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/support/consul_fidelity.py"
+        ))
+        .args([&host, &port])
+        .env("PYTHONPATH", lib)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "py-consul disagrees with the test server:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+}
+
+#[test]
+fn the_test_server_speaks_consuls_http_rules() {
+    let server = ConsulServer::start();
+    server.put("a/b", "1");
+    block_on(async {
+        let http = reqwest::Client::new();
+        let get = |path: &str| {
+            let url = format!("{}{path}", server.url);
+            let http = http.clone();
+            async move { http.get(url).send().await.unwrap() }
+        };
+        let r = get("/v1/kv/missing").await;
+        assert_eq!(r.status(), 404);
+        assert!(
+            r.headers()["x-consul-index"]
+                .to_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+                >= 1
+        );
+        assert_eq!(get("/v1/kv/a/b?stale&consistent").await.status(), 400);
+        assert_eq!(
+            get("/v1/kv/a/b?index=x").await.text().await.unwrap(),
+            "Invalid index"
+        );
+        assert_eq!(
+            get("/v1/kv/a/b?index=1&wait=soon")
+                .await
+                .text()
+                .await
+                .unwrap(),
+            "Invalid wait time"
+        );
+        assert_eq!(
+            get("/v1/kv/a/b?dc=elsewhere").await.text().await.unwrap(),
+            "No path to datacenter"
+        );
+        assert_eq!(
+            get("/v1/kv/").await.text().await.unwrap(),
+            "Missing key name"
+        );
+        let raw = get("/v1/kv/a/b?raw").await;
+        assert_eq!(raw.headers()["content-type"], "text/plain");
+        assert_eq!(raw.text().await.unwrap(), "1");
+        assert_eq!(
+            get("/v1/health/service/nothing")
+                .await
+                .text()
+                .await
+                .unwrap(),
+            "[]"
+        );
+    });
+    // Deleting a key raises its prefix's index through the tombstone.
+    let index = |path: &str| {
+        block_on(async {
+            reqwest::get(format!("{}{path}", server.url))
+                .await
+                .unwrap()
+                .headers()["x-consul-index"]
+                .to_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
+    };
+    server.put("p/x", "1");
+    server.put("p/y", "1");
+    let before = index("/v1/kv/p/?recurse");
+    server.delete("p/y");
+    assert!(index("/v1/kv/p/?recurse") > before);
+}
