@@ -482,6 +482,36 @@ fn watch_errors_are_reported_and_backed_off() {
     assert_eq!(changed_values(&seen), [Some("2".to_string())]);
 }
 
+#[test]
+fn the_watch_loop_does_not_spin_when_answers_come_back_at_once() {
+    let server = ConsulServer::start();
+    server.put("app/a", "1");
+    let consul = Arc::new(backend(
+        &server,
+        ConsulConfig {
+            wait: Duration::from_secs(30),
+            ..ConsulConfig::default()
+        },
+    ));
+    let known = known(&consul, &["consul:app/a"]);
+    server.ignore_index(true);
+    let before = server.requests();
+    let rx = observe_in_background(consul.clone(), known);
+    std::thread::sleep(Duration::from_secs(1));
+    let queries = server.requests() - before;
+    // At most one query per 100 ms, plus the first two.
+    assert!(
+        (5..=13).contains(&queries),
+        "{queries} queries in one second"
+    );
+    server.ignore_index(false);
+    server.put("app/a", "2");
+    let seen = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the watch returned");
+    assert_eq!(changed_values(&seen), [Some("2".to_string())]);
+}
+
 /// The test server's fidelity, checked with a client nobody here wrote.
 #[test]
 fn the_test_server_satisfies_py_consul() {

@@ -100,7 +100,13 @@ struct Client {
 struct WatchState {
     index: u64,
     errors: u32,
+    /// When the last query of this watch started.
+    started: Option<tokio::time::Instant>,
 }
+
+/// The least time between two queries of one watch: a server (or proxy)
+/// that answers blocking queries at once must not make the loop spin.
+const MIN_QUERY_INTERVAL: Duration = Duration::from_millis(100);
 
 /// One blocking query.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -892,7 +898,13 @@ impl<'a> Pending<'a> {
 
     fn again(&mut self, w: usize) {
         let (watch, served) = &self.watches[w];
-        let state = self.client.state(watch);
+        let mut state = self.client.state(watch);
+        let spacing = match state.started {
+            Some(at) if state.index > 0 => MIN_QUERY_INTERVAL.saturating_sub(at.elapsed()),
+            _ => Duration::ZERO,
+        };
+        state.started = Some(tokio::time::Instant::now() + spacing);
+        self.client.set_state(watch, state);
         let client = self.client.clone();
         let watch = watch.clone();
         let served: Vec<Source> = served.iter().map(|&i| self.sources[i].clone()).collect();
@@ -902,6 +914,8 @@ impl<'a> Pending<'a> {
                     .saturating_mul(1 << state.errors.min(7))
                     .min(Duration::from_secs(30));
                 tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64() / 2.0)).await;
+            } else if !spacing.is_zero() {
+                tokio::time::sleep(spacing).await;
             }
             let refs: Vec<&Source> = served.iter().collect();
             (w, client.poll(&watch, &refs, state.index).await)

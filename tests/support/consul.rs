@@ -119,6 +119,8 @@ struct Inner {
     faults: Mutex<VecDeque<Fault>>,
     latency: Mutex<Duration>,
     last_contact_ms: AtomicUsize,
+    /// Answer blocking queries at once, as a misbehaving proxy would.
+    ignore_index: std::sync::atomic::AtomicBool,
     stale_reads: AtomicUsize,
     consistent_reads: AtomicUsize,
 }
@@ -225,6 +227,7 @@ impl ConsulServer {
             faults: Mutex::new(VecDeque::new()),
             latency: Mutex::new(Duration::ZERO),
             last_contact_ms: AtomicUsize::new(0),
+            ignore_index: std::sync::atomic::AtomicBool::new(false),
             stale_reads: AtomicUsize::new(0),
             consistent_reads: AtomicUsize::new(0),
         });
@@ -383,6 +386,11 @@ impl ConsulServer {
         self.inner.last_contact_ms.store(ms, Ordering::SeqCst);
     }
 
+    /// Makes blocking queries return at once with the current data.
+    pub fn ignore_index(&self, on: bool) {
+        self.inner.ignore_index.store(on, Ordering::SeqCst);
+    }
+
     pub fn requests(&self) -> usize {
         self.inner.requests.load(Ordering::SeqCst)
     }
@@ -486,6 +494,7 @@ impl ConsulServer {
         if index == 0
             || first.index > index
             || first.status.is_client_error() && first.status != StatusCode::NOT_FOUND
+            || self.inner.ignore_index.load(Ordering::SeqCst)
         {
             return first;
         }
