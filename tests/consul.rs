@@ -188,17 +188,20 @@ fn an_empty_prefix_never_wipes_an_output() {
 #[test]
 fn check_reports_the_watches_it_would_open() {
     let server = ConsulServer::start();
-    let mut template = String::new();
+    let d = Dir::new();
+    let mut args = vec!["check".to_string()];
+    // 100 templates, each reading one key; the keys spread over 5 prefixes.
     for p in 0..5 {
         for k in 0..20 {
             server.put(&format!("cfg/p{p}/k{k:02}"), &format!("{p}.{k}"));
-            template.push_str(&format!("{{{{consul \"cfg/p{p}/k{k:02}\"}}}}"));
+            let name = format!("t{p}-{k:02}.hbs");
+            d.write(&name, &format!("{{{{consul \"cfg/p{p}/k{k:02}\"}}}}"));
+            args.extend(["--template".to_string(), format!("{name}:out/{name}.conf")]);
         }
     }
-    let d = Dir::new();
-    d.write("t.hbs", &template);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let run = d
-        .cmd(&["check", "--template", "t.hbs:t.out"])
+        .cmd(&args)
         .env("CONSUL_HTTP_ADDR", &server.url)
         .run()
         .success()
@@ -210,6 +213,26 @@ fn check_reports_the_watches_it_would_open() {
         "{}",
         run.stdout
     );
+}
+
+#[test]
+fn keys_in_another_datacenter() {
+    let server = ConsulServer::start();
+    server.put("app/x", "here");
+    let d = Dir::new();
+    d.write("t.hbs", "{{secret \"consul:app/x?dc=dc1\"}}");
+    d.cmd(&["render", "--template", "t.hbs:t.out"])
+        .env("CONSUL_HTTP_ADDR", &server.url)
+        .run()
+        .success();
+    assert_eq!(d.read("t.out"), "here");
+    d.write("t.hbs", "{{secret \"consul:app/x?dc=dc9\"}}");
+    d.cmd(&["render", "--timeout", "1s", "--template", "t.hbs:t.out"])
+        .env("CONSUL_HTTP_ADDR", &server.url)
+        .run()
+        .code(1)
+        .stderr_has("consul:app/x?dc=dc9")
+        .stderr_has("HTTP 500: No path to datacenter");
 }
 
 #[test]
