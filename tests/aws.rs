@@ -15,26 +15,34 @@ use support::aws::{
 };
 use support::{CANARY, Dir};
 
-fn names(prefix: &str, n: usize) -> Vec<(String, String)> {
-    (0..n)
+/// Writes `n` String parameters `{prefix}p00…` with values `v00…` to the
+/// emulator and returns their names and values.
+fn numbered_parameters(url: &str, prefix: &str, n: usize) -> Vec<(String, String)> {
+    let params: Vec<(String, String)> = (0..n)
         .map(|i| (format!("{prefix}p{i:02}"), format!("v{i:02}")))
+        .collect();
+    let refs: Vec<(&str, &str, bool)> = params
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str(), false))
+        .collect();
+    put_parameters(url, &refs);
+    params
+}
+
+/// A template reading every parameter, one `{{ssm}}` after the other.
+fn template_reading(params: &[(String, String)], separator: &str) -> String {
+    params
+        .iter()
+        .map(|(n, _)| format!("{{{{ssm \"{n}\"}}}}{separator}"))
         .collect()
 }
 
 #[test]
 fn ninety_five_names_take_ten_get_parameters_calls() {
     let moto = moto();
-    let params = names("/t/batch/", 95);
-    let refs: Vec<(&str, &str, bool)> = params
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_str(), false))
-        .collect();
-    put_parameters(&moto.url, &refs);
+    let params = numbered_parameters(&moto.url, "/t/batch/", 95);
     let d = Dir::new();
-    let template: String = params
-        .iter()
-        .map(|(n, _)| format!("{{{{ssm \"{n}\"}}}}\n"))
-        .collect();
+    let template = template_reading(&params, "\n");
     d.write("t.hbs", &template);
     // The same names again from env mappings and with a default: deduped.
     d.write(
@@ -66,15 +74,15 @@ fn ninety_five_names_take_ten_get_parameters_calls() {
 #[test]
 fn prefixes_page_through_get_parameters_by_path() {
     let moto = moto();
-    let mut params = names("/t/path/", 21);
-    params.push(("/t/path/db/host".into(), "db.internal".into()));
-    params.push(("/t/path/db/nested/deep".into(), "deep".into()));
-    params.push(("/t/pathological".into(), "not under /t/path/".into()));
-    let refs: Vec<(&str, &str, bool)> = params
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_str(), true))
-        .collect();
-    put_parameters(&moto.url, &refs);
+    numbered_parameters(&moto.url, "/t/path/", 21);
+    put_parameters(
+        &moto.url,
+        &[
+            ("/t/path/db/host", "db.internal", true),
+            ("/t/path/db/nested/deep", "deep", true),
+            ("/t/pathological", "not under /t/path/", true),
+        ],
+    );
     let d = Dir::new();
     d.write(
         "t.hbs",
@@ -422,12 +430,7 @@ fn secrets_manager_looks_at_describe_secret_before_fetching_again() {
 #[test]
 fn ssm_change_detection_compares_versions_in_batches() {
     let moto = moto();
-    let params = names("/t/poll/", 12);
-    let refs: Vec<(&str, &str, bool)> = params
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_str(), false))
-        .collect();
-    put_parameters(&moto.url, &refs);
+    let params = numbered_parameters(&moto.url, "/t/poll/", 12);
     let proxy = Proxy::start(&moto.url);
     let aws = Arc::new(Aws::with_sdk(AwsConfig::default(), sdk(&proxy.url)));
     let backend = Ssm::new(aws);
@@ -492,17 +495,9 @@ fn an_ssm_arn_is_read_in_its_own_region() {
 #[test]
 fn check_shows_the_planned_calls_per_region() {
     let moto = moto();
-    let params = names("/t/plan/", 25);
-    let refs: Vec<(&str, &str, bool)> = params
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_str(), false))
-        .collect();
-    put_parameters(&moto.url, &refs);
+    let params = numbered_parameters(&moto.url, "/t/plan/", 25);
     let d = Dir::new();
-    let mut template: String = params
-        .iter()
-        .map(|(n, _)| format!("{{{{ssm \"{n}\"}}}}"))
-        .collect();
+    let mut template = template_reading(&params, "");
     template.push_str("{{#each (ssm \"/t/plan/\")}}{{/each}}");
     d.write("t.hbs", &template);
     d.cmd(&["check", "--template", "t.hbs:t.out"])
@@ -645,17 +640,9 @@ fn emulator_iam_denial_is_reported_with_action_and_resource() {
 #[test]
 fn a_client_side_rate_limit_spaces_requests() {
     let moto = moto();
-    let params = names("/t/rate/", 100);
-    let refs: Vec<(&str, &str, bool)> = params
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_str(), false))
-        .collect();
-    put_parameters(&moto.url, &refs);
+    let params = numbered_parameters(&moto.url, "/t/rate/", 100);
     let d = Dir::new();
-    let template: String = params
-        .iter()
-        .map(|(n, _)| format!("{{{{ssm \"{n}\"}}}}"))
-        .collect();
+    let template = template_reading(&params, "");
     d.write("t.hbs", &template);
     // 10 calls at 4 per second, after a one-second burst of 4, take 1.25 s.
     d.write("envrender.toml", "[aws]\nrate_limit = 4\n");

@@ -26,7 +26,9 @@ use serde_json::{Map, Value};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::{Backend, BoxFuture, ErrorKind, FetchError, Fetched, Observation, PlannedCall};
+use super::{
+    Backend, BoxFuture, ErrorKind, FetchError, Fetched, Observation, PlannedCall, error_chain,
+};
 use crate::environment::Environment;
 use crate::reference::{Scheme, Source};
 use crate::secret::Secret;
@@ -651,19 +653,6 @@ fn read_token(path: &std::path::Path) -> Result<String, String> {
     std::fs::read_to_string(path)
         .map(|t| t.trim().to_string())
         .map_err(|e| format!("cannot read the Consul token file {}: {e}", path.display()))
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut next = e.source();
-    while let Some(s) = next {
-        let text = s.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        next = s.source();
-    }
-    parts.join(": ")
 }
 
 /// `CONSUL_HTTP_ADDR` as the consul CLI takes it: `host:port` or a URL.

@@ -236,6 +236,20 @@ pub trait Backend: Send + Sync {
     }
 }
 
+/// An error and its sources, by their `Display`, each once.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(err);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
+}
+
 /// How long to wait before the next [`Backend::observe`] of a polled
 /// backend: its interval, spread by ±10% so a fleet does not poll in step.
 pub fn poll_delay(interval: Duration) -> Duration {

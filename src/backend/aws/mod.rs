@@ -200,6 +200,49 @@ impl Aws {
     }
 }
 
+/// One SDK client per region, made on first use.
+pub struct RegionClients<C> {
+    clients: Mutex<HashMap<String, C>>,
+}
+
+impl<C: Clone> RegionClients<C> {
+    pub fn new() -> Self {
+        RegionClients {
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The client for `region`, made from the shared SDK configuration.
+    pub async fn get(
+        &self,
+        aws: &Aws,
+        region: &str,
+        make: impl FnOnce(&aws_config::SdkConfig, String) -> C,
+    ) -> C {
+        if let Some(c) = self
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(region)
+        {
+            return c.clone();
+        }
+        let client = make(aws.sdk().await, region.to_string());
+        self.clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(region.to_string())
+            .or_insert(client)
+            .clone()
+    }
+}
+
+impl<C: Clone> Default for RegionClients<C> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Spaces requests evenly at a fixed rate, allowing a burst of one second's
 /// worth. Runs on tokio's clock, so tests can pause time.
 pub struct RateLimiter {
@@ -300,7 +343,7 @@ where
             SdkError::ResponseError(_) | SdkError::ServiceError(_) => {
                 "unrecognised error response".to_string()
             }
-            other => error_chain(other),
+            other => super::error_chain(other),
         },
     };
     if let Some(status) = status {
@@ -333,20 +376,6 @@ where
         e.hint = Some("no AWS credentials were found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile, a web identity token (IRSA) or container credentials (ECS, EKS Pod Identity)".to_string());
     }
     e
-}
-
-/// An error and its sources, by their `Display`, each once.
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut next = Some(err);
-    while let Some(e) = next {
-        let text = e.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        next = e.source();
-    }
-    parts.join(": ")
 }
 
 /// The ARN of an SSM parameter, for messages and hints.

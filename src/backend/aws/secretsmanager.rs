@@ -8,13 +8,13 @@
 //! compared before anything is fetched again.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use aws_sdk_secretsmanager::Client;
 use aws_sdk_secretsmanager::error::ProvideErrorMetadata as _;
 use tokio::task::JoinSet;
 
-use super::{Aws, sdk_error};
+use super::{Aws, RegionClients, sdk_error};
 use crate::backend::{
     Backend, BoxFuture, ErrorKind, FetchError, Fetched, Observation, PlannedCall,
 };
@@ -26,7 +26,7 @@ pub const BATCH: usize = 20;
 
 pub struct SecretsManager {
     aws: Arc<Aws>,
-    clients: Mutex<HashMap<String, Client>>,
+    clients: RegionClients<Client>,
 }
 
 /// Whether a returned secret (name, ARN) answers a request by `id`: its name,
@@ -72,31 +72,20 @@ impl SecretsManager {
     pub fn new(aws: Arc<Aws>) -> Self {
         SecretsManager {
             aws,
-            clients: Mutex::new(HashMap::new()),
+            clients: RegionClients::new(),
         }
     }
 
     async fn client(&self, region: &str) -> Client {
-        if let Some(c) = self
-            .clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(region)
-        {
-            return c.clone();
-        }
-        let config = aws_sdk_secretsmanager::config::Builder::from(self.aws.sdk().await)
-            .region(aws_sdk_secretsmanager::config::Region::new(
-                region.to_string(),
-            ))
-            .build();
-        let client = Client::from_conf(config);
         self.clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(region.to_string())
-            .or_insert(client)
-            .clone()
+            .get(&self.aws, region, |sdk, region| {
+                Client::from_conf(
+                    aws_sdk_secretsmanager::config::Builder::from(sdk)
+                        .region(aws_sdk_secretsmanager::config::Region::new(region))
+                        .build(),
+                )
+            })
+            .await
     }
 
     async fn batch(

@@ -11,14 +11,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash as _, Hasher as _};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use aws_sdk_ssm::Client;
 use aws_sdk_ssm::types::{Parameter, ParameterType};
 use serde_json::Value;
 use tokio::task::JoinSet;
 
-use super::{Aws, parameter_arn, sdk_error};
+use super::{Aws, RegionClients, parameter_arn, sdk_error};
 use crate::backend::{Backend, BoxFuture, ErrorKind, FetchError, Fetched, PlannedCall};
 use crate::reference::Source;
 use crate::secret::Secret;
@@ -28,37 +28,27 @@ pub const BATCH: usize = 10;
 
 pub struct Ssm {
     aws: Arc<Aws>,
-    clients: Mutex<HashMap<String, Client>>,
+    clients: RegionClients<Client>,
 }
 
 impl Ssm {
     pub fn new(aws: Arc<Aws>) -> Self {
         Ssm {
             aws,
-            clients: Mutex::new(HashMap::new()),
+            clients: RegionClients::new(),
         }
     }
 
-    /// The client for a region, made once.
     async fn client(&self, region: &str) -> Client {
-        if let Some(c) = self
-            .clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(region)
-        {
-            return c.clone();
-        }
-        let config = aws_sdk_ssm::config::Builder::from(self.aws.sdk().await)
-            .region(aws_sdk_ssm::config::Region::new(region.to_string()))
-            .build();
-        let client = Client::from_conf(config);
         self.clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(region.to_string())
-            .or_insert(client)
-            .clone()
+            .get(&self.aws, region, |sdk, region| {
+                Client::from_conf(
+                    aws_sdk_ssm::config::Builder::from(sdk)
+                        .region(aws_sdk_ssm::config::Region::new(region))
+                        .build(),
+                )
+            })
+            .await
     }
 }
 
