@@ -271,10 +271,12 @@ fn references_report(out: &mut String, resolver: &Resolver, resolution: &Resolut
     }
     // The requests, per backend, as the backends would batch them.
     let mut by_scheme: BTreeMap<_, Vec<_>> = BTreeMap::new();
-    let mut local = 0;
+    let (mut local, mut missing) = (0, 0);
     for source in resolution.fetched.keys() {
         if resolver.serves_locally(source) {
             local += 1;
+        } else if resolver.answers_locally(source) {
+            missing += 1;
         } else {
             by_scheme
                 .entry(source.scheme)
@@ -283,11 +285,16 @@ fn references_report(out: &mut String, resolver: &Resolver, resolution: &Resolut
         }
     }
     let _ = writeln!(out, "\nrequests:");
-    if local > 0 {
+    if local + missing > 0 {
         let _ = writeln!(
             out,
-            "  local values file: {local} value{}",
-            if local == 1 { "" } else { "s" }
+            "  local values file: {local} value{}{}",
+            if local == 1 { "" } else { "s" },
+            if missing > 0 {
+                format!(", {missing} not in it")
+            } else {
+                String::new()
+            }
         );
     }
     let mut watches: Vec<String> = Vec::new();

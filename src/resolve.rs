@@ -88,6 +88,14 @@ impl Resolver {
             .is_some_and(|l| l.lookup(source).is_some())
     }
 
+    /// Whether a source is answered by the local values file, found or not:
+    /// in airplane mode a network source never reaches its backend.
+    pub fn answers_locally(&self, source: &Source) -> bool {
+        self.local.as_ref().is_some_and(|l| {
+            l.lookup(source).is_some() || (!l.fallthrough && !source.scheme.is_local())
+        })
+    }
+
     pub fn with_backoff(mut self, backoff: Backoff) -> Self {
         self.backoff = backoff;
         self

@@ -62,6 +62,24 @@ fn quickstart_renders_the_shipped_examples() {
         out.read("etc/app/tls/tls.key")
             .starts_with("-----BEGIN PRIVATE KEY-----\n")
     );
+    // Airplane mode: check shows that nothing goes to a backend.
+    let mut cmd = Dir::new().cmd(&[
+        "check",
+        "--config",
+        "examples/local/envrender.toml",
+        "--output-root",
+        root,
+    ]);
+    cmd.command.current_dir(repo());
+    let check = cmd
+        .run()
+        .success()
+        .stdout_has("requests:\n  local values file: 9 values, 1 not in it\n\n");
+    assert!(
+        check
+            .stdout
+            .contains("consul:app/prod/db/pool_size|default=10\n      missing, default used")
+    );
     assert_eq!(
         out.read("run/app/secrets.env"),
         "API_KEY='local-dev-api-key'\nDB_PASSWORD='local-dev-db-password'\nLOG_LEVEL='info'\n"
