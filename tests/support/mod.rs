@@ -5,6 +5,7 @@
 
 pub mod aws;
 pub mod consul;
+pub mod vault;
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
