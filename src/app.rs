@@ -38,25 +38,21 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<(), Error> {
     }
     let mut backends = Backends::local(env.clone());
     crate::backend::aws::register(&mut backends, config.aws.clone(), env.as_ref());
-    let consul =
-        crate::backend::consul::Consul::new(config.consul.clone(), env.as_ref()).map_err(|e| {
-            Error::Config(vec![ConfigError::new(
-                config
-                    .file
-                    .as_ref()
-                    .map(|f| f.display().to_string())
-                    .unwrap_or_else(|| "consul".into()),
-                e,
-            )])
-        })?;
-    let consul: Arc<dyn crate::backend::Backend> = Arc::new(consul);
+    let consul: Arc<dyn crate::backend::Backend> =
+        match crate::backend::consul::Consul::new(config.consul.clone(), env.as_ref()) {
+            Ok(c) => Arc::new(c),
+            Err(reason) => Arc::new(crate::backend::Unavailable {
+                name: "consul",
+                reason,
+            }),
+        };
     backends.insert(crate::reference::Scheme::Consul, consul.clone());
     backends.insert(crate::reference::Scheme::Service, consul);
     let mut resolver = Resolver::new(backends);
     if let Some(path) = cli.values.as_ref().or(config.local_values.as_ref()) {
         let mut local = LocalValues::load(path).map_err(|e| Error::Config(vec![e]))?;
         local.fallthrough = config.local_fallthrough;
-        tracing::debug!(file = %path.display(), values = local.len(), "local values loaded");
+        tracing::debug!(file = %path.display(), values = local.count(), "local values loaded");
         resolver = resolver.with_local_values(local);
     }
     match cli.command {
@@ -241,11 +237,20 @@ fn references_report(out: &mut String, resolver: &Resolver, resolution: &Resolut
     let _ = writeln!(out, "\nreferences ({}):", resolution.users.len());
     for (r, users) in &resolution.users {
         let fetched = resolution.fetched.get(&r.source);
+        // Missing: the source, or the field inside it.
+        let missing = match fetched {
+            Some(Err(_)) => true,
+            Some(Ok(f)) => r.field.as_ref().is_some_and(|field| {
+                crate::resolve::select_field(f.value.expose(), field)
+                    .is_err_and(|e| e.kind == crate::backend::ErrorKind::NotFound)
+            }),
+            None => false,
+        };
         let state = match (resolution.values.get(r), failed.get(r), fetched) {
-            (Some(_), _, Some(Err(_))) if r.default.is_some() => {
+            (Some(_), _, _) if missing && r.default.is_some() => {
                 "missing, default used".to_string()
             }
-            (Some(_), _, Some(Err(_))) => "missing, optional".to_string(),
+            (Some(_), _, _) if missing => "missing, optional".to_string(),
             (Some(v), _, fetched) => {
                 let mut s = format!("ok      {}", v.describe());
                 if resolver.serves_locally(&r.source) {

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::backend::consul::ConsulConfig;
-use crate::reference::{self, Reference};
+use crate::reference::{self, Reference, is_env_name};
 
 /// The name looked for in the working directory when `--config` is not given.
 pub const DEFAULT_FILE: &str = "envrender.toml";
@@ -527,14 +527,6 @@ pub fn env_value(s: &str) -> Result<EnvValue, reference::ParseError> {
     } else {
         Ok(EnvValue::Literal(s.to_string()))
     }
-}
-
-pub fn is_env_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .chars()
-            .enumerate()
-            .all(|(i, c)| c == '_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit()))
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -126,10 +126,6 @@ impl Plan {
         })
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.template_outputs.is_empty() && self.env_files.is_empty() && self.env.is_empty()
-    }
-
     /// Finds and fetches every value the plan needs. Returns an error only for
     /// bad input found before anything was fetched; failures to resolve are
     /// in the [`Resolution`], so `check` can still show the plan.

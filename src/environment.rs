@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 
 pub trait Environment: Send + Sync {
     fn var(&self, name: &str) -> Option<String>;
-    fn vars(&self) -> Vec<(String, String)>;
 }
 
 /// The real process environment. Variables that are not valid UTF-8 are
@@ -20,12 +19,6 @@ pub struct ProcessEnv;
 impl Environment for ProcessEnv {
     fn var(&self, name: &str) -> Option<String> {
         std::env::var(name).ok()
-    }
-
-    fn vars(&self) -> Vec<(String, String)> {
-        std::env::vars_os()
-            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-            .collect()
     }
 }
 
@@ -47,9 +40,5 @@ impl MapEnv {
 impl Environment for MapEnv {
     fn var(&self, name: &str) -> Option<String> {
         self.0.get(name).cloned()
-    }
-
-    fn vars(&self) -> Vec<(String, String)> {
-        self.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 }

@@ -23,7 +23,7 @@ pub enum Error {
     Unresolved(Vec<(Failure, Vec<String>)>),
     /// Templates that failed to render once their values were known.
     Render(Vec<TemplateError>),
-    /// A file that could not be written; no output was changed.
+    /// A file that could not be written, and what became of the others.
     Output(OutputError),
     /// A run that stopped before writing anything, and why.
     NothingWritten(Box<Error>),
@@ -96,7 +96,7 @@ impl fmt::Display for Error {
                 }
                 Ok(())
             }
-            Error::Output(e) => write!(f, "{e}; no output was changed"),
+            Error::Output(e) => write!(f, "{e}"),
             Error::NothingWritten(e) => write!(f, "{e}\nnothing was written"),
         }
     }

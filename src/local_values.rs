@@ -72,12 +72,8 @@ impl LocalValues {
         })
     }
 
-    pub fn len(&self) -> usize {
+    pub fn count(&self) -> usize {
         self.values.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.values.is_empty()
     }
 
     /// The error for a network source the file does not have.
@@ -109,6 +105,7 @@ impl LocalValues {
             .filter(|(s, _)| {
                 s.scheme == source.scheme
                     && s.version.is_none()
+                    && s.params == source.params
                     && s.form == source.form
                     && s.path.len() > source.path.len()
                     && s.path.starts_with(&source.path)
@@ -143,7 +140,7 @@ mod tests {
             "\"ssm:/app/db/password\": pw\n\"consul:app/a\": 1\n\"consul:app/b/c\": x\n\"vault:secret/app\":\n  key: k\n",
         )
         .unwrap();
-        assert_eq!(v.len(), 4);
+        assert_eq!(v.count(), 4);
         assert_eq!(
             v.lookup(&source("ssm:/app/db/password"))
                 .unwrap()

@@ -63,13 +63,19 @@ impl fmt::Display for Status {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("{path}: cannot {action}: {source}")]
+#[error("{path}: cannot {action}: {source}; {outcome}")]
 pub struct OutputError {
     pub path: PathBuf,
     pub action: &'static str,
     #[source]
     pub source: std::io::Error,
+    /// What became of the run's other outputs.
+    pub outcome: &'static str,
 }
+
+const NOTHING_CHANGED: &str = "no output was changed";
+const RESTORED: &str = "the outputs already replaced were restored";
+const NOT_RESTORED: &str = "some outputs already replaced could not be restored (see the log)";
 
 fn err<'p>(
     path: &'p Path,
@@ -79,6 +85,7 @@ fn err<'p>(
         path: path.to_path_buf(),
         action,
         source,
+        outcome: NOTHING_CHANGED,
     }
 }
 
@@ -88,6 +95,8 @@ struct Existing {
     mode: u32,
     uid: u32,
     gid: u32,
+    /// The target, when the destination is a symlink.
+    link: Option<PathBuf>,
 }
 
 fn existing(path: &Path) -> Result<Option<Existing>, OutputError> {
@@ -103,12 +112,13 @@ fn existing(path: &Path) -> Result<Option<Existing>, OutputError> {
             )));
         }
         // A symlink or special file is replaced by a regular file, never
-        // written through.
+        // written through; a link is remembered so it can be put back.
         return Ok(Some(Existing {
             contents: Vec::new(),
             mode: u32::MAX,
             uid: meta.uid(),
             gid: meta.gid(),
+            link: std::fs::read_link(path).ok(),
         }));
     }
     let contents = std::fs::read(path).map_err(err(path, "read the destination"))?;
@@ -117,6 +127,7 @@ fn existing(path: &Path) -> Result<Option<Existing>, OutputError> {
         mode: meta.permissions().mode() & 0o7777,
         uid: meta.uid(),
         gid: meta.gid(),
+        link: None,
     }))
 }
 
@@ -196,10 +207,18 @@ pub fn commit(writes: &[FileWrite]) -> Result<Vec<Status>, OutputError> {
             Status::Attributes => fix_attributes(w),
             Status::Unchanged => Ok(()),
         };
-        if let Err(e) = result {
-            for done in staged[..i].iter().rev() {
+        if let Err(mut e) = result {
+            // Undo this file too when only its mode or owner had changed.
+            let done = if staged[i].status == Status::Attributes {
+                i + 1
+            } else {
+                i
+            };
+            e.outcome = if i == 0 { NOTHING_CHANGED } else { RESTORED };
+            for done in staged[..done].iter().rev() {
                 if let Err(undo) = undo(done) {
                     tracing::error!(path = %done.write.path.display(), error = %undo, "could not restore a file after a failed commit");
+                    e.outcome = NOT_RESTORED;
                 }
             }
             return Err(e);
@@ -216,9 +235,11 @@ pub fn commit(writes: &[FileWrite]) -> Result<Vec<Status>, OutputError> {
         } else {
             dir
         };
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(err(dir, "sync the directory"))?;
+        // The files are in place; a failed directory sync only weakens
+        // their durability across a crash, so it is reported, not undone.
+        if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not sync the directory");
+        }
     }
     Ok(staged.iter().map(|s| s.status).collect())
 }
@@ -263,6 +284,15 @@ fn undo(s: &Staged<'_>) -> Result<(), OutputError> {
     match (&s.before, s.status) {
         (_, Status::Unchanged) => Ok(()),
         (None, _) => std::fs::remove_file(path).map_err(err(path, "remove")),
+        (
+            Some(Existing {
+                link: Some(target), ..
+            }),
+            _,
+        ) => {
+            std::fs::remove_file(path).map_err(err(path, "remove"))?;
+            std::os::unix::fs::symlink(target, path).map_err(err(path, "restore the symlink"))
+        }
         (Some(before), _) if before.mode == u32::MAX => Ok(()),
         (Some(before), _) => {
             let restore = FileWrite {
@@ -450,6 +480,29 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&first).unwrap(), "old");
         assert_eq!(mode(&first), 0o640);
         assert!(!created.exists());
+    }
+
+    #[test]
+    fn an_undone_symlink_is_a_symlink_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        std::fs::write(&target, "keep").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let w = write(&link, "new");
+        let before = existing(&link).unwrap();
+        let status = status_against(&w, before.as_ref());
+        let mut staged = Staged {
+            write: &w,
+            temp: Some(stage(&w).unwrap()),
+            before,
+            status,
+        };
+        staged.temp.take().unwrap().persist(&link).unwrap();
+        assert!(std::fs::symlink_metadata(&link).unwrap().is_file());
+        undo(&staged).unwrap();
+        assert_eq!(std::fs::read_link(&link).unwrap(), target);
+        assert_eq!(std::fs::read_to_string(&link).unwrap(), "keep");
     }
 
     #[test]

@@ -162,7 +162,7 @@ impl fmt::Display for Field {
                 f.write_str(".")?;
             }
             for c in key.chars() {
-                if matches!(c, '.' | '\\' | '|') {
+                if matches!(c, '.' | '\\' | '|' | '@') {
                     f.write_str("\\")?;
                 }
                 write!(f, "{c}")?;
@@ -221,6 +221,16 @@ impl fmt::Display for ParseError {
 }
 
 impl std::error::Error for ParseError {}
+
+/// Whether `name` can be an environment variable's name: letters, digits
+/// and `_`, not starting with a digit.
+pub fn is_env_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .enumerate()
+            .all(|(i, c)| c == '_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit()))
+}
 
 /// True when `s` starts like a reference (a known scheme or a supported ARN).
 /// `envrender run` uses this to decide which environment variables to resolve;
@@ -434,7 +444,29 @@ impl<'a> Parser<'a> {
             }
             None => None,
         };
-        let source = self.check_source(scheme, path, version, params, field.as_ref())?;
+        // An unescaped '@' in the field of a versioned backend is the ECS
+        // habit of writing the stage last: say how to write it.
+        if let Some(f) = field_at
+            && version_at.is_none()
+            && scheme.has_versions()
+            && let Some(at) = self.find('@', f + 1, body_end)
+        {
+            let stage: String = self.chars[at + 1..body_end].iter().collect();
+            let key: String = self.chars[f + 1..at].iter().collect();
+            if !stage.is_empty()
+                && (scheme != Scheme::Vault || stage.chars().all(|c| c.is_ascii_digit()))
+            {
+                return Err(self.error_hint(
+                    at,
+                    "the version must come before the field",
+                    format!(
+                        "write {scheme}:{}@{stage}#{key}, or escape a literal '@' in the key as '\\@'",
+                        path.text
+                    ),
+                ));
+            }
+        }
+        let source = self.check_source(scheme, path, version, params)?;
         Ok(Reference {
             source,
             field,
@@ -551,7 +583,6 @@ impl<'a> Parser<'a> {
         path: Piece,
         version: Option<Piece>,
         params: BTreeMap<String, String>,
-        field: Option<&Field>,
     ) -> Result<Source, ParseError> {
         let at = path.start;
         let p = &path.text;
@@ -681,10 +712,7 @@ impl<'a> Parser<'a> {
                 }
             }
             Scheme::Env => {
-                let valid = p.chars().enumerate().all(|(i, c)| {
-                    c == '_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit())
-                });
-                if !valid {
+                if !is_env_name(p) {
                     return Err(self.error_hint(
                         at,
                         format!("\"{p}\" is not an environment variable name"),
@@ -701,24 +729,6 @@ impl<'a> Parser<'a> {
                 v.start,
                 "a Vault version is a number",
                 "write vault:secret/app@3 for version 3 of a KV v2 secret",
-            ));
-        }
-        if let Some(field) = field
-            && version.is_none()
-            && scheme.has_versions()
-            && let Some(last) = field.0.last()
-            && let Some((_, stage)) = last.rsplit_once('@')
-            && !stage.is_empty()
-            && (scheme != Scheme::Vault || stage.chars().all(|c| c.is_ascii_digit()))
-        {
-            return Err(self.error_hint(
-                self.chars.len() - stage.chars().count() - 1,
-                "the version must come before the field",
-                format!(
-                    "write {scheme}:{}@{stage}#{}, or escape a literal '@' in the key as '\\@'",
-                    p,
-                    last.rsplit_once('@').map(|(k, _)| k).unwrap_or_default()
-                ),
             ));
         }
         Ok(Source {
@@ -1143,6 +1153,9 @@ mod tests {
         let e = err("sm:prod/db#password@AWSPREVIOUS");
         assert_eq!(e.message, "the version must come before the field");
         assert!(e.hint.unwrap().contains("sm:prod/db@AWSPREVIOUS#password"));
+        assert_eq!(err("sm:prod/db#password@AWSPREVIOUS|optional").at, 19);
+        let escaped = ok(r"sm:prod/db#user\@corp");
+        assert_eq!(escaped.field, Some(Field(vec!["user@corp".into()])));
 
         let a = ok(
             "arn:aws:secretsmanager:us-east-1:123456789012:secret:prod/db-AbCdEf:password:AWSPREVIOUS:",
@@ -1320,6 +1333,7 @@ mod tests {
             "arn:aws:ssm:eu-west-1:123456789012:parameter/app/x#k|optional",
             "sm:prod/db#password",
             "sm:prod/db@AWSPREVIOUS#password",
+            r"sm:prod/db#user\@corp",
             r"sm:team\@corp/db@AWSCURRENT",
             "arn:aws:secretsmanager:us-east-1:1:secret:prod/db-AbCdEf",
             "arn:aws:secretsmanager:us-east-1:1:secret:prod/db-AbCdEf:password",

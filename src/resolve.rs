@@ -96,11 +96,6 @@ impl Resolver {
         })
     }
 
-    pub fn with_backoff(mut self, backoff: Backoff) -> Self {
-        self.backoff = backoff;
-        self
-    }
-
     pub fn backends(&self) -> &Backends {
         &self.backends
     }
@@ -178,16 +173,10 @@ impl Resolver {
         let mut groups: BTreeMap<_, Vec<Source>> = BTreeMap::new();
         let mut out = Vec::new();
         for s in sources {
-            if let Some(local) = &self.local {
-                if let Some(value) = local.lookup(&s) {
-                    out.push((s, Ok(value)));
-                    continue;
-                }
-                if !local.fallthrough && !s.scheme.is_local() {
-                    let missing = local.missing(&s);
-                    out.push((s, Err(missing)));
-                    continue;
-                }
+            if let Some(local) = self.local.as_ref().filter(|_| self.answers_locally(&s)) {
+                let answer = local.lookup(&s).ok_or_else(|| local.missing(&s));
+                out.push((s, answer));
+                continue;
             }
             groups.entry(s.scheme).or_default().push(s);
         }

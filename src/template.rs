@@ -144,10 +144,6 @@ impl Templates {
         }
     }
 
-    pub fn names(&self) -> &[String] {
-        &self.names
-    }
-
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic in a helper cannot leave the state half-written in a way
         // that matters: every render resets it first.
@@ -467,6 +463,7 @@ type TransformFn = fn(&Helper<'_>) -> Result<Value, String>;
 struct Transform {
     name: &'static str,
     f: TransformFn,
+    state: Arc<Mutex<State>>,
 }
 
 impl HelperDef for Transform {
@@ -477,9 +474,20 @@ impl HelperDef for Transform {
         _: &'rc Context,
         _: &mut RenderContext<'reg, 'rc>,
     ) -> Result<ScopedJson<'rc>, RenderError> {
-        (self.f)(h)
-            .map(ScopedJson::Derived)
-            .map_err(|m| other(format!("{}: {m}", self.name)))
+        match (self.f)(h) {
+            Ok(v) => Ok(ScopedJson::Derived(v)),
+            Err(m) => {
+                // In discovery an argument may be a placeholder standing in
+                // for a value not fetched yet: carry on, so the references
+                // after it are found in this pass. The real render reports
+                // the error if it is still there.
+                let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                if st.mode == Mode::Discover && !st.unknown.is_empty() {
+                    return Ok(ScopedJson::Derived(Value::String(String::new())));
+                }
+                Err(other(format!("{}: {m}", self.name)))
+            }
+        }
     }
 }
 
@@ -627,7 +635,14 @@ fn register_helpers(registry: &mut Handlebars<'static>, state: &Arc<Mutex<State>
         }),
     ];
     for (name, f) in transforms {
-        registry.register_helper(name, Box::new(Transform { name, f }));
+        registry.register_helper(
+            name,
+            Box::new(Transform {
+                name,
+                f,
+                state: state.clone(),
+            }),
+        );
     }
 }
 
@@ -787,6 +802,21 @@ mod tests {
                 .message
                 .contains("unknown option colour=")
         );
+    }
+
+    #[test]
+    fn transforms_on_placeholders_do_not_hide_later_references() {
+        let mut text = String::new();
+        for i in 0..8 {
+            text.push_str(&format!(
+                "{{{{join (secret \"file:v{i}.json#list\") \",\"}}}}\n"
+            ));
+        }
+        let t = compile(&text);
+        // One pass finds all eight, though join fails on each placeholder.
+        let d = t.discover(&values(&[]));
+        assert_eq!(d.unknown.len(), 8);
+        assert!(d.errors.is_empty());
     }
 
     #[test]

@@ -643,3 +643,23 @@ fn the_test_server_speaks_consuls_http_rules() {
     server.delete("p/y");
     assert!(index("/v1/kv/p/?recurse") > before);
 }
+
+#[test]
+fn a_broken_consul_configuration_fails_only_what_uses_consul() {
+    let d = Dir::new();
+    d.write("t.hbs", "{{env \"ENVRENDER_TEST_X\"}}");
+    let run = d
+        .cmd(&["get", "env:ENVRENDER_TEST_X"])
+        .env("ENVRENDER_TEST_X", "fine")
+        .env("CONSUL_HTTP_TOKEN_FILE", "/nonexistent/consul-token")
+        .run()
+        .success();
+    assert_eq!(run.stdout, "fine\n");
+    d.cmd(&["get", "consul:app/x"])
+        .env("CONSUL_HTTP_TOKEN_FILE", "/nonexistent/consul-token")
+        .run()
+        .code(1)
+        .stderr_has(
+            "consul: configure: cannot read the Consul token file /nonexistent/consul-token",
+        );
+}

@@ -478,13 +478,7 @@ impl Client {
             }
             _ => match self.read_key(&source.path, dc, 0).await? {
                 (Some(value), index) => Ok(versioned(value, index)),
-                (None, _) => Err(FetchError::new(
-                    ErrorKind::NotFound,
-                    "consul",
-                    format!("GET /v1/kv/{}", source.path),
-                    format!("no key {}", source.path),
-                )
-                .hint(format!(
+                (None, _) => Err(gone(&source.path).hint(format!(
                     "check the key and the datacenter ({}); mark it |optional or give |default= if it may be absent",
                     dc.unwrap_or("the agent's")
                 ))),

@@ -95,7 +95,18 @@ fn io_error(action: &str, path: &Path, e: &std::io::Error) -> FetchError {
                 nix::unistd::getuid()
             )),
         ),
-        _ => (ErrorKind::Transient, None),
+        std::io::ErrorKind::IsADirectory => (
+            ErrorKind::Invalid,
+            Some(
+                "it is a directory: end the reference with '/' to read every file in it"
+                    .to_string(),
+            ),
+        ),
+        std::io::ErrorKind::Interrupted
+        | std::io::ErrorKind::TimedOut
+        | std::io::ErrorKind::WouldBlock
+        | std::io::ErrorKind::ResourceBusy => (ErrorKind::Transient, None),
+        _ => (ErrorKind::Invalid, None),
     };
     let mut err = FetchError::new(kind, "file", action, e.to_string()).resource(shown);
     err.hint = hint;
@@ -379,6 +390,11 @@ mod tests {
         let err = FileBackend.fetch(&s).await.remove(0).unwrap_err();
         assert_eq!(err.kind, ErrorKind::NotFound);
         assert!(err.to_string().contains("nope.yaml"));
+        // A directory named without its '/': not retried, and the fix named.
+        let s = sources(&[&format!("file:{}", dir.path().display())]);
+        let err = FileBackend.fetch(&s).await.remove(0).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Invalid);
+        assert!(err.hint.unwrap().contains("end the reference with '/'"));
     }
 
     #[tokio::test]

@@ -256,6 +256,43 @@ pub fn poll_delay(interval: Duration) -> Duration {
     interval.mul_f64(0.9 + fastrand::f64() * 0.2)
 }
 
+/// A backend whose configuration is broken (an unreadable token or CA
+/// file): every source it would serve fails with the reason, and runs that
+/// do not use it are not affected.
+pub struct Unavailable {
+    pub name: &'static str,
+    pub reason: String,
+}
+
+impl Backend for Unavailable {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn plan(&self, _: &[Source]) -> Vec<PlannedCall> {
+        Vec::new()
+    }
+
+    fn fetch<'a>(
+        &'a self,
+        sources: &'a [Source],
+    ) -> BoxFuture<'a, Vec<Result<Fetched, FetchError>>> {
+        Box::pin(async move {
+            let e = FetchError::new(
+                ErrorKind::Invalid,
+                self.name,
+                "configure",
+                self.reason.clone(),
+            );
+            sources.iter().map(|_| Err(e.clone())).collect()
+        })
+    }
+
+    fn watches(&self, _: &[Source]) -> Vec<String> {
+        Vec::new()
+    }
+}
+
 /// The backends of one run, by scheme.
 #[derive(Clone)]
 pub struct Backends {

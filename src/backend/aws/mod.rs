@@ -319,12 +319,7 @@ where
             _,
         ) => ErrorKind::Transient,
         (
-            Some(
-                "ParameterNotFound"
-                | "ParameterVersionNotFound"
-                | "ResourceNotFoundException"
-                | "NotFoundException",
-            ),
+            Some("ParameterNotFound" | "ParameterVersionNotFound" | "ResourceNotFoundException"),
             _,
         ) => ErrorKind::NotFound,
         _ => match status {
