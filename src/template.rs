@@ -376,6 +376,15 @@ impl ReferenceHelper {
         }
         let mut r = reference::parse(&text).map_err(|e| e.to_string())?;
         for (key, value) in h.hash() {
+            // A default is part of the reference, which messages and `check`
+            // print: it must be text written in the template, never a value
+            // computed from fetched data.
+            if *key == "default" && value.try_get_constant_value().is_none() {
+                return Err(format!(
+                    "{}: default= takes literal text; to fall back to another value write {{{{default (secret \"REF|optional\") (secret \"OTHER\")}}}}",
+                    self.name
+                ));
+            }
             match (*key, value.value()) {
                 ("default", Value::String(d)) => r.default = Some(d.clone()),
                 ("default", v) if !v.is_object() && !v.is_array() && !v.is_null() => {
@@ -796,6 +805,12 @@ mod tests {
         let e = &d.bad_references[0];
         assert_eq!((e.line, e.column), (Some(2), Some(3)));
         assert!(e.message.contains("unknown scheme \"smm\""), "{e}");
+        let t = compile("{{secret \"env:A\" default=(secret \"env:B\")}}");
+        assert!(
+            t.discover(&values(&[])).bad_references[0]
+                .message
+                .contains("default= takes literal text")
+        );
         let t = compile("{{secret \"env:A\" colour=\"red\"}}");
         assert!(
             t.discover(&values(&[])).bad_references[0]
