@@ -45,6 +45,17 @@ fn backend(server: &ConsulServer, config: ConsulConfig) -> Consul {
     .unwrap()
 }
 
+/// A backend for watch tests: long waits, so a return means a change.
+fn watching(server: &ConsulServer) -> Arc<Consul> {
+    Arc::new(backend(
+        server,
+        ConsulConfig {
+            wait: Duration::from_secs(30),
+            ..ConsulConfig::default()
+        },
+    ))
+}
+
 fn source(r: &str) -> Source {
     parse(r).unwrap().source
 }
@@ -310,13 +321,7 @@ fn a_watch_sees_a_put_within_the_blocking_round_trip() {
     let server = ConsulServer::start();
     server.put("app/a", "1");
     server.put("app/b", "2");
-    let consul = Arc::new(backend(
-        &server,
-        ConsulConfig {
-            wait: Duration::from_secs(30),
-            ..ConsulConfig::default()
-        },
-    ));
+    let consul = watching(&server);
     let known = known(&consul, &["consul:app/a", "consul:app/b"]);
     let rx = observe_in_background(consul.clone(), known.clone());
     wait_until("the blocking query", || server.blocking_now() == 1);
@@ -337,13 +342,7 @@ fn a_watch_sees_a_put_within_the_blocking_round_trip() {
 fn unrelated_writes_and_rewrites_of_the_same_value_are_not_changes() {
     let server = ConsulServer::start();
     server.put("app/a", "1");
-    let consul = Arc::new(backend(
-        &server,
-        ConsulConfig {
-            wait: Duration::from_secs(30),
-            ..ConsulConfig::default()
-        },
-    ));
+    let consul = watching(&server);
     let known = known(&consul, &["consul:app/a"]);
     let rx = observe_in_background(consul.clone(), known);
     wait_until("the blocking query", || server.blocking_now() == 1);
@@ -368,13 +367,7 @@ fn an_index_that_goes_backwards_resets_the_watch() {
     for i in 0..5 {
         server.put(&format!("app/k{i}"), "v");
     }
-    let consul = Arc::new(backend(
-        &server,
-        ConsulConfig {
-            wait: Duration::from_secs(30),
-            ..ConsulConfig::default()
-        },
-    ));
+    let consul = watching(&server);
     let known = known(&consul, &["consul:app/k0"]);
     let rx = observe_in_background(consul.clone(), known);
     wait_until("the blocking query", || server.blocking_now() == 1);
@@ -443,13 +436,7 @@ fn a_service_watch_sees_health_changes() {
     let server = ConsulServer::start();
     server.register(web("web-1", 8080, "passing", &[]));
     server.register(web("web-2", 8081, "passing", &[]));
-    let consul = Arc::new(backend(
-        &server,
-        ConsulConfig {
-            wait: Duration::from_secs(30),
-            ..ConsulConfig::default()
-        },
-    ));
+    let consul = watching(&server);
     let known = known(&consul, &["service:web"]);
     let rx = observe_in_background(consul.clone(), known);
     wait_until("the blocking query", || server.blocking_now() == 1);
@@ -477,13 +464,7 @@ fn a_service_watch_sees_health_changes() {
 fn watch_errors_are_reported_and_backed_off() {
     let server = ConsulServer::start();
     server.put("app/a", "1");
-    let consul = Arc::new(backend(
-        &server,
-        ConsulConfig {
-            wait: Duration::from_secs(30),
-            ..ConsulConfig::default()
-        },
-    ));
+    let consul = watching(&server);
     let known = known(&consul, &["consul:app/a"]);
     server.fail(1, 500, "rpc error: No cluster leader");
     let seen = block_on(consul.observe(&known));
@@ -509,13 +490,7 @@ fn watch_errors_are_reported_and_backed_off() {
 fn the_watch_loop_does_not_spin_when_answers_come_back_at_once() {
     let server = ConsulServer::start();
     server.put("app/a", "1");
-    let consul = Arc::new(backend(
-        &server,
-        ConsulConfig {
-            wait: Duration::from_secs(30),
-            ..ConsulConfig::default()
-        },
-    ));
+    let consul = watching(&server);
     let known = known(&consul, &["consul:app/a"]);
     server.ignore_index(true);
     let before = server.requests();

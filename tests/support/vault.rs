@@ -1107,31 +1107,7 @@ fn kv1(st: &mut State, path: &str, op: &str, data: &Value) -> Response {
                 ))
             }
         },
-        "list" => {
-            let dir = format!("{}/", path.trim_end_matches('/'));
-            let mut keys: Vec<String> = st
-                .kv1
-                .keys()
-                .filter_map(|k| k.strip_prefix(dir.as_str()))
-                .map(|k| match k.split_once('/') {
-                    Some((d, _)) => format!("{d}/"),
-                    None => k.to_string(),
-                })
-                .collect();
-            keys.dedup();
-            if keys.is_empty() {
-                errors(StatusCode::NOT_FOUND, &[])
-            } else {
-                ok(envelope(
-                    json!({"keys": keys}),
-                    "",
-                    0,
-                    false,
-                    Value::Null,
-                    Value::Null,
-                ))
-            }
-        }
+        "list" => list_keys(st.kv1.keys(), path),
         "update" => {
             if data.as_object().is_none_or(|m| m.is_empty()) {
                 return errors(StatusCode::BAD_REQUEST, &["missing data fields"]);
@@ -1143,6 +1119,32 @@ fn kv1(st: &mut State, path: &str, op: &str, data: &Value) -> Response {
             st.kv1.remove(path);
             no_content()
         }
+    }
+}
+
+/// A list answer: the names directly under `dir`, folders with a trailing
+/// `/`; 404 `{"errors":[]}` when there are none.
+fn list_keys<'a>(all: impl Iterator<Item = &'a String>, dir: &str) -> Response {
+    let dir = format!("{}/", dir.trim_end_matches('/'));
+    let mut keys: Vec<String> = all
+        .filter_map(|k| k.strip_prefix(dir.as_str()))
+        .map(|k| match k.split_once('/') {
+            Some((d, _)) => format!("{d}/"),
+            None => k.to_string(),
+        })
+        .collect();
+    keys.dedup();
+    if keys.is_empty() {
+        errors(StatusCode::NOT_FOUND, &[])
+    } else {
+        ok(envelope(
+            json!({"keys": keys}),
+            "",
+            0,
+            false,
+            Value::Null,
+            Value::Null,
+        ))
     }
 }
 
@@ -1323,31 +1325,7 @@ fn kv2(
                 Value::Null,
             ))
         }
-        ("metadata", "list") => {
-            let dir = format!("{}/", key.trim_end_matches('/'));
-            let mut keys: Vec<String> = st
-                .kv2
-                .keys()
-                .filter_map(|k| k.strip_prefix(dir.as_str()))
-                .map(|k| match k.split_once('/') {
-                    Some((d, _)) => format!("{d}/"),
-                    None => k.to_string(),
-                })
-                .collect();
-            keys.dedup();
-            if keys.is_empty() {
-                errors(StatusCode::NOT_FOUND, &[])
-            } else {
-                ok(envelope(
-                    json!({"keys": keys}),
-                    "",
-                    0,
-                    false,
-                    Value::Null,
-                    Value::Null,
-                ))
-            }
-        }
+        ("metadata", "list") => list_keys(st.kv2.keys(), &key),
         ("metadata", "update") => {
             let secret = st.kv2.entry(key).or_default();
             if let Some(c) = data.get("cas_required").and_then(|v| v.as_bool()) {
