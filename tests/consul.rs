@@ -638,3 +638,34 @@ fn a_broken_consul_configuration_fails_only_what_uses_consul() {
             "consul: configure: cannot read the Consul token file /nonexistent/consul-token",
         );
 }
+
+#[test]
+fn consul_over_tls_with_a_private_ca() {
+    let server = ConsulServer::start();
+    server.put("app/x", "over-tls");
+    let (url, ca) = support::tls_front(&host_port(&server));
+    let d = Dir::new();
+    let ca_file = d.write("consul-ca.pem", &ca);
+    d.write("t.hbs", "{{consul \"app/x\"}}");
+    d.cmd(&["render", "--template", "t.hbs:t.out"])
+        .env("CONSUL_HTTP_ADDR", &url)
+        .env("CONSUL_CACERT", ca_file.to_str().unwrap())
+        .run()
+        .success();
+    assert_eq!(d.read("t.out"), "over-tls");
+    // Without the CA the server is not trusted.
+    d.cmd(&["render", "--timeout", "1s", "--template", "t.hbs:t2.out"])
+        .env("CONSUL_HTTP_ADDR", &url)
+        .run()
+        .code(1)
+        .stderr_has("cannot reach Consul at https://localhost:")
+        .stderr_has("certificate");
+    // The host:port form with CONSUL_HTTP_SSL, and the CA from the configuration.
+    d.write("envrender.toml", "[consul]\nca_file = \"consul-ca.pem\"\n");
+    d.cmd(&["render", "--template", "t.hbs:t3.out"])
+        .env("CONSUL_HTTP_ADDR", url.trim_start_matches("https://"))
+        .env("CONSUL_HTTP_SSL", "true")
+        .run()
+        .success();
+    assert_eq!(d.read("t3.out"), "over-tls");
+}

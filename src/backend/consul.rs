@@ -181,9 +181,8 @@ impl Consul {
                 .map_err(|e| format!("cannot read the CA file {}: {e}", ca.display()))?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| format!("{} is not a PEM certificate bundle: {e}", ca.display()))?;
-            for cert in certs {
-                http = http.add_root_certificate(cert);
-            }
+            // Trusted in addition to the system's roots.
+            http = http.tls_certs_merge(certs);
         }
         let http = http
             .build()
