@@ -202,46 +202,21 @@ fn a_securestring_canary_never_reaches_stderr() {
     d.write("t.hbs", "secret={{ssm \"/t/canary/secret\"}}\n");
     d.write("bad.hbs", "{{ssm \"/t/canary/secret\" \"field\"}}");
     for format in ["text", "json"] {
-        d.cmd(&[
-            "--log-level",
-            "trace",
-            "--log-format",
-            format,
-            "render",
-            "--template",
-            "t.hbs:t.out",
-        ])
-        .aws(&moto.url)
-        .run()
-        .success()
-        .no_canary();
-        d.cmd(&[
-            "--log-level",
-            "trace",
-            "--log-format",
-            format,
-            "check",
-            "--template",
-            "t.hbs:t.out",
-        ])
-        .aws(&moto.url)
-        .run()
-        .success()
-        .no_canary();
-        d.cmd(&[
-            "--log-level",
-            "trace",
-            "--log-format",
-            format,
-            "render",
-            "--template",
-            "bad.hbs:bad.out",
-        ])
-        .aws(&moto.url)
-        .run()
-        .code(1)
-        .stderr_has("not JSON")
-        .no_canary();
+        let trace = |args: &[&str]| {
+            let mut all = vec!["--log-level", "trace", "--log-format", format];
+            all.extend(args);
+            d.cmd(&all).aws(&moto.url).run()
+        };
+        trace(&["render", "--template", "t.hbs:t.out"])
+            .success()
+            .no_canary();
+        trace(&["check", "--template", "t.hbs:t.out"])
+            .success()
+            .no_canary();
+        trace(&["render", "--template", "bad.hbs:bad.out"])
+            .code(1)
+            .stderr_has("not JSON")
+            .no_canary();
     }
     assert_eq!(d.read("t.out"), format!("secret={CANARY}\n"));
 }

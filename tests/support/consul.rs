@@ -206,6 +206,20 @@ struct Read {
     filtered: bool,
 }
 
+impl Read {
+    /// A 200 answer with a JSON body.
+    fn json(body: &impl serde::Serialize, index: u64) -> Read {
+        Read {
+            status: StatusCode::OK,
+            body: serde_json::to_vec(body).unwrap(),
+            content_type: "application/json",
+            index,
+            missing: false,
+            filtered: false,
+        }
+    }
+}
+
 impl ConsulServer {
     /// Starts a server on a free loopback port, on a thread of its own.
     pub fn start() -> ConsulServer {
@@ -919,14 +933,7 @@ async fn health_service(
                 })
             })
             .collect();
-        Read {
-            status: StatusCode::OK,
-            body: serde_json::to_vec(&list).unwrap(),
-            content_type: "application/json",
-            index: st.services_index.max(1),
-            missing: false,
-            filtered: false,
-        }
+        Read::json(&list, st.services_index.max(1))
     };
     respond(s.blocking(index, wait, read).await, &q)
 }
@@ -956,14 +963,7 @@ async fn catalog_service(
                 })
             })
             .collect();
-        Read {
-            status: StatusCode::OK,
-            body: serde_json::to_vec(&list).unwrap(),
-            content_type: "application/json",
-            index: st.services_index.max(1),
-            missing: false,
-            filtered: false,
-        }
+        Read::json(&list, st.services_index.max(1))
     };
     respond(s.blocking(index, wait, read).await, &q)
 }
@@ -984,14 +984,7 @@ async fn catalog_services(State(s): State<ConsulServer>, RawQuery(raw): RawQuery
                 }
             }
         }
-        Read {
-            status: StatusCode::OK,
-            body: serde_json::to_vec(&map).unwrap(),
-            content_type: "application/json",
-            index: st.services_index.max(1),
-            missing: false,
-            filtered: false,
-        }
+        Read::json(&map, st.services_index.max(1))
     };
     respond(s.blocking(index, wait, read).await, &q)
 }
