@@ -37,7 +37,7 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<(), Error> {
         tracing::debug!(config = %file.display(), "configuration loaded");
     }
     let mut backends = Backends::local(env.clone());
-    crate::backend::aws::register(&mut backends, config.aws.clone(), env.as_ref());
+    let aws = crate::backend::aws::register(&mut backends, config.aws.clone(), env.as_ref());
     let consul: Arc<dyn crate::backend::Backend> =
         match crate::backend::consul::Consul::new(config.consul.clone(), env.as_ref()) {
             Ok(c) => Arc::new(c),
@@ -48,6 +48,15 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<(), Error> {
         };
     backends.insert(crate::reference::Scheme::Consul, consul.clone());
     backends.insert(crate::reference::Scheme::Service, consul);
+    let vault: Arc<dyn crate::backend::Backend> =
+        match crate::backend::vault::Vault::new(config.vault.clone(), env.as_ref(), Some(aws)) {
+            Ok(v) => Arc::new(v),
+            Err(reason) => Arc::new(crate::backend::Unavailable {
+                name: "vault",
+                reason,
+            }),
+        };
+    backends.insert(crate::reference::Scheme::Vault, vault);
     let mut resolver = Resolver::new(backends);
     if let Some(path) = cli.values.as_ref().or(config.local_values.as_ref()) {
         let mut local = LocalValues::load(path).map_err(|e| Error::Config(vec![e]))?;

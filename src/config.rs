@@ -16,6 +16,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::backend::consul::ConsulConfig;
+use crate::backend::vault::{AuthConfig, RoleId, VaultConfig};
 use crate::reference::{self, Reference, is_env_name};
 
 /// The name looked for in the working directory when `--config` is not given.
@@ -79,6 +80,8 @@ struct RawConfig {
     aws: RawAws,
     #[serde(default)]
     consul: RawConsul,
+    #[serde(default)]
+    vault: RawVault,
     #[serde(default, rename = "template")]
     templates: Vec<RawTemplate>,
     #[serde(default)]
@@ -128,6 +131,35 @@ struct RawConsul {
     max_stale: Option<Spanned<String>>,
     wait: Option<Spanned<String>>,
     watch: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawVault {
+    address: Option<Spanned<String>>,
+    namespace: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
+    client_cert: Option<Spanned<String>>,
+    client_key: Option<Spanned<String>>,
+    state_file: Option<Spanned<String>>,
+    kv_refresh: Option<Spanned<String>>,
+    pki_reissue_at: Option<Spanned<f64>>,
+    auth: Option<Spanned<RawVaultAuth>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVaultAuth {
+    method: Spanned<String>,
+    mount: Option<Spanned<String>>,
+    role: Option<Spanned<String>>,
+    token_file: Option<Spanned<String>>,
+    role_id: Option<Spanned<String>>,
+    role_id_file: Option<Spanned<String>>,
+    secret_id_file: Option<Spanned<String>>,
+    header_value: Option<Spanned<String>>,
+    region: Option<Spanned<String>>,
+    sts_endpoint: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -246,6 +278,7 @@ pub struct Config {
     pub local_fallthrough: bool,
     pub aws: AwsConfig,
     pub consul: ConsulConfig,
+    pub vault: VaultConfig,
     pub templates: Vec<TemplateOutput>,
     pub env: Vec<(String, EnvValue)>,
     pub env_files: Vec<EnvFileOutput>,
@@ -374,6 +407,7 @@ impl Validator<'_> {
             local_fallthrough: raw.local.fallthrough,
             aws: self.aws(&raw.aws),
             consul: self.consul(&raw.consul),
+            vault: self.vault(&raw.vault),
             templates,
             env,
             env_files,
@@ -436,6 +470,153 @@ impl Validator<'_> {
             watch: self
                 .choice(raw.watch.as_ref(), "consul.watch")
                 .unwrap_or(defaults.watch),
+        }
+    }
+
+    fn vault(&mut self, raw: &RawVault) -> VaultConfig {
+        let defaults = VaultConfig::default();
+        let text = |s: &Option<Spanned<String>>| s.as_ref().map(|s| s.get_ref().clone());
+        let kv_refresh = self
+            .duration(raw.kv_refresh.as_ref(), "vault.kv_refresh")
+            .unwrap_or(defaults.kv_refresh);
+        let pki_reissue_at = match &raw.pki_reissue_at {
+            Some(f) if !(*f.get_ref() > 0.0 && *f.get_ref() < 1.0) => {
+                self.error(
+                    f,
+                    "vault.pki_reissue_at must be a fraction of the certificate's lifetime, between 0 and 1",
+                    "e.g. pki_reissue_at = 0.67 re-issues a 24h certificate after about 16h",
+                );
+                defaults.pki_reissue_at
+            }
+            Some(f) => *f.get_ref(),
+            None => defaults.pki_reissue_at,
+        };
+        VaultConfig {
+            address: text(&raw.address),
+            namespace: text(&raw.namespace),
+            ca_file: raw.ca_file.as_ref().map(|p| self.path(p, "vault.ca_file")),
+            client_cert: raw
+                .client_cert
+                .as_ref()
+                .map(|p| self.path(p, "vault.client_cert")),
+            client_key: raw
+                .client_key
+                .as_ref()
+                .map(|p| self.path(p, "vault.client_key")),
+            state_file: raw
+                .state_file
+                .as_ref()
+                .map(|p| self.path(p, "vault.state_file")),
+            kv_refresh,
+            pki_reissue_at,
+            auth: raw.auth.as_ref().and_then(|a| self.vault_auth(a)),
+        }
+    }
+
+    fn vault_auth(&mut self, at: &Spanned<RawVaultAuth>) -> Option<AuthConfig> {
+        let raw = at.get_ref();
+        let method = raw.method.get_ref().as_str();
+        let given: Vec<(&str, bool)> = vec![
+            ("mount", raw.mount.is_some()),
+            ("role", raw.role.is_some()),
+            ("token_file", raw.token_file.is_some()),
+            ("role_id", raw.role_id.is_some()),
+            ("role_id_file", raw.role_id_file.is_some()),
+            ("secret_id_file", raw.secret_id_file.is_some()),
+            ("header_value", raw.header_value.is_some()),
+            ("region", raw.region.is_some()),
+            ("sts_endpoint", raw.sts_endpoint.is_some()),
+        ];
+        let allowed: &[&str] = match method {
+            "token" => &["token_file"],
+            "approle" => &["mount", "role_id", "role_id_file", "secret_id_file"],
+            "kubernetes" => &["mount", "role", "token_file"],
+            "aws" => &["mount", "role", "header_value", "region", "sts_endpoint"],
+            other => {
+                self.error(
+                    &raw.method,
+                    format!("vault.auth.method \"{other}\" is not an auth method envrender knows"),
+                    "use one of: token, approle, kubernetes, aws",
+                );
+                return None;
+            }
+        };
+        let stray: Vec<&str> = given
+            .iter()
+            .filter(|(k, set)| *set && !allowed.contains(k))
+            .map(|(k, _)| *k)
+            .collect();
+        if !stray.is_empty() {
+            self.error(
+                at,
+                format!(
+                    "vault.auth: {} not used by method \"{method}\"",
+                    stray.join(", ")
+                ),
+                format!("method \"{method}\" takes: {}", allowed.join(", ")),
+            );
+        }
+        let text = |s: &Option<Spanned<String>>| s.as_ref().map(|s| s.get_ref().clone());
+        let mount = text(&raw.mount)
+            .map(|m| m.trim_matches('/').to_string())
+            .unwrap_or_else(|| method.to_string());
+        match method {
+            "token" => Some(AuthConfig::Token {
+                file: raw
+                    .token_file
+                    .as_ref()
+                    .map(|p| self.path(p, "vault.auth.token_file")),
+            }),
+            "approle" => {
+                let role_id = match (&raw.role_id, &raw.role_id_file) {
+                    (Some(id), None) => RoleId::Value(id.get_ref().clone()),
+                    (None, Some(f)) => RoleId::File(self.path(f, "vault.auth.role_id_file")),
+                    _ => {
+                        self.error(
+                            at,
+                            "vault.auth: approle needs exactly one of role_id and role_id_file",
+                            "e.g. auth = { method = \"approle\", role_id_file = \"/vault/role-id\", secret_id_file = \"/vault/secret-id\" }",
+                        );
+                        return None;
+                    }
+                };
+                Some(AuthConfig::AppRole {
+                    mount,
+                    role_id,
+                    secret_id_file: raw
+                        .secret_id_file
+                        .as_ref()
+                        .map(|p| self.path(p, "vault.auth.secret_id_file")),
+                })
+            }
+            "kubernetes" => {
+                let Some(role) = text(&raw.role) else {
+                    self.error(
+                        at,
+                        "vault.auth: kubernetes needs the Vault role to log in as",
+                        "e.g. auth = { method = \"kubernetes\", role = \"app\" }",
+                    );
+                    return None;
+                };
+                Some(AuthConfig::Kubernetes {
+                    mount,
+                    role,
+                    jwt_file: raw
+                        .token_file
+                        .as_ref()
+                        .map(|p| self.path(p, "vault.auth.token_file"))
+                        .unwrap_or_else(|| {
+                            PathBuf::from(crate::backend::vault::SERVICE_ACCOUNT_TOKEN)
+                        }),
+                })
+            }
+            _ => Some(AuthConfig::Aws {
+                mount,
+                role: text(&raw.role),
+                header_value: text(&raw.header_value),
+                region: text(&raw.region),
+                sts_endpoint: text(&raw.sts_endpoint),
+            }),
         }
     }
 

@@ -19,7 +19,7 @@ pub fn init(level: LogLevel, format: LogFormat) {
         LogLevel::Debug => "debug",
         LogLevel::Trace => "trace",
     };
-    let filter = EnvFilter::new(format!("warn,envrender={level}"));
+    let filter = EnvFilter::new(format!("warn,vaultrs=off,rustify=off,envrender={level}"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

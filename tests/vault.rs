@@ -265,7 +265,13 @@ fn tokens_expire_and_renewals_are_capped_at_the_max_ttl() {
         body["warnings"][0],
         "TTL of \"1h\" exceeded the effective max_ttl of \"13m20s\"; TTL value is capped accordingly"
     );
+    // It works through its last second, then stops.
     server.advance(Duration::from_secs(800));
+    assert_eq!(
+        call(&server, "GET", "auth/token/lookup-self", Some(&token), None).0,
+        200
+    );
+    server.advance(Duration::from_secs(1));
     let (status, body) = call(&server, "GET", "auth/token/lookup-self", Some(&token), None);
     assert_eq!(status, 403);
     let text = body["errors"][0].as_str().unwrap();
@@ -481,4 +487,434 @@ fn pki_issues_real_certificates() {
         (body["lease_id"].as_str(), body["renewable"].as_bool()),
         (Some(""), Some(false))
     );
+}
+
+// ---- the vault: backend, through the binary and the library ------------
+
+use envrender::backend::Backend;
+use envrender::backend::vault::{AuthConfig, RoleId, Vault, VaultConfig};
+use envrender::environment::MapEnv;
+use support::{CANARY, Dir};
+
+/// A project dir pointed at `server`, with `token` as VAULT_TOKEN.
+fn with_token(d: &Dir, server: &VaultServer, token: &str, args: &[&str]) -> support::Cmd {
+    d.cmd(args)
+        .env("VAULT_ADDR", &server.url)
+        .env("VAULT_TOKEN", token)
+}
+
+fn source(r: &str) -> envrender::reference::Source {
+    envrender::reference::parse(r).unwrap().source
+}
+
+#[test]
+fn kv_v1_and_v2_by_logical_path_with_versions_and_fields() {
+    let server = VaultServer::start();
+    server.policy(
+        "app",
+        &[
+            ("secret/data/app/*", &["read"]),
+            ("secret/metadata/app/*", &["list"]),
+            ("kv/legacy", &["read"]),
+        ],
+    );
+    let token = server.token(&["app"], 3600, 7200);
+    server.kv2_put(
+        "secret/",
+        "app/db",
+        json!({"password": "old", "user": "u1"}),
+    );
+    server.kv2_put(
+        "secret/",
+        "app/db",
+        json!({"password": CANARY, "user": "u2", "nested": {"port": 5432}}),
+    );
+    server.kv2_put("secret/", "app/api", json!({"key": "k"}));
+    server.kv1_put("kv/", "legacy", json!({"user": "legacy-user", "ttl": "1h"}));
+    let d = Dir::new();
+    d.write(
+        "app.conf.hbs",
+        "user={{vault \"secret/app/db#user\"}}\nold={{vault \"secret/app/db@1#password\"}}\nport={{vault \"secret/app/db#nested.port\"}}\nlegacy={{vault \"kv/legacy#user\"}}\nsecret={{vault \"secret/app/db#password\"}}\n{{#each (secret \"vault:secret/app/\")}}{{@key}} {{/each}}\n",
+    );
+    with_token(
+        &d,
+        &server,
+        &token,
+        &["render", "--template", "app.conf.hbs:out/app.conf"],
+    )
+    .run()
+    .success()
+    .no_canary();
+    assert_eq!(
+        d.read("out/app.conf"),
+        format!("user=u2\nold=old\nport=5432\nlegacy=legacy-user\nsecret={CANARY}\napi db \n")
+    );
+    assert_eq!(d.mode("out/app.conf"), 0o600);
+    // A version that does not exist, and @N on KV v1, are errors naming the path.
+    with_token(&d, &server, &token, &["get", "vault:secret/app/db@7#user"])
+        .run()
+        .code(1)
+        .stderr_has("secret/data/app/db")
+        .stderr_has("no version 7");
+    with_token(&d, &server, &token, &["get", "vault:kv/legacy@2#user"])
+        .run()
+        .code(1)
+        .stderr_has("KV v1");
+}
+
+#[test]
+fn permission_denied_names_the_path_the_policy_and_the_login() {
+    let (server, role_id, secret_id) = app_server();
+    server.kv2_put("secret/", "other/db", json!({"password": CANARY}));
+    let d = Dir::new();
+    d.write("role-id", &role_id);
+    d.write("secret-id", &format!("{secret_id}\n"));
+    d.write(
+        "envrender.toml",
+        "[vault]\nauth = { method = \"approle\", role_id_file = \"role-id\", secret_id_file = \"secret-id\" }\n",
+    );
+    let run = d
+        .cmd(&["get", "vault:secret/other/db#password"])
+        .env("VAULT_ADDR", &server.url)
+        .run()
+        .code(1)
+        .stderr_has("GET /v1/secret/data/other/db")
+        .stderr_has("HTTP 403: permission denied")
+        .stderr_has("approle login at auth/approle")
+        .stderr_has("policies [app, default]")
+        .stderr_has("path \"secret/data/other/db\" { capabilities = [\"read\"] }")
+        .no_canary();
+    assert!(!run.stderr.contains(&secret_id), "{}", run.stderr);
+    // No access at all to a mount: the preflight names both paths to grant.
+    let token = server.token(&["nothing"], 600, 600);
+    with_token(&d, &server, &token, &["get", "vault:secret/x/y#z"])
+        .env("ENVRENDER_CONFIG", "/dev/null")
+        .run()
+        .code(1)
+        .stderr_has("no access under the mount of secret/x/y")
+        .stderr_has("secret/data/x/y");
+    // A wrong secret_id: Vault's one answer, and what to check.
+    d.write("secret-id", "not-the-secret-id");
+    d.cmd(&["get", "vault:secret/app/db#password"])
+        .env("VAULT_ADDR", &server.url)
+        .run()
+        .code(1)
+        .stderr_has("POST /v1/auth/approle/login")
+        .stderr_has("invalid role or secret ID")
+        .stderr_has("secret_id_num_uses");
+}
+
+#[test]
+fn approle_and_kubernetes_logins() {
+    let (server, role_id, secret_id) = app_server();
+    server.kv2_put("secret/", "app/db", json!({"password": "from-approle"}));
+    server.kubernetes_role(
+        "web",
+        Role {
+            policies: vec!["app".into()],
+            ttl: 600,
+            jwts: vec!["eyJ.service-account.jwt".into()],
+            ..Role::default()
+        },
+    );
+    let d = Dir::new();
+    d.write("role-id", &role_id);
+    d.write("secret-id", &secret_id);
+    d.write(
+        "approle.toml",
+        "[vault]\nauth = { method = \"approle\", role_id_file = \"role-id\", secret_id_file = \"secret-id\" }\n",
+    );
+    d.cmd(&[
+        "--config",
+        "approle.toml",
+        "get",
+        "vault:secret/app/db#password",
+    ])
+    .env("VAULT_ADDR", &server.url)
+    .run()
+    .success()
+    .stdout_has("from-approle");
+    assert_eq!(server.count("logins"), 1);
+    d.write("sa-token", "eyJ.service-account.jwt\n");
+    d.write(
+        "k8s.toml",
+        "[vault.auth]\nmethod = \"kubernetes\"\nrole = \"web\"\ntoken_file = \"sa-token\"\n",
+    );
+    d.cmd(&[
+        "--config",
+        "k8s.toml",
+        "get",
+        "vault:secret/app/db#password",
+    ])
+    .env("VAULT_ADDR", &server.url)
+    .run()
+    .success()
+    .stdout_has("from-approle");
+    assert_eq!(server.count("logins"), 2);
+    d.write("sa-token", "eyJ.someone-else\n");
+    d.cmd(&[
+        "--config",
+        "k8s.toml",
+        "get",
+        "vault:secret/app/db#password",
+    ])
+    .env("VAULT_ADDR", &server.url)
+    .run()
+    .code(1)
+    .stderr_has("kubernetes login at auth/kubernetes as role \"web\"")
+    .stderr_has("HTTP 403: permission denied");
+    // A method's stray keys are configuration errors, before any request.
+    d.write(
+        "bad.toml",
+        "[vault.auth]\nmethod = \"kubernetes\"\nrole = \"web\"\nrole_id = \"x\"\n",
+    );
+    d.cmd(&[
+        "--config",
+        "bad.toml",
+        "get",
+        "vault:secret/app/db#password",
+    ])
+    .env("VAULT_ADDR", &server.url)
+    .run()
+    .code(2)
+    .stderr_has("role_id not used by method \"kubernetes\"");
+    assert_eq!(server.count("logins"), 2);
+}
+
+#[test]
+fn init_to_sidecar_handoff_issues_one_credential() {
+    let (server, role_id, secret_id) = app_server();
+    let d = Dir::new();
+    d.write("role-id", &role_id);
+    d.write("secret-id", &secret_id);
+    d.write(
+        "envrender.toml",
+        "[vault]\nstate_file = \"shared/vault-state.json\"\nauth = { method = \"approle\", role_id_file = \"role-id\", secret_id_file = \"secret-id\" }\n\n[[template]]\nsource = \"db.hbs\"\ndestination = \"out/db.conf\"\n",
+    );
+    std::fs::create_dir_all(d.join("shared")).unwrap();
+    d.write(
+        "db.hbs",
+        "user={{vault \"database/creds/app#username\"}}\npassword={{vault \"database/creds/app#password\"}}\n",
+    );
+    let render = || {
+        d.cmd(&["render"])
+            .env("VAULT_ADDR", &server.url)
+            .run()
+            .success()
+    };
+    // The init container issues one credential and records it.
+    let init = render();
+    let first = d.read("out/db.conf");
+    assert!(first.starts_with("user=v-"), "{first}");
+    assert_eq!(d.mode("shared/vault-state.json"), 0o600);
+    assert_eq!(
+        (server.count("logins"), server.count("leases_issued")),
+        (1, 1)
+    );
+    let password = first
+        .lines()
+        .nth(1)
+        .unwrap()
+        .trim_start_matches("password=");
+    assert!(!init.stderr.contains(password), "{}", init.stderr);
+    // The sidecar, and a restarted sidecar, adopt it: no login, no new lease.
+    for _ in 0..2 {
+        render().stderr_has("unchanged");
+        assert_eq!(d.read("out/db.conf"), first);
+    }
+    assert_eq!(
+        (server.count("logins"), server.count("leases_issued")),
+        (1, 1)
+    );
+    // Revoked behind envrender's back: re-issued, once.
+    server.revoke_leases();
+    render();
+    let second = d.read("out/db.conf");
+    assert_ne!(second, first);
+    render().stderr_has("unchanged");
+    assert_eq!(server.count("leases_issued"), 2);
+    assert_eq!(server.valid_credentials().len(), 1);
+    assert!(second.contains(&server.valid_credentials()[0]));
+}
+
+/// The backend as watch mode holds it, logged in with `auth` (or the root
+/// token), its scheduler running.
+fn maintained(
+    server: &VaultServer,
+    auth: Option<AuthConfig>,
+) -> (Vault, tokio::task::JoinHandle<()>) {
+    let vault = Vault::new(
+        VaultConfig {
+            address: Some(server.url.clone()),
+            auth,
+            ..VaultConfig::default()
+        },
+        &MapEnv::new([("VAULT_TOKEN", server.root_token.clone())]),
+        None,
+    )
+    .unwrap();
+    let keeper = vault.clone();
+    let task = tokio::spawn(async move { keeper.maintain().await });
+    (vault, task)
+}
+
+/// The username of the credential the backend holds now.
+async fn current_user(vault: &Vault) -> String {
+    let got = vault.fetch(&[source("vault:database/creds/app")]).await;
+    got[0].as_ref().unwrap().value.expose()["username"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_lease_is_kept_valid_by_renewals_then_reissued_at_its_max_ttl() {
+    let server = VaultServer::start();
+    server.database_role("app", 2, 10);
+    let (vault, task) = maintained(&server, None);
+    let mut changes = vault.changes();
+    let first = current_user(&vault).await;
+    let start = std::time::Instant::now();
+    let mut users = vec![first.clone()];
+    while start.elapsed() < Duration::from_millis(13_500) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let user = current_user(&vault).await;
+        assert!(
+            server.valid_credentials().contains(&user),
+            "{user} is not valid at {:?}",
+            start.elapsed()
+        );
+        if users.last() != Some(&user) {
+            users.push(user);
+        }
+    }
+    task.abort();
+    // Renewed (about every 1.3 s) until the max TTL, then re-issued once.
+    assert_eq!(users.len(), 2, "{users:?}");
+    assert_eq!(server.count("leases_issued"), 2);
+    assert!(
+        server.count("leases_renewed") >= 5,
+        "{}",
+        server.count("leases_renewed")
+    );
+    assert!(changes.has_changed().unwrap());
+    assert_eq!(*changes.borrow_and_update(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_login_does_not_reissue_what_the_old_token_still_keeps() {
+    let (server, _, _) = app_server();
+    // Tokens live 6 s, at most 12 s; the lease renews every ~2 s.
+    let short_role = server.approle(
+        "short",
+        Role {
+            policies: vec!["app".into()],
+            ttl: 6,
+            max_ttl: 12,
+            ..Role::default()
+        },
+    );
+    let short_secret = server.secret_id("short", 0);
+    server.database_role("app", 3, 600);
+    let d = Dir::new();
+    let auth = AuthConfig::AppRole {
+        mount: "approle".into(),
+        role_id: RoleId::Value(short_role),
+        secret_id_file: Some(d.write("secret-id", &short_secret)),
+    };
+    let (vault, task) = maintained(&server, Some(auth));
+    let first = current_user(&vault).await;
+    let start = std::time::Instant::now();
+    // Wait for the second login (the first token reached its max TTL).
+    while server.count("logins") < 2 {
+        assert!(start.elapsed() < Duration::from_secs(15), "no new login");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let relogin = start.elapsed();
+    assert_eq!(server.count("leases_issued"), 1, "re-issued on login");
+    assert_eq!(current_user(&vault).await, first);
+    // The old token ends at 12 s and its lease with it: re-issued once before.
+    let mut users = vec![first];
+    while start.elapsed() < Duration::from_secs(16) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let user = current_user(&vault).await;
+        assert!(
+            server.valid_credentials().contains(&user),
+            "{user} invalid at {:?} (new login at {relogin:?})",
+            start.elapsed()
+        );
+        if users.last() != Some(&user) {
+            users.push(user);
+        }
+    }
+    task.abort();
+    assert_eq!(users.len(), 2, "{users:?}");
+    assert_eq!(server.count("leases_issued"), 2);
+    assert_eq!(server.count("logins"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_are_reissued_before_they_expire() {
+    let server = VaultServer::start();
+    server.pki_role("web", 4, false);
+    let vault = Vault::new(
+        VaultConfig {
+            address: Some(server.url.clone()),
+            pki_reissue_at: 0.5,
+            ..VaultConfig::default()
+        },
+        &MapEnv::new([("VAULT_TOKEN", server.root_token.clone())]),
+        None,
+    )
+    .unwrap();
+    let keeper = vault.clone();
+    let task = tokio::spawn(async move { keeper.maintain().await });
+    let cert = source("vault:pki/issue/web?common_name=app.example.com&ttl=4s");
+    let serial = |f: &envrender::backend::Fetched| {
+        f.value.expose()["serial_number"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let first = vault
+        .fetch(std::slice::from_ref(&cert))
+        .await
+        .remove(0)
+        .unwrap();
+    let expiration = first.value.expose()["expiration"].as_u64().unwrap();
+    assert!(
+        first.value.expose()["certificate"]
+            .as_str()
+            .unwrap()
+            .contains("BEGIN CERTIFICATE")
+    );
+    // Asked again within its lifetime: the same certificate, not a new one.
+    let again = vault
+        .fetch(std::slice::from_ref(&cert))
+        .await
+        .remove(0)
+        .unwrap();
+    assert_eq!(serial(&again), serial(&first));
+    let mut changes = vault.changes();
+    tokio::time::timeout(Duration::from_secs(4), changes.changed())
+        .await
+        .expect("re-issued within the certificate's lifetime")
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(now < expiration, "re-issued only after the old one expired");
+    let renewed = vault
+        .fetch(std::slice::from_ref(&cert))
+        .await
+        .remove(0)
+        .unwrap();
+    assert_ne!(serial(&renewed), serial(&first));
+    let known = [(cert.clone(), first)];
+    assert!(matches!(
+        vault.observe(&known).await[0],
+        envrender::backend::Observation::Changed(_)
+    ));
+    task.abort();
 }

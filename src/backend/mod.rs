@@ -11,6 +11,7 @@
 pub mod aws;
 pub mod consul;
 pub mod local;
+pub mod vault;
 
 use std::collections::BTreeMap;
 use std::fmt;

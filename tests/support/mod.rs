@@ -68,8 +68,10 @@ impl Dir {
                 command.env_remove(k);
             }
         }
-        // Never reach for real AWS configuration or the instance metadata service.
+        // Never reach for real AWS configuration, the instance metadata
+        // service or the user's ~/.vault-token.
         command
+            .env("HOME", self.path())
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .env("AWS_CONFIG_FILE", "/nonexistent/envrender-test/config")
             .env(

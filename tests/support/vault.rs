@@ -5,7 +5,8 @@
 //! revoke-self; expiry → 403 `permission denied` + `invalid token`); path-glob
 //! ACL policies; mount detection (`sys/internal/ui/mounts`); KV v1 and KV v2
 //! (versions, `?version=`, CAS, metadata, soft delete, destroy, list); AppRole
-//! and Kubernetes logins; a database engine issuing credentials under leases
+//! Kubernetes and AWS IAM logins (the signed `sts:GetCallerIdentity` is
+//! replayed to the URL it was signed for); a database engine issuing credentials under leases
 //! with TTL and max TTL; `sys/leases/renew|lookup|revoke`; leases revoked with
 //! their token; PKI issue returning a real certificate with its expiration.
 //!
@@ -93,6 +94,8 @@ pub struct Role {
     pub jwts: Vec<String>,
     /// PKI: register a lease for each certificate.
     pub generate_lease: bool,
+    /// AWS: the IAM principal ARNs this role accepts (`bound_iam_principal_arn`).
+    pub arns: Vec<String>,
 }
 
 #[derive(Default)]
@@ -107,6 +110,9 @@ struct State {
     approle: HashMap<String, (Role, String)>,
     secret_ids: HashMap<String, (String, u32)>,
     k8s: HashMap<String, Role>,
+    aws_roles: HashMap<String, Role>,
+    /// The AWS mount's `iam_server_id_header_value`.
+    aws_header: Option<String>,
     db_roles: HashMap<String, Role>,
     pki_roles: HashMap<String, Role>,
     leases: HashMap<String, Lease>,
@@ -318,13 +324,15 @@ impl State {
     }
 
     /// Expires what is past its time: tokens stop working, and their leases
-    /// and leases past their own expiry are revoked.
+    /// and leases past their own expiry are revoked. Times are whole seconds
+    /// and a token or lease works through the second it expires in, so
+    /// nothing lives shorter than the TTL it was given.
     fn reap(&mut self) {
         let now = self.now();
         let expired: Vec<String> = self
             .tokens
             .values()
-            .filter(|t| !t.revoked && t.expire_time.is_some_and(|e| e <= now))
+            .filter(|t| !t.revoked && t.expire_time.is_some_and(|e| e < now))
             .map(|t| t.id.clone())
             .collect();
         for id in expired {
@@ -334,7 +342,7 @@ impl State {
         for lease in self
             .leases
             .values_mut()
-            .filter(|l| !l.revoked && l.expire_time <= now)
+            .filter(|l| !l.revoked && l.expire_time < now)
         {
             lease.revoked = true;
             revoked += 1;
@@ -415,7 +423,12 @@ fn renew_ttl(now: u64, issue: u64, max: u64, increment: u64) -> Result<(u64, Val
 
 impl VaultServer {
     pub fn start() -> VaultServer {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        VaultServer::start_on("127.0.0.1:0")
+    }
+
+    /// A server listening on `addr` (`127.0.0.1:8200`).
+    pub fn start_on(addr: &str) -> VaultServer {
+        let listener = std::net::TcpListener::bind(addr).unwrap();
         listener.set_nonblocking(true).unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let key = rcgen::KeyPair::generate().unwrap();
@@ -553,6 +566,31 @@ impl VaultServer {
 
     pub fn kubernetes_role(&self, name: &str, role: Role) {
         self.state().k8s.insert(name.to_string(), role);
+    }
+
+    /// An AWS IAM auth role; logins replay the signed `sts:GetCallerIdentity`
+    /// to the URL the client signed for (the AWS emulator in tests).
+    pub fn aws_role(&self, name: &str, role: Role) {
+        self.state().aws_roles.insert(name.to_string(), role);
+    }
+
+    /// Sets the AWS mount's `iam_server_id_header_value`.
+    pub fn aws_server_id(&self, value: &str) {
+        self.state().aws_header = Some(value.to_string());
+    }
+
+    /// Revokes every lease (as `vault lease revoke -prefix` would).
+    pub fn revoke_leases(&self) {
+        let mut st = self.state();
+        let ids: Vec<String> = st.leases.keys().cloned().collect();
+        for id in ids {
+            if let Some(l) = st.leases.get_mut(&id)
+                && !l.revoked
+            {
+                l.revoked = true;
+                st.count("leases_revoked");
+            }
+        }
     }
 
     pub fn database_role(&self, name: &str, ttl: u64, max_ttl: u64) {
@@ -840,7 +878,142 @@ async fn handle(
         form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
             .collect();
+    if path == "auth/aws/login" && method == Method::POST {
+        return aws_login(&s, &body).await;
+    }
     s.handle(method, path, &query, &headers, &body)
+}
+
+/// `auth/aws/login` (IAM): decodes the signed `sts:GetCallerIdentity`
+/// request, checks the server-ID header was signed, replays the request to
+/// the URL it was signed for, and logs in as the ARN STS answers with.
+async fn aws_login(s: &VaultServer, body: &[u8]) -> Response {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let data: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let field = |k: &str| {
+        data.get(k)
+            .and_then(Value::as_str)
+            .and_then(|v| b64.decode(v).ok())
+            .and_then(|v| String::from_utf8(v).ok())
+    };
+    let (Some(url), Some(request_body), Some(header_json)) = (
+        field("iam_request_url"),
+        field("iam_request_body"),
+        field("iam_request_headers"),
+    ) else {
+        return errors(
+            StatusCode::BAD_REQUEST,
+            &["missing iam_request_url, iam_request_body or iam_request_headers"],
+        );
+    };
+    if data["iam_http_request_method"].as_str() != Some("POST")
+        || !request_body.contains("Action=GetCallerIdentity")
+    {
+        return errors(
+            StatusCode::BAD_REQUEST,
+            &["invalid request: only sts:GetCallerIdentity is accepted"],
+        );
+    }
+    let headers: BTreeMap<String, Value> = serde_json::from_str(&header_json).unwrap_or_default();
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| match v {
+                Value::Array(a) => a.first().and_then(Value::as_str).unwrap_or("").to_string(),
+                v => v.as_str().unwrap_or("").to_string(),
+            })
+    };
+    let expected = s.state().aws_header.clone();
+    if let Some(expected) = expected {
+        let signed = header("authorization")
+            .is_some_and(|a| a.to_ascii_lowercase().contains("x-vault-aws-iam-server-id"));
+        if header("x-vault-aws-iam-server-id").as_deref() != Some(expected.as_str()) || !signed {
+            return errors(
+                StatusCode::BAD_REQUEST,
+                &["error validating X-Vault-AWS-IAM-Server-ID header: missing or unsigned header"],
+            );
+        }
+    }
+    let mut replay = reqwest::Client::new().post(&url).body(request_body);
+    for (k, v) in &headers {
+        if k.eq_ignore_ascii_case("host") || k.eq_ignore_ascii_case("content-length") {
+            continue;
+        }
+        if let Some(v) = v.as_array().and_then(|a| a.first()).and_then(Value::as_str) {
+            replay = replay.header(k.as_str(), v);
+        }
+    }
+    let answer = match replay.send().await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(e) => {
+            return errors(
+                StatusCode::BAD_REQUEST,
+                &[&format!("error making upstream request: {e}")],
+            );
+        }
+    };
+    let arn = answer
+        .1
+        .split_once("<Arn>")
+        .and_then(|(_, rest)| rest.split_once("</Arn>"))
+        .map(|(arn, _)| arn.to_string());
+    let (200, Some(arn)) = (answer.0, arn) else {
+        return errors(
+            StatusCode::BAD_REQUEST,
+            &[&format!(
+                "error making upstream request: received error code {} from STS",
+                answer.0
+            )],
+        );
+    };
+    let role_name = data["role"]
+        .as_str()
+        .filter(|r| !r.is_empty())
+        .map(str::to_string)
+        .unwrap_or_else(|| arn.rsplit('/').next().unwrap_or_default().to_string());
+    let mut st = s.state();
+    let Some(role) = st.aws_roles.get(&role_name).cloned() else {
+        return errors(
+            StatusCode::BAD_REQUEST,
+            &[&format!("entry for role {role_name} not found")],
+        );
+    };
+    if !role.arns.contains(&arn) {
+        return errors(
+            StatusCode::BAD_REQUEST,
+            &[&format!(
+                "IAM Principal \"{arn}\" does not belong to the role \"{role_name}\""
+            )],
+        );
+    }
+    st.count("logins");
+    let meta = BTreeMap::from([
+        ("auth_type".to_string(), "iam".to_string()),
+        ("canonical_arn".to_string(), arn.clone()),
+        ("client_arn".to_string(), arn),
+    ]);
+    let token = st.issue_token(
+        role.policies.clone(),
+        role.ttl.max(1),
+        Some(if role.max_ttl == 0 {
+            SYSTEM_TTL
+        } else {
+            role.max_ttl
+        }),
+        "auth/aws/login",
+        meta,
+    );
+    let now = st.now();
+    ok(envelope(
+        Value::Null,
+        "",
+        0,
+        false,
+        auth_block(&token, now),
+        Value::Null,
+    ))
 }
 
 fn login(st: &mut State, rest: &str, data: &Value) -> Option<Response> {

@@ -36,15 +36,17 @@ use crate::config::AwsConfig;
 use crate::environment::Environment;
 use crate::reference::Scheme;
 
-/// Registers the `ssm:`, `sm:` and `kms:` backends.
-pub fn register(backends: &mut Backends, config: AwsConfig, env: &dyn Environment) {
+/// Registers the `ssm:`, `sm:` and `kms:` backends; returns their shared
+/// context (Vault's AWS IAM login signs with it too).
+pub fn register(backends: &mut Backends, config: AwsConfig, env: &dyn Environment) -> Arc<Aws> {
     let aws = Arc::new(Aws::new(config, env));
     backends.insert(Scheme::Ssm, Arc::new(ssm::Ssm::new(aws.clone())));
     backends.insert(
         Scheme::SecretsManager,
         Arc::new(secretsmanager::SecretsManager::new(aws.clone())),
     );
-    backends.insert(Scheme::Kms, Arc::new(kms::Kms::new(aws)));
+    backends.insert(Scheme::Kms, Arc::new(kms::Kms::new(aws.clone())));
+    aws
 }
 
 /// Who the calls are made as, from `sts:GetCallerIdentity`.

@@ -1,0 +1,669 @@
+//! Tokens: where they come from (a variable, a file, a login), and the
+//! vaultrs calls that log in, look up and renew them.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use vaultrs::api::{AuthInfo, EndpointMiddleware};
+use vaultrs::client::{VaultClient, VaultClientSettings};
+use vaultrs::error::ClientError;
+
+use super::{AuthConfig, Inner, RoleId};
+use crate::backend::aws::Aws;
+use crate::backend::{ErrorKind, FetchError};
+use crate::environment::Environment;
+
+/// A Vault token and what is known of its life. The token itself never
+/// appears in `Debug` output.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+pub struct Token {
+    pub id: String,
+    pub accessor: String,
+    pub policies: Vec<String>,
+    /// The TTL asked for at each renewal (the login's), seconds.
+    pub ttl: u64,
+    pub renewable: bool,
+    /// Unix seconds when it stops working; `None`: never (root tokens).
+    pub expires: Option<f64>,
+    /// Unix seconds of the login or last renewal.
+    pub refreshed: f64,
+    /// A renewal came back shorter than asked: the token is at its max TTL
+    /// and will be replaced by a new login, not renewed.
+    #[serde(default)]
+    pub capped: bool,
+    /// How it was obtained ([`Auth::describe`]).
+    pub method: String,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("id", &"[redacted]")
+            .field("accessor", &self.accessor)
+            .field("policies", &self.policies)
+            .field("ttl", &self.ttl)
+            .field("renewable", &self.renewable)
+            .field("expires", &self.expires)
+            .field("capped", &self.capped)
+            .finish()
+    }
+}
+
+impl Token {
+    /// Who the token is, for errors: never the token itself.
+    pub fn who(&self) -> String {
+        format!(
+            "token accessor {}, policies [{}]",
+            self.accessor,
+            self.policies.join(", ")
+        )
+    }
+
+    /// Seconds of life left, `None` for tokens that do not expire.
+    pub fn left(&self, now: f64) -> Option<f64> {
+        self.expires.map(|e| e - now)
+    }
+
+    fn from_auth(info: AuthInfo, method: String) -> Token {
+        let now = super::lease::now();
+        Token {
+            id: info.client_token,
+            accessor: info.accessor,
+            policies: info.policies,
+            ttl: info.lease_duration,
+            renewable: info.renewable,
+            expires: (info.lease_duration > 0).then_some(now + info.lease_duration as f64),
+            refreshed: now,
+            capped: false,
+            method,
+        }
+    }
+}
+
+/// How tokens are obtained.
+pub(super) enum Auth {
+    /// A token given once (`VAULT_TOKEN`), or none at all.
+    Static {
+        token: Option<String>,
+        source: String,
+    },
+    /// A token file, re-read whenever a new token is needed (a sink written
+    /// by another agent, `~/.vault-token`).
+    File(PathBuf),
+    AppRole {
+        mount: String,
+        role_id: RoleId,
+        secret_id_file: Option<PathBuf>,
+    },
+    Kubernetes {
+        mount: String,
+        role: String,
+        jwt_file: PathBuf,
+    },
+    Aws {
+        mount: String,
+        role: Option<String>,
+        header_value: Option<String>,
+        region: Option<String>,
+        sts_endpoint: Option<String>,
+        aws: Option<Arc<Aws>>,
+    },
+}
+
+impl Auth {
+    pub(super) fn new(
+        config: Option<AuthConfig>,
+        env: &dyn Environment,
+        aws: Option<Arc<Aws>>,
+    ) -> Auth {
+        match config {
+            Some(AuthConfig::Token { file: Some(f) }) => Auth::File(f),
+            None | Some(AuthConfig::Token { file: None }) => {
+                match env.var("VAULT_TOKEN").filter(|t| !t.trim().is_empty()) {
+                    Some(t) => Auth::Static {
+                        token: Some(t.trim().to_string()),
+                        source: "VAULT_TOKEN".into(),
+                    },
+                    None => match env.var("HOME") {
+                        Some(home) => Auth::File(PathBuf::from(home).join(".vault-token")),
+                        None => Auth::Static {
+                            token: None,
+                            source: "no token".into(),
+                        },
+                    },
+                }
+            }
+            Some(AuthConfig::AppRole {
+                mount,
+                role_id,
+                secret_id_file,
+            }) => Auth::AppRole {
+                mount,
+                role_id,
+                secret_id_file,
+            },
+            Some(AuthConfig::Kubernetes {
+                mount,
+                role,
+                jwt_file,
+            }) => Auth::Kubernetes {
+                mount,
+                role,
+                jwt_file,
+            },
+            Some(AuthConfig::Aws {
+                mount,
+                role,
+                header_value,
+                region,
+                sts_endpoint,
+            }) => Auth::Aws {
+                mount,
+                role,
+                header_value,
+                region,
+                sts_endpoint: sts_endpoint.or_else(|| env.var("AWS_ENDPOINT_URL_STS")),
+                aws,
+            },
+        }
+    }
+
+    /// The method, for messages: never a credential.
+    pub(super) fn describe(&self) -> String {
+        match self {
+            Auth::Static { source, .. } if source == "no token" => "no Vault token".into(),
+            Auth::Static { source, .. } => format!("token from {source}"),
+            Auth::File(f) => format!("token from {}", f.display()),
+            Auth::AppRole { mount, role_id, .. } => format!(
+                "approle login at auth/{mount} (role_id {})",
+                match role_id {
+                    RoleId::Value(_) => "from the configuration".to_string(),
+                    RoleId::File(f) => format!("from {}", f.display()),
+                }
+            ),
+            Auth::Kubernetes { mount, role, .. } => {
+                format!("kubernetes login at auth/{mount} as role \"{role}\"")
+            }
+            Auth::Aws { mount, role, .. } => format!(
+                "aws iam login at auth/{mount}{}",
+                role.as_ref()
+                    .map(|r| format!(" as role \"{r}\""))
+                    .unwrap_or_default()
+            ),
+        }
+    }
+
+    /// Whether a new token can be had when the current one is rejected.
+    pub(super) fn can_login(&self) -> bool {
+        !matches!(self, Auth::Static { .. })
+    }
+
+    /// A new token: a login, or the token given, looked up so that its
+    /// accessor, policies and TTL are known.
+    pub(super) async fn login(&self, inner: &Inner) -> Result<Token, FetchError> {
+        let method = self.describe();
+        let fail =
+            |action: &str, e: ClientError, hint: &str| client_error(action, e, hint, &method);
+        match self {
+            Auth::Static { token: None, .. } => Err(FetchError::new(
+                ErrorKind::Invalid,
+                "vault",
+                "login",
+                "no Vault token: VAULT_TOKEN is not set and there is no ~/.vault-token",
+            )
+            .hint(
+                "set VAULT_TOKEN, or configure [vault] auth (approle, kubernetes, aws, token_file)",
+            )),
+            Auth::Static { token: Some(t), .. } => lookup(inner, t.clone(), method).await,
+            Auth::File(path) => {
+                let t = read_secret_file(path, "token")?;
+                lookup(inner, t, method).await
+            }
+            Auth::AppRole {
+                mount,
+                role_id,
+                secret_id_file,
+            } => {
+                let role_id = match role_id {
+                    RoleId::Value(v) => v.clone(),
+                    RoleId::File(f) => read_secret_file(f, "role_id")?,
+                };
+                let secret_id = match secret_id_file {
+                    Some(f) => read_secret_file(f, "secret_id")?,
+                    None => String::new(),
+                };
+                let info = vaultrs::auth::approle::login(&client(inner, ""), mount, &role_id, &secret_id)
+                    .await
+                    .map_err(|e| {
+                        fail(
+                            &format!("POST /v1/auth/{mount}/login"),
+                            e,
+                            "Vault gives the same answer for an unknown role_id and a wrong, used-up or expired secret_id: check both, and the role's secret_id_num_uses and secret_id_ttl",
+                        )
+                    })?;
+                Ok(Token::from_auth(info, method))
+            }
+            Auth::Kubernetes {
+                mount,
+                role,
+                jwt_file,
+            } => {
+                let jwt = read_secret_file(jwt_file, "service-account token")?;
+                let info = vaultrs::auth::kubernetes::login(&client(inner, ""), mount, role, &jwt)
+                    .await
+                    .map_err(|e| {
+                        fail(
+                            &format!("POST /v1/auth/{mount}/login"),
+                            e,
+                            &format!("check that role \"{role}\" exists on auth/{mount} and binds this pod's service account and namespace, and that the token's audience is one Vault accepts"),
+                        )
+                    })?;
+                Ok(Token::from_auth(info, method))
+            }
+            Auth::Aws {
+                mount,
+                role,
+                header_value,
+                region,
+                sts_endpoint,
+                aws,
+            } => {
+                let Some(aws) = aws else {
+                    return Err(FetchError::new(
+                        ErrorKind::Invalid,
+                        "vault",
+                        "login",
+                        "AWS IAM login needs AWS credentials, and none are configured",
+                    ));
+                };
+                let signed = sign_get_caller_identity(
+                    aws,
+                    region.as_deref(),
+                    sts_endpoint.as_deref(),
+                    header_value.as_deref(),
+                )
+                .await?;
+                let info = vaultrs::auth::aws::iam_login(
+                    &client(inner, ""),
+                    mount,
+                    "POST",
+                    &signed.url,
+                    &signed.headers,
+                    &signed.body,
+                    role.as_deref(),
+                )
+                .await
+                .map_err(|e| {
+                    fail(
+                        &format!("POST /v1/auth/{mount}/login"),
+                        e,
+                        "check that the role's bound_iam_principal_arn matches this AWS identity, and that header_value matches the mount's iam_server_id_header_value",
+                    )
+                })?;
+                Ok(Token::from_auth(info, method))
+            }
+        }
+    }
+
+    /// Renews the token for its TTL again; marks it capped when Vault gave
+    /// less (its max TTL is near).
+    pub(super) async fn renew(&self, inner: &Inner, token: &Token) -> Result<Token, FetchError> {
+        let asked = token.ttl.max(1);
+        let info =
+            vaultrs::token::renew_self(&client(inner, &token.id), Some(&format!("{asked}s")))
+                .await
+                .map_err(|e| {
+                    client_error(
+                        "POST /v1/auth/token/renew-self",
+                        e,
+                        "the token cannot be renewed; envrender logs in again when it can",
+                        &self.describe(),
+                    )
+                })?;
+        let now = super::lease::now();
+        let mut renewed = token.clone();
+        renewed.expires = Some(now + info.lease_duration as f64);
+        renewed.refreshed = now;
+        renewed.capped = info.lease_duration < asked;
+        Ok(renewed)
+    }
+}
+
+/// A vaultrs client on envrender's HTTP client (one TLS configuration, one
+/// connection pool), with the given token.
+fn client(inner: &Inner, token: &str) -> VaultClient {
+    let settings = VaultClientSettings {
+        address: inner.base.clone(),
+        ca_certs: Vec::new(),
+        identity: None,
+        timeout: None,
+        token: token.to_string(),
+        verify: true,
+        version: 1,
+        wrapping: false,
+        namespace: inner.namespace.clone(),
+        proxy: None,
+    };
+    VaultClient {
+        http: rustify::clients::reqwest::Client::new(
+            inner.base.as_str().trim_end_matches('/'),
+            inner.http.clone(),
+        ),
+        middle: EndpointMiddleware {
+            token: token.to_string(),
+            version: "v1".into(),
+            wrap: None,
+            namespace: inner.namespace.clone(),
+        },
+        settings,
+    }
+}
+
+/// A given token, looked up: it must work, and its accessor, policies and
+/// TTL name it in errors and schedule its renewal.
+async fn lookup(inner: &Inner, id: String, method: String) -> Result<Token, FetchError> {
+    let found = vaultrs::token::lookup_self(&client(inner, &id))
+        .await
+        .map_err(|e| {
+            client_error(
+                "GET /v1/auth/token/lookup-self",
+                e,
+                "the token has expired, was revoked or is not a token of this Vault (or namespace)",
+                &method,
+            )
+        })?;
+    let now = super::lease::now();
+    Ok(Token {
+        id,
+        accessor: found.accessor,
+        policies: found.policies,
+        ttl: found.creation_ttl,
+        renewable: found.renewable.unwrap_or(false),
+        expires: (found.ttl > 0).then_some(now + found.ttl as f64),
+        refreshed: now,
+        capped: false,
+        method,
+    })
+}
+
+fn read_secret_file(path: &std::path::Path, what: &str) -> Result<String, FetchError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        FetchError::new(
+            ErrorKind::Invalid,
+            "vault",
+            "login",
+            format!("cannot read the {what} file {}: {e}", path.display()),
+        )
+        .hint("check the path in [vault] auth and the file's permissions")
+    })?;
+    let text = text.trim().to_string();
+    if text.is_empty() {
+        return Err(FetchError::new(
+            ErrorKind::Invalid,
+            "vault",
+            "login",
+            format!("the {what} file {} is empty", path.display()),
+        ));
+    }
+    Ok(text)
+}
+
+/// A vaultrs error as a [`FetchError`]: Vault's status and error text, and
+/// the method that failed. Never a credential.
+fn client_error(action: &str, e: ClientError, hint: &str, method: &str) -> FetchError {
+    let (kind, message) = match &e {
+        ClientError::APIError { code, errors } => {
+            let text = errors
+                .iter()
+                .map(|e| super::clean_error(e))
+                .collect::<Vec<_>>()
+                .join("; ");
+            let kind = match code {
+                400 | 401 | 403 => ErrorKind::Denied,
+                404 => ErrorKind::Invalid,
+                412 | 429 | 500 | 502 | 503 | 504 => ErrorKind::Transient,
+                _ => ErrorKind::Invalid,
+            };
+            (
+                kind,
+                if text.is_empty() {
+                    format!("HTTP {code}")
+                } else {
+                    format!("HTTP {code}: {text}")
+                },
+            )
+        }
+        ClientError::RestClientError { .. } => (
+            ErrorKind::Transient,
+            format!("cannot reach Vault: {}", crate::backend::error_chain(&e)),
+        ),
+        other => (
+            ErrorKind::Invalid,
+            format!("unexpected answer: {}", crate::backend::error_chain(other)),
+        ),
+    };
+    let mut err = FetchError::new(kind, "vault", action, message).hint(hint);
+    err.identity = Some(method.to_string());
+    err
+}
+
+/// A signed `sts:GetCallerIdentity` request, as Vault's AWS auth wants it:
+/// URL, body and headers, base64.
+struct SignedRequest {
+    url: String,
+    body: String,
+    headers: String,
+}
+
+async fn sign_get_caller_identity(
+    aws: &Aws,
+    region: Option<&str>,
+    endpoint: Option<&str>,
+    header_value: Option<&str>,
+) -> Result<SignedRequest, FetchError> {
+    use aws_sdk_sts::config::ProvideCredentials as _;
+    use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
+    use aws_sigv4::sign::v4;
+
+    let failed = |message: String| {
+        FetchError::new(ErrorKind::Invalid, "vault", "sign sts:GetCallerIdentity", message)
+            .hint("AWS IAM login signs with the standard AWS credential chain (env, profile, web identity, container credentials, IMDS)")
+    };
+    let region = region.unwrap_or("us-east-1");
+    let url = match endpoint {
+        Some(e) => e.to_string(),
+        None if region == "us-east-1" => "https://sts.amazonaws.com/".to_string(),
+        None => format!("https://sts.{region}.amazonaws.com/"),
+    };
+    let host = reqwest::Url::parse(&url)
+        .ok()
+        .and_then(|u| {
+            u.host_str()
+                .map(|h| u.port().map_or(h.to_string(), |p| format!("{h}:{p}")))
+        })
+        .ok_or_else(|| failed(format!("the STS endpoint \"{url}\" is not a URL")))?;
+    let provider = aws
+        .sdk()
+        .await
+        .credentials_provider()
+        .ok_or_else(|| failed("no AWS credentials provider is configured".into()))?;
+    let credentials = provider.provide_credentials().await.map_err(|e| {
+        failed(format!(
+            "no AWS credentials: {}",
+            crate::backend::error_chain(&e)
+        ))
+    })?;
+    let identity = credentials.into();
+    let body = "Action=GetCallerIdentity&Version=2011-06-15";
+    let mut headers: Vec<(String, String)> = vec![
+        ("host".into(), host),
+        (
+            "content-type".into(),
+            "application/x-www-form-urlencoded; charset=utf-8".into(),
+        ),
+    ];
+    if let Some(v) = header_value {
+        headers.push(("x-vault-aws-iam-server-id".into(), v.to_string()));
+    }
+    let params = v4::SigningParams::builder()
+        .identity(&identity)
+        .region(region)
+        .name("sts")
+        .time(SystemTime::now())
+        .settings(SigningSettings::default())
+        .build()
+        .map_err(|e| failed(format!("cannot sign: {e}")))?
+        .into();
+    let signable = SignableRequest::new(
+        "POST",
+        &url,
+        headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        SignableBody::Bytes(body.as_bytes()),
+    )
+    .map_err(|e| failed(format!("cannot sign: {e}")))?;
+    let (instructions, _) = sign(signable, &params)
+        .map_err(|e| failed(format!("cannot sign: {e}")))?
+        .into_parts();
+    for (name, value) in instructions.headers() {
+        headers.push((name.to_string(), value.to_string()));
+    }
+    let map: serde_json::Map<String, serde_json::Value> = headers
+        .into_iter()
+        .map(|(k, v)| (k, serde_json::Value::Array(vec![v.into()])))
+        .collect();
+    let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
+    Ok(SignedRequest {
+        url: b64(url.as_bytes()),
+        body: b64(body.as_bytes()),
+        headers: b64(serde_json::Value::Object(map).to_string().as_bytes()),
+    })
+}
+
+impl Inner {
+    /// The current token: the one in use, else one handed over in the state
+    /// file (if Vault still takes it), else a new login.
+    pub(super) async fn token(&self) -> Result<Token, FetchError> {
+        let mut slot = self.token.lock().await;
+        let now = super::lease::now();
+        if let Some(t) = slot.as_ref()
+            && t.left(now).is_none_or(|l| l > 1.0)
+        {
+            return Ok(t.clone());
+        }
+        if slot.is_none() {
+            let handed = self.ledger.lock().unwrap().token.clone();
+            if let Some(t) = handed
+                .filter(|t| t.method == self.auth.describe() && t.left(now).is_none_or(|l| l > 2.0))
+            {
+                match lookup(self, t.id.clone(), t.method.clone()).await {
+                    Ok(mut found) => {
+                        tracing::info!(accessor = %found.accessor, "adopted the Vault token from the state file");
+                        found.ttl = t.ttl.max(1);
+                        found.capped = t.capped;
+                        self.ledger.lock().unwrap().token = Some(found.clone());
+                        *slot = Some(found.clone());
+                        return Ok(found);
+                    }
+                    Err(e) if e.kind == ErrorKind::Transient => return Err(e),
+                    Err(_) => {
+                        tracing::info!(accessor = %t.accessor, "the Vault token in the state file is no longer valid; logging in");
+                    }
+                }
+            }
+        }
+        let new = self.auth.login(self).await?;
+        tracing::info!(method = %self.auth.describe(), accessor = %new.accessor, ttl_s = new.ttl, "logged in to Vault");
+        self.replace_token(&mut slot, new.clone(), false);
+        Ok(new)
+    }
+
+    /// A new login after `stale` was rejected; when another task has
+    /// already replaced it, that token.
+    pub(super) async fn relogin(&self, stale: &Token) -> Result<Token, FetchError> {
+        let mut slot = self.token.lock().await;
+        if let Some(t) = slot.as_ref()
+            && t.id != stale.id
+        {
+            return Ok(t.clone());
+        }
+        let new = self.auth.login(self).await?;
+        tracing::info!(method = %self.auth.describe(), accessor = %new.accessor, "logged in to Vault again");
+        if slot.is_none() {
+            *slot = Some(stale.clone());
+        }
+        self.replace_token(&mut slot, new.clone(), true);
+        Ok(new)
+    }
+
+    /// Puts `new` in use. What the old token issued stays in use — a new
+    /// login is no reason to issue credentials again — but Vault revokes it
+    /// with its token, so it is re-issued before the old token ends (at once
+    /// when the old token was `revoked`).
+    pub(super) fn replace_token(&self, slot: &mut Option<Token>, new: Token, revoked: bool) {
+        let old = slot.replace(new.clone());
+        let now = super::lease::now();
+        {
+            let mut ledger = self.ledger.lock().unwrap();
+            let old = old.or_else(|| ledger.token.clone());
+            if let Some(old) = old.filter(|o| o.accessor != new.accessor) {
+                let end = if revoked { Some(now) } else { old.expires };
+                if let Some(end) = end {
+                    for h in ledger
+                        .held
+                        .values_mut()
+                        .filter(|h| h.token_accessor == old.accessor)
+                    {
+                        h.bound_by_token(end, now);
+                    }
+                }
+            }
+            ledger.token = Some(new);
+        }
+        self.save();
+        self.wake.notify_one();
+    }
+
+    /// Renews the token or logs in again, as its life requires.
+    pub(super) async fn refresh_token(&self) -> Result<(), FetchError> {
+        let current = self.token.lock().await.clone();
+        let Some(current) = current else {
+            return Ok(());
+        };
+        if current.renewable && !current.capped {
+            let renewed = self.auth.renew(self, &current).await?;
+            tracing::debug!(accessor = %renewed.accessor, capped = renewed.capped, "Vault token renewed");
+            let mut slot = self.token.lock().await;
+            if slot.as_ref().is_some_and(|t| t.id == current.id) {
+                *slot = Some(renewed.clone());
+                self.ledger.lock().unwrap().token = Some(renewed);
+                drop(slot);
+                self.save();
+            }
+            return Ok(());
+        }
+        if self.auth.can_login() {
+            let new = self.auth.login(self).await?;
+            tracing::info!(method = %self.auth.describe(), accessor = %new.accessor, "Vault token at its max TTL; logged in again");
+            let mut slot = self.token.lock().await;
+            self.replace_token(&mut slot, new, false);
+        }
+        Ok(())
+    }
+}
+
+/// When the token needs attention next (renewal, or a new login), in unix
+/// seconds; `None` when nothing can or need be done.
+pub(super) fn token_due(t: &Token, can_login: bool) -> Option<f64> {
+    let expires = t.expires?;
+    let life = (expires - t.refreshed).max(0.0);
+    if t.renewable && !t.capped {
+        Some(t.refreshed + life * super::lease::jitter(0.6, 0.7))
+    } else if can_login {
+        Some(t.refreshed + life * super::lease::jitter(0.45, 0.55))
+    } else {
+        None
+    }
+}

@@ -1,0 +1,660 @@
+//! What Vault issued and envrender holds: dynamic secrets under leases and
+//! PKI certificates; when each needs renewing or re-issuing; the state file
+//! that hands them (and the token) from the init container to the sidecar;
+//! and the scheduler that keeps them alive.
+//!
+//! Timing, in the spirit of Vault's own `LifetimeWatcher`:
+//! - a renewable lease is renewed after 60–70% of its current TTL, asking
+//!   for its original TTL again;
+//! - a renewal that comes back shorter than asked means the max TTL is near:
+//!   the lease is then re-issued after 40–50% of what is left, once;
+//! - a non-renewable lease is re-read after 75–85% of its life;
+//! - a certificate is re-issued at `pki_reissue_at` (±3%) of its lifetime;
+//! - a lease whose renewal fails for good (revoked, expired, not found) is
+//!   re-issued at once; transient failures back off exponentially, always
+//!   inside the lease's remaining life;
+//! - everything a token issued goes with that token: when the token is
+//!   replaced by a new login, what it issued is kept until shortly before
+//!   the old token ends, then re-issued — not on the login itself.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use reqwest::Method;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::{Inner, Token, VaultConfig};
+use crate::backend::{ErrorKind, FetchError, Fetched, Lease};
+use crate::reference::Source;
+use crate::secret::Secret;
+
+/// Unix time in seconds.
+pub fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// A random number in `[lo, hi)`.
+pub fn jitter(lo: f64, hi: f64) -> f64 {
+    lo + fastrand::f64() * (hi - lo)
+}
+
+/// One answer that issued something: a leased secret or a certificate.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+pub struct Held {
+    /// The request that issued it (`GET database/creds/app`).
+    pub key: String,
+    pub method: String,
+    pub path: String,
+    #[serde(default)]
+    pub params: BTreeMap<String, String>,
+    /// What Vault returned: secret, never logged.
+    pub data: Value,
+    /// Empty for a certificate issued without a lease.
+    pub lease_id: String,
+    pub renewable: bool,
+    /// The TTL first granted (for a certificate, its lifetime), seconds.
+    pub duration: u64,
+    /// Unix seconds.
+    pub issued: f64,
+    /// When it stops working as far as is known (lease end, certificate
+    /// NotAfter, the end of the token that issued it).
+    pub expires: f64,
+    pub certificate: bool,
+    /// The accessor of the token that issued it.
+    pub token_accessor: String,
+    /// It cannot be extended any more: the next action is a re-issue.
+    #[serde(default)]
+    pub capped: bool,
+    /// When the token that issued it ends, once that token has been
+    /// replaced: Vault revokes the lease then.
+    #[serde(default)]
+    pub parent_end: Option<f64>,
+    /// When the next renewal or re-issue is due (unix seconds).
+    pub due: f64,
+    /// Counts re-issues of this request.
+    #[serde(default)]
+    pub generation: u64,
+    /// Confirmed valid by this process (issued here, or looked up).
+    #[serde(skip)]
+    pub verified: bool,
+    #[serde(skip)]
+    failures: u32,
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held")
+            .field("key", &self.key)
+            .field("lease_id", &self.lease_id)
+            .field("data", &"[redacted]")
+            .field("expires", &self.expires)
+            .field("due", &self.due)
+            .finish()
+    }
+}
+
+impl Held {
+    /// What a read answered, when it issued something; `None` for plain
+    /// values (nothing to renew, reading again is harmless).
+    pub(super) fn from_answer(
+        key: String,
+        method: &str,
+        source: &Source,
+        mount_kind: &str,
+        body: &Value,
+        accessor: &str,
+        config: &VaultConfig,
+    ) -> Option<Held> {
+        let lease_id = body["lease_id"].as_str().unwrap_or_default().to_string();
+        let lease_duration = body["lease_duration"].as_u64().unwrap_or(0);
+        let data = body["data"].clone();
+        let now = now();
+        let expiration = data["expiration"].as_f64();
+        let certificate = data.get("certificate").is_some() && expiration.is_some();
+        if lease_id.is_empty() && !certificate {
+            return None;
+        }
+        let (duration, expires) = match (certificate, expiration) {
+            (true, Some(exp)) => ((exp - now).max(0.0) as u64, exp),
+            _ => (lease_duration, now + lease_duration as f64),
+        };
+        let mut held = Held {
+            key,
+            method: method.to_string(),
+            path: source.path.clone(),
+            params: source.params.clone(),
+            data,
+            lease_id,
+            renewable: body["renewable"].as_bool().unwrap_or(false) && !certificate,
+            duration,
+            issued: now,
+            expires,
+            certificate: certificate || mount_kind == "pki" && expiration.is_some(),
+            token_accessor: accessor.to_string(),
+            capped: false,
+            parent_end: None,
+            due: now,
+            generation: 0,
+            verified: true,
+            failures: 0,
+        };
+        held.schedule(now, config.pki_reissue_at);
+        Some(held)
+    }
+
+    /// The version watch mode compares: the lease id, else the
+    /// certificate's serial number.
+    pub fn version(&self) -> String {
+        if !self.lease_id.is_empty() {
+            self.lease_id.clone()
+        } else {
+            self.data["serial_number"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("issue {}", self.generation))
+        }
+    }
+
+    pub fn fetched(&self) -> Fetched {
+        let left = (self.expires - now()).max(0.0);
+        Fetched {
+            value: Secret::new(self.data.clone()),
+            version: Some(self.version()),
+            lease: (!self.lease_id.is_empty()).then(|| Lease {
+                id: self.lease_id.clone(),
+                duration: Duration::from_secs_f64(left),
+                renewable: self.renewable,
+            }),
+        }
+    }
+
+    /// The next renewal or re-issue, from what is known at `now`.
+    fn schedule(&mut self, now: f64, pki_reissue_at: f64) {
+        let left = (self.expires - now).max(0.0);
+        self.due = if self.certificate {
+            let at = jitter(pki_reissue_at - 0.03, pki_reissue_at + 0.03).clamp(0.05, 0.95);
+            (self.issued + self.duration as f64 * at).min(now + left * 0.95)
+        } else if self.capped {
+            now + left * jitter(0.4, 0.5)
+        } else if self.renewable {
+            now + left * jitter(0.6, 0.7)
+        } else {
+            self.issued + self.duration as f64 * jitter(0.75, 0.85)
+        };
+    }
+
+    /// The token that issued this ends at `end`: so does this. It is still
+    /// renewed up to then, and re-issued shortly before.
+    pub(super) fn bound_by_token(&mut self, end: f64, now: f64) {
+        self.parent_end = Some(end);
+        if self.expires > end {
+            self.expires = end;
+            self.capped = true;
+            self.due = now + (end - now).max(0.0) * jitter(0.4, 0.5);
+        }
+    }
+
+    fn renews(&self) -> bool {
+        self.renewable && !self.capped && !self.certificate
+    }
+}
+
+/// Everything held, and the latest token.
+#[derive(Default)]
+pub struct Ledger {
+    pub held: BTreeMap<String, Held>,
+    pub token: Option<Token>,
+}
+
+/// The state file: what one envrender process hands to the next.
+#[derive(Serialize, Deserialize)]
+pub struct State {
+    version: u32,
+    address: String,
+    namespace: Option<String>,
+    token: Option<Token>,
+    held: Vec<Held>,
+}
+
+impl Ledger {
+    /// What a state file holds, when it is for this Vault; an absent,
+    /// unreadable or foreign file is an empty ledger (it only saves work).
+    pub fn load(path: &Path, address: &str, namespace: Option<&str>) -> Ledger {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ledger::default(),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot read the Vault state file; starting afresh");
+                return Ledger::default();
+            }
+        };
+        match serde_json::from_str::<State>(&text) {
+            Ok(state)
+                if state.version == 1
+                    && state.address == address
+                    && state.namespace.as_deref() == namespace =>
+            {
+                tracing::debug!(file = %path.display(), held = state.held.len(), "Vault state loaded");
+                Ledger {
+                    held: state.held.into_iter().map(|h| (h.key.clone(), h)).collect(),
+                    token: state.token,
+                }
+            }
+            Ok(_) => {
+                tracing::warn!(file = %path.display(), "the Vault state file is for another Vault address or namespace; ignoring it");
+                Ledger::default()
+            }
+            Err(e) => {
+                tracing::warn!(file = %path.display(), line = e.line(), "the Vault state file is not valid; ignoring it");
+                Ledger::default()
+            }
+        }
+    }
+
+    pub fn snapshot(&self, address: &str, namespace: Option<&str>) -> State {
+        State {
+            version: 1,
+            address: address.to_string(),
+            namespace: namespace.map(str::to_string),
+            token: self.token.clone(),
+            held: self.held.values().cloned().collect(),
+        }
+    }
+}
+
+/// Writes the state file atomically (a temporary file in the same
+/// directory, fsync, rename), mode 0600: it holds a token and credentials.
+pub fn write_state(path: &Path, state: &State) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut file = tempfile::Builder::new()
+        .prefix(".envrender-vault-")
+        .tempfile_in(dir)?;
+    file.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    serde_json::to_writer(&mut file, state)?;
+    file.flush()?;
+    file.as_file().sync_all()?;
+    file.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+impl Inner {
+    /// What is held for `key`, when it can be used as it is: issued by this
+    /// process and still valid, or handed over and confirmed by Vault.
+    /// Dropped (so that the caller issues a new one) when it is not.
+    pub(super) async fn adopt(&self, key: &str) -> Result<Option<Held>, FetchError> {
+        let Some(held) = self.ledger.lock().unwrap().held.get(key).cloned() else {
+            return Ok(None);
+        };
+        let now = now();
+        // Still valid (with a margin of a tenth of its TTL, at most 1 s), and
+        // either renewable or not yet due for re-issue.
+        let margin = (held.duration as f64 * 0.1).min(1.0);
+        let usable = held.expires - now > margin && (held.renews() || held.due > now);
+        if held.verified {
+            return Ok(usable.then_some(held));
+        }
+        let mut confirmed = None;
+        if usable {
+            if held.lease_id.is_empty() {
+                confirmed = Some(held.clone());
+            } else {
+                let (answer, _) = self
+                    .request(
+                        Method::PUT,
+                        "sys/leases/lookup",
+                        &[],
+                        Some(&json!({ "lease_id": held.lease_id })),
+                        false,
+                    )
+                    .await?;
+                let ttl = answer.body["data"]["ttl"].as_f64().unwrap_or(0.0);
+                if answer.status == 200 && ttl > margin {
+                    let mut h = held.clone();
+                    h.expires = h.expires.min(now + ttl);
+                    confirmed = Some(h);
+                } else if matches!(answer.status, 412 | 429 | 500..=599) {
+                    return Err(FetchError::new(
+                        ErrorKind::Transient,
+                        "vault",
+                        "PUT /v1/sys/leases/lookup",
+                        format!("HTTP {}: {}", answer.status, answer.errors()),
+                    ));
+                }
+            }
+        }
+        let mut ledger = self.ledger.lock().unwrap();
+        match confirmed {
+            Some(mut h) => {
+                h.verified = true;
+                tracing::info!(request = %h.key, lease = %h.lease_id, "adopted a secret from the Vault state file");
+                ledger.held.insert(key.to_string(), h.clone());
+                Ok(Some(h))
+            }
+            None => {
+                tracing::info!(request = %held.key, lease = %held.lease_id, "the secret in the Vault state file is no longer valid; issuing a new one");
+                ledger.held.remove(key);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Renews one held lease; on a definite refusal, re-issues it.
+    async fn renew(&self, held: Held) {
+        let asked = held.duration.max(1);
+        let result = self
+            .request(
+                Method::PUT,
+                "sys/leases/renew",
+                &[],
+                Some(&json!({ "lease_id": held.lease_id, "increment": asked })),
+                false,
+            )
+            .await;
+        let now = now();
+        match result {
+            Ok((answer, _)) if answer.status == 200 => {
+                let got = answer.body["lease_duration"].as_u64().unwrap_or(0);
+                let mut ledger = self.ledger.lock().unwrap();
+                if let Some(h) = ledger.held.get_mut(&held.key)
+                    && h.lease_id == held.lease_id
+                {
+                    h.expires = now + got as f64;
+                    h.capped = got < asked;
+                    // The token that issued it may end first.
+                    if let Some(end) = h.parent_end
+                        && end < h.expires
+                    {
+                        h.expires = end;
+                        h.capped = true;
+                    }
+                    h.failures = 0;
+                    h.schedule(now, self.config.pki_reissue_at);
+                    tracing::debug!(request = %h.key, lease = %h.lease_id, ttl_s = got, capped = h.capped, "Vault lease renewed");
+                }
+            }
+            Ok((answer, _)) if matches!(answer.status, 400 | 403 | 404) => {
+                tracing::warn!(
+                    request = %held.key,
+                    lease = %held.lease_id,
+                    status = answer.status,
+                    error = %answer.errors(),
+                    "Vault refused to renew the lease; issuing a new secret"
+                );
+                self.reissue(held).await;
+            }
+            Ok((answer, _)) => self.retry_later(
+                &held,
+                &format!("HTTP {}: {}", answer.status, answer.errors()),
+            ),
+            Err(e) => self.retry_later(&held, &e.to_string()),
+        }
+    }
+
+    /// Reads the request of `held` again: a new lease or certificate
+    /// replaces the old, and watchers are told.
+    async fn reissue(&self, held: Held) {
+        let method = Method::from_bytes(held.method.as_bytes()).unwrap_or(Method::GET);
+        let body = (!held.params.is_empty()).then(|| {
+            Value::Object(
+                held.params
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                    .collect(),
+            )
+        });
+        let result = self
+            .request(method, &held.path, &[], body.as_ref(), true)
+            .await;
+        match result {
+            Ok((answer, token)) if answer.status == 200 => {
+                let source = Source {
+                    scheme: crate::reference::Scheme::Vault,
+                    path: held.path.clone(),
+                    version: None,
+                    params: held.params.clone(),
+                    form: crate::reference::Form::Scheme,
+                };
+                let kind = if held.certificate { "pki" } else { "" };
+                match Held::from_answer(
+                    held.key.clone(),
+                    &held.method,
+                    &source,
+                    kind,
+                    &answer.body,
+                    &token.accessor,
+                    &self.config,
+                ) {
+                    Some(mut new) => {
+                        new.generation = held.generation + 1;
+                        tracing::info!(
+                            request = %new.key,
+                            lease = %new.lease_id,
+                            ttl_s = new.duration,
+                            "Vault issued a new secret in place of one that could not be kept"
+                        );
+                        self.ledger
+                            .lock()
+                            .unwrap()
+                            .held
+                            .insert(new.key.clone(), new);
+                        self.changes.send_modify(|n| *n += 1);
+                    }
+                    None => {
+                        tracing::warn!(request = %held.key, "Vault's new answer carries no lease or certificate; keeping the old one");
+                        self.ledger.lock().unwrap().held.remove(&held.key);
+                        self.changes.send_modify(|n| *n += 1);
+                    }
+                }
+            }
+            Ok((answer, _)) => self.retry_later(
+                &held,
+                &format!("HTTP {}: {}", answer.status, answer.errors()),
+            ),
+            Err(e) => self.retry_later(&held, &e.to_string()),
+        }
+    }
+
+    /// Backs off after a failure, exponentially from 1 s up to a minute,
+    /// but always inside what is left of the lease.
+    fn retry_later(&self, held: &Held, why: &str) {
+        let now = now();
+        let mut ledger = self.ledger.lock().unwrap();
+        if let Some(h) = ledger.held.get_mut(&held.key) {
+            h.failures += 1;
+            let backoff = (2f64.powi(h.failures.min(6) as i32 - 1)).min(60.0) * jitter(0.8, 1.2);
+            let left = (h.expires - now).max(0.0);
+            h.due = now + backoff.min((left / 2.0).max(0.5));
+            tracing::warn!(request = %h.key, lease = %h.lease_id, error = %why, retry_in_s = h.due - now, "cannot renew or re-issue a Vault secret; will retry");
+        }
+    }
+}
+
+/// The scheduler: sleeps until the token or a held secret needs attention,
+/// renews or re-issues it, writes the state file, and again.
+pub(super) async fn maintain(inner: &Arc<Inner>) {
+    // The token's next action: (accessor, refreshed, due).
+    let mut token_plan: Option<(String, f64, f64)> = None;
+    let mut token_failures = 0u32;
+    loop {
+        let now = now();
+        let token = inner.token.lock().await.clone();
+        if let Some(t) = &token {
+            let same = token_plan
+                .as_ref()
+                .is_some_and(|(a, r, _)| *a == t.accessor && *r == t.refreshed);
+            if !same {
+                token_plan = super::auth::token_due(t, inner.auth.can_login())
+                    .map(|due| (t.accessor.clone(), t.refreshed, due));
+            }
+        }
+        let token_due = token_plan.as_ref().map_or(f64::INFINITY, |p| p.2);
+        let held_due = inner
+            .ledger
+            .lock()
+            .unwrap()
+            .held
+            .values()
+            .map(|h| h.due)
+            .fold(f64::INFINITY, f64::min);
+        let next = token_due.min(held_due);
+        if next > now {
+            let wait = if next.is_finite() {
+                Duration::from_secs_f64(next - now)
+            } else {
+                Duration::from_secs(3600)
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = inner.wake.notified() => {}
+            }
+            continue;
+        }
+        if token_due <= now {
+            match inner.refresh_token().await {
+                Ok(()) => {
+                    token_failures = 0;
+                    token_plan = None;
+                }
+                Err(e) => {
+                    token_failures += 1;
+                    let backoff = (2f64.powi(token_failures.min(6) as i32 - 1)).min(60.0);
+                    tracing::warn!(error = %e, retry_in_s = backoff, "cannot renew the Vault token");
+                    if let Some(p) = token_plan.as_mut() {
+                        p.2 = now + backoff * jitter(0.8, 1.2);
+                    }
+                }
+            }
+        }
+        let due: Vec<Held> = inner
+            .ledger
+            .lock()
+            .unwrap()
+            .held
+            .values()
+            .filter(|h| h.due <= now)
+            .cloned()
+            .collect();
+        for held in due {
+            if held.renews() && !held.lease_id.is_empty() {
+                inner.renew(held).await;
+            } else {
+                inner.reissue(held).await;
+            }
+        }
+        inner.save();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(renewable: bool, duration: u64) -> Held {
+        let source = crate::reference::parse("vault:database/creds/app")
+            .unwrap()
+            .source;
+        Held::from_answer(
+            "GET database/creds/app".into(),
+            "GET",
+            &source,
+            "database",
+            &json!({"lease_id": "database/creds/app/x", "lease_duration": duration, "renewable": renewable, "data": {"username": "u"}}),
+            "acc",
+            &VaultConfig::default(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn renewable_leases_are_renewed_at_about_two_thirds() {
+        for _ in 0..100 {
+            let h = lease(true, 300);
+            let at = (h.due - h.issued) / 300.0;
+            assert!((0.6..0.7).contains(&at), "{at}");
+            assert!(h.renews());
+        }
+    }
+
+    #[test]
+    fn capped_and_non_renewable_leases_are_reissued_before_they_end() {
+        let mut h = lease(false, 100);
+        assert!(!h.renews());
+        let at = (h.due - h.issued) / 100.0;
+        assert!((0.75..0.85).contains(&at), "{at}");
+        let now = h.issued;
+        h.bound_by_token(now + 10.0, now);
+        assert!(h.capped && h.due >= now + 4.0 && h.due < now + 5.0);
+        assert_eq!((h.expires, h.parent_end), (now + 10.0, Some(now + 10.0)));
+    }
+
+    #[test]
+    fn certificates_are_reissued_at_the_configured_fraction() {
+        let source = crate::reference::parse("vault:pki/issue/web?common_name=a")
+            .unwrap()
+            .source;
+        let expiration = now() + 1000.0;
+        let h = Held::from_answer(
+            "POST pki/issue/web?common_name=a".into(),
+            "POST",
+            &source,
+            "pki",
+            &json!({"lease_id": "", "lease_duration": 0, "renewable": false, "data": {"certificate": "c", "expiration": expiration, "serial_number": "01:02"}}),
+            "acc",
+            &VaultConfig {
+                pki_reissue_at: 0.5,
+                ..VaultConfig::default()
+            },
+        )
+        .unwrap();
+        assert!(h.certificate && !h.renews());
+        let at = (h.due - h.issued) / 1000.0;
+        assert!((0.46..0.54).contains(&at), "{at}");
+        assert_eq!(h.version(), "01:02");
+        assert!(
+            Held::from_answer(
+                "GET secret/x".into(),
+                "GET",
+                &source,
+                "kv",
+                &json!({"lease_id": "", "data": {"a": 1}}),
+                "acc",
+                &VaultConfig::default()
+            )
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn the_state_file_is_private_and_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vault.json");
+        let mut ledger = Ledger::default();
+        let h = lease(true, 60);
+        ledger.held.insert(h.key.clone(), h.clone());
+        write_state(&path, &ledger.snapshot("http://v:8200/", None)).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let back = Ledger::load(&path, "http://v:8200/", None);
+        let got = &back.held["GET database/creds/app"];
+        assert_eq!(got.lease_id, h.lease_id);
+        assert!(!got.verified, "a handed-over lease is confirmed before use");
+        assert!(
+            Ledger::load(&path, "http://other:8200/", None)
+                .held
+                .is_empty()
+        );
+        assert!(format!("{got:?}").contains("[redacted]"));
+    }
+}

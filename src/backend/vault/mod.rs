@@ -1,0 +1,1071 @@
+//! `vault:` — HashiCorp Vault (and OpenBao): KV v1 and v2, dynamic secrets
+//! under leases, PKI certificates.
+//!
+//! A reference names the *logical* path, as `vault kv get` takes it:
+//! `vault:secret/app#password`. The mount's type and KV version are looked up
+//! once per mount (`sys/internal/ui/mounts/<path>`) and KV v2 paths are
+//! rewritten (`secret/app` → `secret/data/app`, lists under `metadata/`).
+//! `@N` reads version N of a KV v2 secret. Any other path is read as it is
+//! written (`vault:database/creds/app#username`); with `?params` the request
+//! is a write whose body is the parameters
+//! (`vault:pki/issue/web?common_name=app.example.com#certificate`).
+//!
+//! Reads that issue something — a dynamic secret with a lease, a PKI
+//! certificate — are never repeated to "refresh": what they returned is held
+//! in a [`lease::Ledger`], answered from there while it is valid, renewed by
+//! [`Vault::maintain`] (the scheduler watch mode runs), re-issued only when it
+//! cannot be renewed any more, and optionally written to a state file so that
+//! a sidecar started after the init container adopts the same credentials.
+//!
+//! Logins and token calls go through vaultrs; reads are direct calls, because
+//! a secret injector needs the whole envelope vaultrs strips (lease ids and
+//! durations, KV v2 metadata, the bodies of 404s for deleted versions), and
+//! vaultrs has no `sys/leases` endpoints.
+
+mod auth;
+pub mod lease;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reqwest::{Method, Url};
+use serde_json::{Map, Value};
+
+use super::aws::Aws;
+use super::{Backend, BoxFuture, ErrorKind, FetchError, Fetched, Observation, PlannedCall};
+use crate::environment::Environment;
+use crate::reference::Source;
+use crate::secret::Secret;
+
+pub use auth::Token;
+
+/// Where Kubernetes mounts the pod's service-account token.
+pub const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
+
+/// Settings from `[vault]`; unset ones come from the standard variables.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VaultConfig {
+    pub address: Option<String>,
+    pub namespace: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// How to get a token; `None`: `VAULT_TOKEN`, else `~/.vault-token`.
+    pub auth: Option<AuthConfig>,
+    /// The handoff file: token, leases and certificates, shared by the init
+    /// container and the sidecar.
+    pub state_file: Option<PathBuf>,
+    /// How often watch mode re-reads KV secrets.
+    pub kv_refresh: Duration,
+    /// The fraction of a certificate's lifetime after which it is re-issued.
+    pub pki_reissue_at: f64,
+}
+
+impl Default for VaultConfig {
+    fn default() -> Self {
+        VaultConfig {
+            address: None,
+            namespace: None,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            auth: None,
+            state_file: None,
+            kv_refresh: Duration::from_secs(300),
+            pki_reissue_at: 0.67,
+        }
+    }
+}
+
+/// How envrender logs in to Vault.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AuthConfig {
+    /// A token from a file (re-read at each use), else `VAULT_TOKEN`, else
+    /// `~/.vault-token`.
+    Token { file: Option<PathBuf> },
+    AppRole {
+        mount: String,
+        role_id: RoleId,
+        /// Absent when the role does not bind a secret_id.
+        secret_id_file: Option<PathBuf>,
+    },
+    Kubernetes {
+        mount: String,
+        role: String,
+        /// The service-account JWT, re-read at each login (projected tokens
+        /// rotate).
+        jwt_file: PathBuf,
+    },
+    /// A signed `sts:GetCallerIdentity` request, which Vault replays to AWS.
+    Aws {
+        mount: String,
+        role: Option<String>,
+        /// The mount's `iam_server_id_header_value`, signed into the request.
+        header_value: Option<String>,
+        /// The STS region to sign for (default us-east-1, the global endpoint).
+        region: Option<String>,
+        sts_endpoint: Option<String>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum RoleId {
+    Value(String),
+    File(PathBuf),
+}
+
+/// The backend: a handle on the shared state, so that reads, renewals and
+/// logins can run as tasks of their own.
+#[derive(Clone)]
+pub struct Vault {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    base: Url,
+    namespace: Option<String>,
+    auth: auth::Auth,
+    /// The current token; the async lock makes concurrent reads wait for one
+    /// login instead of each logging in.
+    token: tokio::sync::Mutex<Option<Token>>,
+    mounts: Mutex<Vec<Mount>>,
+    ledger: Mutex<lease::Ledger>,
+    /// Held while the state file is written, so writes land in order.
+    saving: Mutex<()>,
+    config: VaultConfig,
+    /// Bumped whenever a held value is re-issued (for watch mode).
+    changes: tokio::sync::watch::Sender<u64>,
+    /// Wakes the scheduler when something new is held.
+    wake: tokio::sync::Notify,
+}
+
+/// What a mount is, from `sys/internal/ui/mounts`.
+#[derive(Clone, Debug, PartialEq)]
+struct Mount {
+    /// With its trailing slash.
+    path: String,
+    kind: String,
+    kv2: bool,
+}
+
+/// One HTTP answer from Vault.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    /// The JSON body; `Null` when empty.
+    body: Value,
+}
+
+impl Answer {
+    /// The `errors` of an error body, joined.
+    fn errors(&self) -> String {
+        match self.body.get("errors").and_then(Value::as_array) {
+            Some(list) => list
+                .iter()
+                .filter_map(Value::as_str)
+                .map(clean_error)
+                .collect::<Vec<_>>()
+                .join("; "),
+            None => String::new(),
+        }
+    }
+
+    fn invalid_token(&self) -> bool {
+        self.status == 403 && self.errors().contains("invalid token")
+    }
+}
+
+/// One of Vault's error strings on one line: a Go multierror
+/// (`1 error occurred:\n\t* permission denied\n\n`) as its messages.
+pub(crate) fn clean_error(e: &str) -> String {
+    let lines: Vec<&str> = e
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .filter(|l| !(l.ends_with("occurred:") && l.contains(" error")))
+        .map(|l| l.trim_start_matches("* "))
+        .collect();
+    lines.join("; ")
+}
+
+impl Vault {
+    /// The backend, from `[vault]` and `VAULT_ADDR`, `VAULT_NAMESPACE`,
+    /// `VAULT_CACERT`, `VAULT_CLIENT_CERT`/`VAULT_CLIENT_KEY`, `VAULT_TOKEN`.
+    /// `aws` signs AWS IAM logins.
+    pub fn new(
+        config: VaultConfig,
+        env: &dyn Environment,
+        aws: Option<Arc<Aws>>,
+    ) -> Result<Vault, String> {
+        let address = config
+            .address
+            .clone()
+            .or_else(|| env.var("VAULT_ADDR"))
+            .unwrap_or_else(|| "https://127.0.0.1:8200".to_string());
+        let base = Url::parse(&address)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
+            .ok_or_else(|| {
+                format!(
+                    "Vault address \"{address}\" is not an http(s) URL such as https://vault:8200"
+                )
+            })?;
+        let namespace = config
+            .namespace
+            .clone()
+            .or_else(|| env.var("VAULT_NAMESPACE"))
+            .map(|n| n.trim_matches('/').to_string())
+            .filter(|n| !n.is_empty());
+        let mut http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(60))
+            .user_agent(concat!("envrender/", env!("CARGO_PKG_VERSION")));
+        let ca = config
+            .ca_file
+            .clone()
+            .or_else(|| env.var("VAULT_CACERT").map(PathBuf::from));
+        if let Some(ca) = ca {
+            let pem = std::fs::read(&ca)
+                .map_err(|e| format!("cannot read the Vault CA file {}: {e}", ca.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| format!("{} is not a PEM certificate bundle: {e}", ca.display()))?;
+            http = http.tls_certs_merge(certs);
+        }
+        let cert = config
+            .client_cert
+            .clone()
+            .or_else(|| env.var("VAULT_CLIENT_CERT").map(PathBuf::from));
+        let key = config
+            .client_key
+            .clone()
+            .or_else(|| env.var("VAULT_CLIENT_KEY").map(PathBuf::from));
+        match (cert, key) {
+            (Some(cert), Some(key)) => {
+                let mut pem = std::fs::read(&cert).map_err(|e| {
+                    format!(
+                        "cannot read the Vault client certificate {}: {e}",
+                        cert.display()
+                    )
+                })?;
+                pem.extend(std::fs::read(&key).map_err(|e| {
+                    format!("cannot read the Vault client key {}: {e}", key.display())
+                })?);
+                let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+                    format!(
+                        "{} and {} are not a PEM certificate and key: {e}",
+                        cert.display(),
+                        key.display()
+                    )
+                })?;
+                http = http.identity(identity);
+            }
+            (None, None) => {}
+            _ => {
+                return Err(
+                    "a Vault client certificate needs both a certificate and a key (client_cert and client_key, or VAULT_CLIENT_CERT and VAULT_CLIENT_KEY)"
+                        .to_string(),
+                );
+            }
+        }
+        let http = http
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let auth = auth::Auth::new(config.auth.clone(), env, aws);
+        let ledger = match &config.state_file {
+            Some(path) => lease::Ledger::load(path, base.as_str(), namespace.as_deref()),
+            None => lease::Ledger::default(),
+        };
+        Ok(Vault {
+            inner: Arc::new(Inner {
+                http,
+                base,
+                namespace,
+                auth,
+                token: tokio::sync::Mutex::new(None),
+                mounts: Mutex::new(Vec::new()),
+                ledger: Mutex::new(ledger),
+                saving: Mutex::new(()),
+                config,
+                changes: tokio::sync::watch::Sender::new(0),
+                wake: tokio::sync::Notify::new(),
+            }),
+        })
+    }
+
+    /// A receiver that sees a new number each time a held value (dynamic
+    /// secret, certificate) is re-issued.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
+    /// Keeps the token and every held lease and certificate alive: renews
+    /// at about two thirds of their TTL, re-issues what cannot be renewed,
+    /// re-authenticates when the token cannot be renewed. Runs until
+    /// dropped.
+    pub async fn maintain(&self) {
+        lease::maintain(&self.inner).await
+    }
+
+    /// What is held: request, lease id (or certificate serial) and seconds
+    /// left, for `check` and diagnostics.
+    pub fn held(&self) -> Vec<(String, String, u64)> {
+        let now = lease::now();
+        self.inner
+            .ledger
+            .lock()
+            .unwrap()
+            .held
+            .values()
+            .map(|h| {
+                (
+                    h.key.clone(),
+                    h.version(),
+                    (h.expires - now).max(0.0) as u64,
+                )
+            })
+            .collect()
+    }
+}
+
+/// The KV v2 path of a logical path under mount `m` (`shimKVv2Path`):
+/// `secret/app` → `secret/data/app`; paths already under `data/` or
+/// `metadata/` are left alone.
+fn kv2_path(m: &str, logical: &str, part: &str) -> String {
+    if logical == m || format!("{logical}/") == m {
+        return format!("{m}{part}");
+    }
+    let rest = logical.strip_prefix(m).unwrap_or(logical);
+    if rest.starts_with(&format!("{part}/")) || (part == "data" && rest.starts_with("metadata/")) {
+        return logical.to_string();
+    }
+    format!("{m}{part}/{rest}")
+}
+
+/// The request a non-KV source makes: a read, or a write with its
+/// parameters as the body.
+fn request_of(source: &Source) -> (Method, Option<Value>) {
+    if source.params.is_empty() {
+        (Method::GET, None)
+    } else {
+        let body: Map<String, Value> = source
+            .params
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        (Method::POST, Some(Value::Object(body)))
+    }
+}
+
+/// The identity of an issuing request, the key of what it returned.
+fn request_key(source: &Source) -> String {
+    let (method, _) = request_of(source);
+    let mut key = format!("{method} {}", source.path);
+    if !source.params.is_empty() {
+        let q: Vec<String> = source
+            .params
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        key.push('?');
+        key.push_str(&q.join("&"));
+    }
+    key
+}
+
+fn hcl(path: &str, caps: &str) -> String {
+    format!("path \"{path}\" {{ capabilities = [{caps}] }}")
+}
+
+impl Inner {
+    fn url(&self, path: &str) -> Url {
+        let mut url = self.base.clone();
+        {
+            let mut segments = url.path_segments_mut().expect("an http(s) URL has a path");
+            segments.pop_if_empty().push("v1");
+            let parts: Vec<&str> = path.split('/').collect();
+            for (i, part) in parts.iter().enumerate() {
+                // Keep a trailing slash (lists), drop empty inner segments.
+                if !part.is_empty() || i == parts.len() - 1 && i > 0 {
+                    segments.push(part);
+                }
+            }
+        }
+        url
+    }
+
+    /// One request with the given token (or none). Connection failures are
+    /// transient; when `issuing` and the request may have reached Vault, the
+    /// failure is not retried, because a second read would issue a second
+    /// credential.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        token: Option<&str>,
+        body: Option<&Value>,
+        issuing: bool,
+    ) -> Result<Answer, FetchError> {
+        let mut url = self.url(path);
+        if !query.is_empty() {
+            let mut q = url.query_pairs_mut();
+            for (k, v) in query {
+                q.append_pair(k, v);
+            }
+        }
+        let mut request = self
+            .http
+            .request(method.clone(), url)
+            .header("X-Vault-Request", "true");
+        if let Some(t) = token {
+            request = request.header("X-Vault-Token", t);
+        }
+        if let Some(ns) = &self.namespace {
+            request = request.header("X-Vault-Namespace", ns);
+        }
+        if let Some(b) = body {
+            request = request
+                .header("Content-Type", "application/json")
+                .body(b.to_string());
+        }
+        let action = format!("{method} /v1/{path}");
+        let response = request.send().await.map_err(|e| {
+            let maybe_sent = !e.is_connect();
+            let mut err = FetchError::new(
+                ErrorKind::Transient,
+                "vault",
+                action.clone(),
+                format!(
+                    "cannot reach Vault at {}: {}",
+                    self.base,
+                    super::error_chain(&e)
+                ),
+            )
+            .hint("check VAULT_ADDR (a URL such as https://vault:8200), VAULT_CACERT and that Vault is running");
+            if issuing && maybe_sent {
+                err.kind = ErrorKind::Invalid;
+                err.hint = Some(
+                    "not repeated: each read of this path issues new credentials, and the request may have reached Vault; run again".into(),
+                );
+            }
+            err
+        })?;
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await.map_err(|e| {
+            FetchError::new(
+                ErrorKind::Transient,
+                "vault",
+                action.clone(),
+                format!("reading the answer failed: {e}"),
+            )
+        })?;
+        let body = if bytes.iter().all(u8::is_ascii_whitespace) {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).map_err(|_| {
+                FetchError::new(
+                    ErrorKind::Transient,
+                    "vault",
+                    action,
+                    format!("HTTP {status}: the answer is not Vault's JSON"),
+                )
+                .hint("check that VAULT_ADDR points at Vault and not at a proxy or load balancer page")
+            })?
+        };
+        Ok(Answer { status, body })
+    }
+
+    /// A request with the current token. A 403 saying the token is invalid
+    /// (expired, revoked) makes one new login and one replay.
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&Value>,
+        issuing: bool,
+    ) -> Result<(Answer, Token), FetchError> {
+        let token = self.token().await?;
+        let answer = self
+            .send(method.clone(), path, query, Some(&token.id), body, issuing)
+            .await?;
+        if !answer.invalid_token() || !self.auth.can_login() {
+            return Ok((answer, token));
+        }
+        tracing::info!(
+            accessor = %token.accessor,
+            "Vault says the token is no longer valid; logging in again"
+        );
+        let token = self.relogin(&token).await?;
+        let answer = self
+            .send(method, path, query, Some(&token.id), body, issuing)
+            .await?;
+        Ok((answer, token))
+    }
+
+    /// The error for a non-success answer to `action` on `path`.
+    fn status_error(&self, action: &str, path: &str, answer: &Answer, token: &Token) -> FetchError {
+        let text = answer.errors();
+        let status = answer.status;
+        let (kind, hint) = match status {
+            403 if answer.invalid_token() => (
+                ErrorKind::Denied,
+                Some(if self.auth.can_login() {
+                    "the token was rejected again right after a new login; check the auth method's role and Vault's logs".to_string()
+                } else {
+                    "the token has expired or was revoked; give a valid token (VAULT_TOKEN, ~/.vault-token) or configure [vault] auth so envrender can log in".to_string()
+                }),
+            ),
+            403 => {
+                let caps = if action.starts_with("GET") && path.ends_with('/') {
+                    "\"list\""
+                } else if action.starts_with("GET") {
+                    "\"read\""
+                } else {
+                    "\"create\", \"update\""
+                };
+                (
+                    ErrorKind::Denied,
+                    Some(format!(
+                        "the token's policies ({}) lack {caps} on {path}; add to one of them: {}",
+                        token.policies.join(", "),
+                        hcl(path, caps)
+                    )),
+                )
+            }
+            404 => (ErrorKind::NotFound, None),
+            412 | 429 | 500 | 502 | 503 | 504 => (
+                ErrorKind::Transient,
+                (status == 503 && text.contains("sealed"))
+                    .then(|| "Vault is sealed; unseal it".to_string()),
+            ),
+            _ => (ErrorKind::Invalid, None),
+        };
+        let mut e = FetchError::new(
+            kind,
+            "vault",
+            action,
+            if text.is_empty() {
+                format!("HTTP {status}")
+            } else {
+                format!("HTTP {status}: {text}")
+            },
+        );
+        e.hint = hint;
+        e.identity = Some(format!("{} ({})", self.auth.describe(), token.who()));
+        e
+    }
+
+    /// The mount a logical path is under; looked up once per mount.
+    async fn mount(&self, logical: &str) -> Result<Mount, FetchError> {
+        let cached = {
+            let mounts = self.mounts.lock().unwrap();
+            mounts
+                .iter()
+                .filter(|m| logical.starts_with(&m.path) || format!("{logical}/") == m.path)
+                .max_by_key(|m| m.path.len())
+                .cloned()
+        };
+        if let Some(m) = cached {
+            return Ok(m);
+        }
+        let path = format!("sys/internal/ui/mounts/{}", logical.trim_end_matches('/'));
+        let (answer, token) = self.request(Method::GET, &path, &[], None, false).await?;
+        let mount = match answer.status {
+            200 => {
+                let data = &answer.body["data"];
+                let mut mount_path = data["path"].as_str().unwrap_or_default().to_string();
+                if let Some(ns) = &self.namespace {
+                    mount_path = mount_path
+                        .strip_prefix(&format!("{ns}/"))
+                        .map(str::to_string)
+                        .unwrap_or(mount_path);
+                }
+                let kind = data["type"].as_str().unwrap_or_default().to_string();
+                let kv2 = kind == "kv" && data["options"]["version"].as_str() == Some("2");
+                if mount_path.is_empty() {
+                    // No path in the answer: the first segment is the mount.
+                    mount_path = format!("{}/", logical.split('/').next().unwrap_or(logical));
+                }
+                Mount {
+                    path: mount_path,
+                    kind,
+                    kv2,
+                }
+            }
+            // Vault older than the endpoint: plain paths, as KV v1.
+            404 => Mount {
+                path: format!("{}/", logical.split('/').next().unwrap_or(logical)),
+                kind: "kv".to_string(),
+                kv2: false,
+            },
+            403 if !answer.invalid_token() => {
+                let first = logical.split('/').next().unwrap_or(logical);
+                let rest = logical.strip_prefix(&format!("{first}/")).unwrap_or("");
+                let mut e = self.status_error(&format!("GET /v1/{path}"), &path, &answer, &token);
+                e.message = format!(
+                    "HTTP 403: the token's policies give no access under the mount of {logical} (or no mount serves it)"
+                );
+                e.hint = Some(format!(
+                    "grant read on the secret, e.g. for a KV v2 mount {}, and list on {first}/metadata/{} for prefixes; for KV v1 or other engines, {}",
+                    hcl(&format!("{first}/data/{rest}"), "\"read\""),
+                    rest.rsplit_once('/')
+                        .map_or("*".to_string(), |(d, _)| format!("{d}/*")),
+                    hcl(logical, "\"read\"")
+                ));
+                return Err(e);
+            }
+            _ => {
+                return Err(self.status_error(&format!("GET /v1/{path}"), &path, &answer, &token));
+            }
+        };
+        tracing::debug!(mount = %mount.path, kind = %mount.kind, kv2 = mount.kv2, "Vault mount detected");
+        self.mounts.lock().unwrap().push(mount.clone());
+        Ok(mount)
+    }
+
+    async fn fetch_one(&self, source: &Source) -> Result<Fetched, FetchError> {
+        let mount = self.mount(&source.path).await?;
+        if mount.kind == "kv" || mount.kind == "generic" {
+            if source.is_prefix() {
+                return self.read_kv_prefix(source, &mount).await;
+            }
+            if !source.params.is_empty() {
+                return Err(FetchError::new(
+                    ErrorKind::Invalid,
+                    "vault",
+                    "read",
+                    format!("{} is a KV mount; its reads take no parameters", mount.path),
+                )
+                .hint("remove the ?parameters; use @N for a KV v2 version"));
+            }
+            return self
+                .read_kv(source, &mount)
+                .await
+                .map(|(value, version)| Fetched {
+                    value: Secret::new(value),
+                    version,
+                    lease: None,
+                });
+        }
+        if source.version.is_some() {
+            return Err(FetchError::new(
+                ErrorKind::Invalid,
+                "vault",
+                "read",
+                format!(
+                    "@{} asks for a version, but {} is a {} mount; only KV v2 has versions",
+                    source.version.as_deref().unwrap_or_default(),
+                    mount.path,
+                    mount.kind
+                ),
+            ));
+        }
+        self.read_issued(source, &mount).await
+    }
+
+    /// One KV secret: its data and, for KV v2, its version.
+    async fn read_kv(
+        &self,
+        source: &Source,
+        mount: &Mount,
+    ) -> Result<(Value, Option<String>), FetchError> {
+        let logical = source.path.as_str();
+        if !mount.kv2 {
+            if let Some(v) = &source.version {
+                return Err(FetchError::new(
+                    ErrorKind::Invalid,
+                    "vault",
+                    "read",
+                    format!(
+                        "@{v} asks for a version, but {} is a KV v1 mount, which keeps none",
+                        mount.path
+                    ),
+                )
+                .hint(format!("write vault:{logical} for the current value")));
+            }
+            let (answer, token) = self.request(Method::GET, logical, &[], None, false).await?;
+            return match answer.status {
+                200 => Ok((answer.body["data"].clone(), None)),
+                _ => {
+                    Err(self.status_error(&format!("GET /v1/{logical}"), logical, &answer, &token))
+                }
+            };
+        }
+        let path = kv2_path(&mount.path, logical, "data");
+        let query: Vec<(&str, String)> = source
+            .version
+            .iter()
+            .map(|v| ("version", v.clone()))
+            .collect();
+        let (answer, token) = self
+            .request(Method::GET, &path, &query, None, false)
+            .await?;
+        let action = format!("GET /v1/{path}");
+        match answer.status {
+            200 => {
+                let version = answer.body["data"]["metadata"]["version"]
+                    .as_u64()
+                    .map(|v| v.to_string());
+                Ok((answer.body["data"]["data"].clone(), version))
+            }
+            404 => {
+                let metadata = &answer.body["data"]["metadata"];
+                let mut e = self.status_error(&action, &path, &answer, &token);
+                if let Some(when) = metadata["deletion_time"].as_str().filter(|t| !t.is_empty()) {
+                    e.message = format!(
+                        "HTTP 404: version {} was deleted at {when}",
+                        metadata["version"]
+                    );
+                    e.hint = Some(format!(
+                        "undelete it (vault kv undelete -versions={} {logical}) or write a new version",
+                        metadata["version"]
+                    ));
+                } else if metadata["destroyed"].as_bool() == Some(true) {
+                    e.message = format!("HTTP 404: version {} was destroyed", metadata["version"]);
+                } else if let Some(v) = &source.version {
+                    e.message = format!("HTTP 404: {logical} has no version {v}");
+                }
+                Err(e)
+            }
+            _ => Err(self.status_error(&action, &path, &answer, &token)),
+        }
+    }
+
+    /// Every secret directly under a KV folder, as a map by name.
+    async fn read_kv_prefix(&self, source: &Source, mount: &Mount) -> Result<Fetched, FetchError> {
+        let logical = source.path.as_str();
+        let list_path = if mount.kv2 {
+            kv2_path(&mount.path, logical, "metadata")
+        } else {
+            logical.to_string()
+        };
+        let list_path = if list_path.ends_with('/') {
+            list_path
+        } else {
+            format!("{list_path}/")
+        };
+        let (answer, token) = self
+            .request(
+                Method::GET,
+                &list_path,
+                &[("list", "true".into())],
+                None,
+                false,
+            )
+            .await?;
+        let keys: Vec<String> = match answer.status {
+            200 => answer.body["data"]["keys"]
+                .as_array()
+                .map(|k| {
+                    k.iter()
+                        .filter_map(Value::as_str)
+                        .filter(|k| !k.ends_with('/'))
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default(),
+            404 => Vec::new(),
+            _ => {
+                return Err(self.status_error(
+                    &format!("LIST /v1/{list_path}"),
+                    &list_path,
+                    &answer,
+                    &token,
+                ));
+            }
+        };
+        let mut map = Map::new();
+        let mut versions = Vec::new();
+        for k in keys {
+            let child = Source {
+                path: format!("{logical}{k}"),
+                version: None,
+                ..source.clone()
+            };
+            match self.read_kv(&child, mount).await {
+                Ok((value, version)) => {
+                    if let Some(v) = version {
+                        versions.push(format!("{k}:{v}"));
+                    }
+                    map.insert(k, value);
+                }
+                // Deleted between the list and the read.
+                Err(e) if e.kind == ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Fetched {
+            value: Secret::new(Value::Object(map)),
+            version: (mount.kv2).then(|| versions.join(",")),
+            lease: None,
+        })
+    }
+
+    /// A path of another engine: answered from what is held when that is
+    /// still good, else read (or written, with parameters) once.
+    async fn read_issued(&self, source: &Source, mount: &Mount) -> Result<Fetched, FetchError> {
+        let key = request_key(source);
+        if let Some(held) = self.adopt(&key).await? {
+            return Ok(held.fetched());
+        }
+        let (method, body) = request_of(source);
+        let path = source.path.as_str();
+        let (answer, token) = self
+            .request(method.clone(), path, &[], body.as_ref(), true)
+            .await?;
+        let action = format!("{method} /v1/{path}");
+        if answer.status != 200 {
+            let mut e = self.status_error(&action, path, &answer, &token);
+            if answer.status == 204 {
+                e.kind = ErrorKind::NotFound;
+                e.message = "HTTP 204: Vault returned no data".into();
+            }
+            return Err(e);
+        }
+        let held = lease::Held::from_answer(
+            key.clone(),
+            method.as_str(),
+            source,
+            &mount.kind,
+            &answer.body,
+            &token.accessor,
+            &self.config,
+        );
+        match held {
+            Some(held) => {
+                tracing::info!(
+                    request = %held.key,
+                    lease = %held.lease_id,
+                    ttl_s = held.duration,
+                    "Vault issued a new secret"
+                );
+                let fetched = held.fetched();
+                self.hold(held);
+                Ok(fetched)
+            }
+            None => Ok(Fetched::new(Secret::new(answer.body["data"].clone()))),
+        }
+    }
+
+    fn hold(&self, held: lease::Held) {
+        {
+            let mut ledger = self.ledger.lock().unwrap();
+            ledger.held.insert(held.key.clone(), held);
+        }
+        self.save();
+        self.wake.notify_one();
+    }
+
+    /// Writes the state file, when there is one.
+    fn save(&self) {
+        if let Some(path) = &self.config.state_file {
+            let _serial = self.saving.lock().unwrap();
+            let snapshot = self
+                .ledger
+                .lock()
+                .unwrap()
+                .snapshot(self.base.as_str(), self.namespace.as_deref());
+            if let Err(e) = lease::write_state(path, &snapshot) {
+                tracing::warn!(file = %path.display(), error = %e, "cannot write the Vault state file");
+            }
+        }
+    }
+}
+
+impl Backend for Vault {
+    fn name(&self) -> &'static str {
+        "vault"
+    }
+
+    fn plan(&self, sources: &[Source]) -> Vec<PlannedCall> {
+        let target = Some(self.inner.base.to_string());
+        let mut calls = vec![PlannedCall {
+            target: target.clone(),
+            action: "login".into(),
+            detail: self.inner.auth.describe(),
+        }];
+        let mut mounts: Vec<&str> = sources
+            .iter()
+            .map(|s| s.path.split('/').next().unwrap_or_default())
+            .collect();
+        mounts.sort();
+        mounts.dedup();
+        for m in mounts {
+            calls.push(PlannedCall {
+                target: target.clone(),
+                action: "GET sys/internal/ui/mounts".into(),
+                detail: format!("{m}/ (type and KV version, once)"),
+            });
+        }
+        for s in sources {
+            let (method, _) = request_of(s);
+            calls.push(PlannedCall {
+                target: target.clone(),
+                action: if s.is_prefix() {
+                    "LIST + GET".into()
+                } else {
+                    method.to_string()
+                },
+                detail: format!(
+                    "{}{}",
+                    s.path,
+                    s.version
+                        .as_ref()
+                        .map(|v| format!(" version {v}"))
+                        .unwrap_or_default()
+                ),
+            });
+        }
+        calls
+    }
+
+    fn fetch<'a>(
+        &'a self,
+        sources: &'a [Source],
+    ) -> BoxFuture<'a, Vec<Result<Fetched, FetchError>>> {
+        Box::pin(async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            for (i, s) in sources.iter().enumerate() {
+                let (inner, s) = (self.inner.clone(), s.clone());
+                tasks.spawn(async move { (i, inner.fetch_one(&s).await) });
+            }
+            let mut out: Vec<Option<Result<Fetched, FetchError>>> = vec![None; sources.len()];
+            while let Some(done) = tasks.join_next().await {
+                if let Ok((i, r)) = done {
+                    out[i] = Some(r);
+                }
+            }
+            out.into_iter()
+                .map(|r| {
+                    r.unwrap_or_else(|| {
+                        Err(FetchError::new(
+                            ErrorKind::Transient,
+                            "vault",
+                            "read",
+                            "the request did not complete",
+                        ))
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn watches(&self, sources: &[Source]) -> Vec<String> {
+        if sources.is_empty() {
+            return Vec::new();
+        }
+        vec![format!(
+            "{} source{}: KV secrets re-read every {} (a change is a new version); leases renewed at about 2/3 of their TTL and re-issued at their max TTL; certificates re-issued at {:.0}% of their lifetime",
+            sources.len(),
+            if sources.len() == 1 { "" } else { "s" },
+            humantime::format_duration(self.inner.config.kv_refresh),
+            self.inner.config.pki_reissue_at * 100.0,
+        )]
+    }
+
+    fn poll_interval(&self) -> Duration {
+        self.inner.config.kv_refresh
+    }
+
+    /// Held values (leases, certificates) are compared with the ledger,
+    /// which the scheduler keeps current, with no request; KV secrets are
+    /// read again and compared by version.
+    fn observe<'a>(&'a self, known: &'a [(Source, Fetched)]) -> BoxFuture<'a, Vec<Observation>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(known.len());
+            for (source, old) in known {
+                let held = {
+                    let ledger = self.inner.ledger.lock().unwrap();
+                    ledger.held.get(&request_key(source)).cloned()
+                };
+                let fresh = match held {
+                    Some(h) => Ok(h.fetched()),
+                    None => self.inner.fetch_one(source).await,
+                };
+                out.push(match fresh {
+                    Ok(new) if old.differs_from(&new) => Observation::Changed(new),
+                    Ok(_) => Observation::Unchanged,
+                    Err(e) => Observation::Failed(e),
+                });
+            }
+            out
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn multierrors_read_as_their_messages() {
+        assert_eq!(
+            clean_error("1 error occurred:\n\t* permission denied\n\n"),
+            "permission denied"
+        );
+        assert_eq!(clean_error("2 errors occurred:\n\t* a\n\t* b\n\n"), "a; b");
+        assert_eq!(clean_error("lease not found"), "lease not found");
+    }
+
+    #[test]
+    fn kv2_paths_are_rewritten_like_the_vault_cli() {
+        assert_eq!(
+            kv2_path("secret/", "secret/app/db", "data"),
+            "secret/data/app/db"
+        );
+        assert_eq!(kv2_path("secret/", "secret", "data"), "secret/data");
+        assert_eq!(
+            kv2_path("secret/", "secret/data/app", "data"),
+            "secret/data/app"
+        );
+        assert_eq!(
+            kv2_path("secret/", "secret/app/", "metadata"),
+            "secret/metadata/app/"
+        );
+        assert_eq!(kv2_path("team/kv/", "team/kv/x", "data"), "team/kv/data/x");
+    }
+
+    #[test]
+    fn requests_with_parameters_are_writes() {
+        let r = crate::reference::parse("vault:pki/issue/web?ttl=1h&common_name=a.example.com")
+            .unwrap();
+        let (method, body) = request_of(&r.source);
+        assert_eq!(method, Method::POST);
+        assert_eq!(
+            body.unwrap(),
+            json!({"common_name": "a.example.com", "ttl": "1h"})
+        );
+        assert_eq!(
+            request_key(&r.source),
+            "POST pki/issue/web?common_name=a.example.com&ttl=1h"
+        );
+        let r = crate::reference::parse("vault:database/creds/app#username").unwrap();
+        assert_eq!(request_of(&r.source).0, Method::GET);
+        assert_eq!(request_key(&r.source), "GET database/creds/app");
+    }
+
+    #[test]
+    fn urls_keep_list_slashes() {
+        let v = Vault::new(
+            VaultConfig {
+                address: Some("http://127.0.0.1:8200".into()),
+                ..VaultConfig::default()
+            },
+            &crate::environment::MapEnv::default(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            v.inner.url("secret/metadata/app/").as_str(),
+            "http://127.0.0.1:8200/v1/secret/metadata/app/"
+        );
+        assert_eq!(
+            v.inner.url("secret/data/a b").as_str(),
+            "http://127.0.0.1:8200/v1/secret/data/a%20b"
+        );
+    }
+}
