@@ -197,7 +197,7 @@ fn every_unresolved_reference_is_listed_with_its_users() {
         .stderr_has("nope.yaml: No such file or directory")
         .stderr_has("file:values.yaml#db.pass")
         .stderr_has("vault:secret/x")
-        .stderr_has("no vault: backend")
+        .stderr_has("no Vault token: VAULT_TOKEN is not set")
         .no_canary();
     assert!(!run.stderr.contains("env:HOME"));
     assert!(!d.join("t.out").exists() && !d.join("out.env").exists());

@@ -918,3 +918,123 @@ async fn certificates_are_reissued_before_they_expire() {
     ));
     task.abort();
 }
+
+#[test]
+fn aws_iam_login_signs_get_caller_identity_for_vault_to_replay() {
+    let (server, _, _) = app_server();
+    server.kv2_put("secret/", "app/db", json!({"password": "via-iam"}));
+    // An emulator that checks signatures and IAM: the user, its policy and
+    // its key are the 3 requests made before enforcement starts.
+    let moto = support::aws::Moto::start(&[("INITIAL_NO_AUTH_ACTION_COUNT", "3")]);
+    let allow = r#"{"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "sts:GetCallerIdentity", "Resource": "*"}]}"#;
+    let (key, secret) = support::aws::auth_setup(&moto.url, allow, &[]);
+    server.aws_role(
+        "app",
+        Role {
+            policies: vec!["app".into()],
+            ttl: 600,
+            arns: vec![format!(
+                "arn:aws:iam::{}:user/envrender-test",
+                support::aws::ACCOUNT
+            )],
+            ..Role::default()
+        },
+    );
+    server.aws_server_id("vault.example.com");
+    let d = Dir::new();
+    d.write(
+        "envrender.toml",
+        "[vault.auth]\nmethod = \"aws\"\nrole = \"app\"\nheader_value = \"vault.example.com\"\n",
+    );
+    let login = |secret: &str| {
+        d.cmd(&["get", "vault:secret/app/db#password"])
+            .aws(&moto.url)
+            .env("AWS_ACCESS_KEY_ID", &key)
+            .env("AWS_SECRET_ACCESS_KEY", secret)
+            .env("VAULT_ADDR", &server.url)
+            .run()
+    };
+    login(&secret).success().stdout_has("via-iam");
+    assert_eq!(server.count("logins"), 1);
+    // A wrong secret key: STS rejects the signature Vault replays.
+    let run = login("wrong-secret-key").code(1);
+    let run = run
+        .stderr_has("aws iam login at auth/aws as role \"app\"")
+        .stderr_has("error code 403 from STS");
+    assert!(!run.stderr.contains("wrong-secret-key"));
+    // Without the server-ID header the mount asks for, Vault refuses.
+    d.write(
+        "envrender.toml",
+        "[vault.auth]\nmethod = \"aws\"\nrole = \"app\"\n",
+    );
+    login(&secret)
+        .code(1)
+        .stderr_has("X-Vault-AWS-IAM-Server-ID");
+    assert_eq!(server.count("logins"), 1);
+}
+
+#[test]
+fn vault_over_tls_with_a_private_ca() {
+    let server = VaultServer::start();
+    server.kv2_put("secret/", "app", json!({"password": "over-tls"}));
+    let (url, ca) = support::tls_front(server.url.trim_start_matches("http://"));
+    let d = Dir::new();
+    d.write("ca.pem", &ca);
+    let get = || {
+        d.cmd(&["get", "vault:secret/app#password"])
+            .env("VAULT_ADDR", &url)
+            .env("VAULT_TOKEN", &server.root_token)
+    };
+    get()
+        .env("VAULT_CACERT", "ca.pem")
+        .run()
+        .success()
+        .stdout_has("over-tls");
+    // Without the CA the certificate is not trusted, and the error says where to look.
+    get().run().code(1).stderr_has("VAULT_CACERT");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_secrets_are_looked_at_again_by_version() {
+    let server = VaultServer::start();
+    server.kv2_put("secret/", "app", json!({"password": "one"}));
+    server.kv1_put("kv/", "legacy", json!({"user": "a"}));
+    let vault = Vault::new(
+        VaultConfig {
+            address: Some(server.url.clone()),
+            ..VaultConfig::default()
+        },
+        &MapEnv::new([("VAULT_TOKEN", server.root_token.clone())]),
+        None,
+    )
+    .unwrap();
+    assert_eq!(vault.poll_interval(), Duration::from_secs(300));
+    let sources = [source("vault:secret/app"), source("vault:kv/legacy")];
+    let first: Vec<_> = vault
+        .fetch(&sources)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(first[0].version.as_deref(), Some("1"));
+    let known: Vec<_> = sources.iter().cloned().zip(first).collect();
+    let unchanged = |o: &envrender::backend::Observation| {
+        matches!(o, envrender::backend::Observation::Unchanged)
+    };
+    assert!(vault.observe(&known).await.iter().all(unchanged));
+    server.kv2_put("secret/", "app", json!({"password": "two"}));
+    server.kv1_put("kv/", "legacy", json!({"user": "b"}));
+    let seen = vault.observe(&known).await;
+    for o in &seen {
+        match o {
+            envrender::backend::Observation::Changed(f) => {
+                assert!(
+                    f.value.expose() == &json!({"password": "two"})
+                        || f.value.expose() == &json!({"user": "b"})
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -91,8 +91,9 @@ pub(super) enum Auth {
         source: String,
     },
     /// A token file, re-read whenever a new token is needed (a sink written
-    /// by another agent, `~/.vault-token`).
-    File(PathBuf),
+    /// by another agent); `home`: the CLI's `~/.vault-token`, used when
+    /// nothing else is configured.
+    File { path: PathBuf, home: bool },
     AppRole {
         mount: String,
         role_id: RoleId,
@@ -120,7 +121,10 @@ impl Auth {
         aws: Option<Arc<Aws>>,
     ) -> Auth {
         match config {
-            Some(AuthConfig::Token { file: Some(f) }) => Auth::File(f),
+            Some(AuthConfig::Token { file: Some(f) }) => Auth::File {
+                path: f,
+                home: false,
+            },
             None | Some(AuthConfig::Token { file: None }) => {
                 match env.var("VAULT_TOKEN").filter(|t| !t.trim().is_empty()) {
                     Some(t) => Auth::Static {
@@ -128,7 +132,10 @@ impl Auth {
                         source: "VAULT_TOKEN".into(),
                     },
                     None => match env.var("HOME") {
-                        Some(home) => Auth::File(PathBuf::from(home).join(".vault-token")),
+                        Some(home) => Auth::File {
+                            path: PathBuf::from(home).join(".vault-token"),
+                            home: true,
+                        },
                         None => Auth::Static {
                             token: None,
                             source: "no token".into(),
@@ -165,7 +172,9 @@ impl Auth {
                 role,
                 header_value,
                 region,
-                sts_endpoint: sts_endpoint.or_else(|| env.var("AWS_ENDPOINT_URL_STS")),
+                sts_endpoint: sts_endpoint
+                    .or_else(|| env.var("AWS_ENDPOINT_URL_STS"))
+                    .or_else(|| env.var("AWS_ENDPOINT_URL")),
                 aws,
             },
         }
@@ -176,7 +185,7 @@ impl Auth {
         match self {
             Auth::Static { source, .. } if source == "no token" => "no Vault token".into(),
             Auth::Static { source, .. } => format!("token from {source}"),
-            Auth::File(f) => format!("token from {}", f.display()),
+            Auth::File { path, .. } => format!("token from {}", path.display()),
             Auth::AppRole { mount, role_id, .. } => format!(
                 "approle login at auth/{mount} (role_id {})",
                 match role_id {
@@ -218,7 +227,19 @@ impl Auth {
                 "set VAULT_TOKEN, or configure [vault] auth (approle, kubernetes, aws, token_file)",
             )),
             Auth::Static { token: Some(t), .. } => lookup(inner, t.clone(), method).await,
-            Auth::File(path) => {
+            Auth::File { path, home: true } if !path.exists() => Err(FetchError::new(
+                ErrorKind::Invalid,
+                "vault",
+                "login",
+                format!(
+                    "no Vault token: VAULT_TOKEN is not set and there is no {}",
+                    path.display()
+                ),
+            )
+            .hint(
+                "set VAULT_TOKEN, or configure [vault] auth (approle, kubernetes, aws, token_file)",
+            )),
+            Auth::File { path, .. } => {
                 let t = read_secret_file(path, "token")?;
                 lookup(inner, t, method).await
             }
@@ -436,14 +457,26 @@ fn client_error(action: &str, e: ClientError, hint: &str, method: &str) -> Fetch
                 },
             )
         }
-        ClientError::RestClientError { .. } => (
-            ErrorKind::Transient,
-            format!("cannot reach Vault: {}", crate::backend::error_chain(&e)),
-        ),
+        ClientError::RestClientError { .. } => {
+            let chain = crate::backend::error_chain(&e);
+            let kind = if chain.contains("certificate") {
+                ErrorKind::Invalid
+            } else {
+                ErrorKind::Transient
+            };
+            (kind, format!("cannot reach Vault: {chain}"))
+        }
         other => (
             ErrorKind::Invalid,
             format!("unexpected answer: {}", crate::backend::error_chain(other)),
         ),
+    };
+    let hint = if message.contains("certificate") {
+        "Vault's TLS certificate is not trusted: give its CA with VAULT_CACERT or [vault] ca_file"
+    } else if matches!(e, ClientError::RestClientError { .. }) {
+        "check VAULT_ADDR (a URL such as https://vault:8200) and that Vault is running"
+    } else {
+        hint
     };
     let mut err = FetchError::new(kind, "vault", action, message).hint(hint);
     err.identity = Some(method.to_string());
@@ -575,7 +608,13 @@ impl Inner {
             }
         }
         let new = self.auth.login(self).await?;
-        tracing::info!(method = %self.auth.describe(), accessor = %new.accessor, ttl_s = new.ttl, "logged in to Vault");
+        tracing::info!(
+            method = %self.auth.describe(),
+            accessor = %new.accessor,
+            ttl_s = new.expires.map_or(0.0, |e| (e - now).max(0.0)) as u64,
+            "{}",
+            if self.auth.can_login() { "logged in to Vault" } else { "Vault token accepted" }
+        );
         self.replace_token(&mut slot, new.clone(), false);
         Ok(new)
     }

@@ -444,7 +444,13 @@ impl Inner {
                 ),
             )
             .hint("check VAULT_ADDR (a URL such as https://vault:8200), VAULT_CACERT and that Vault is running");
-            if issuing && maybe_sent {
+            if err.message.contains("certificate") {
+                // Not transient: retrying cannot make a certificate trusted.
+                err.kind = ErrorKind::Invalid;
+                err.hint = Some(
+                    "Vault's TLS certificate is not trusted: give its CA with VAULT_CACERT or [vault] ca_file".into(),
+                );
+            } else if issuing && maybe_sent {
                 err.kind = ErrorKind::Invalid;
                 err.hint = Some(
                     "not repeated: each read of this path issues new credentials, and the request may have reached Vault; run again".into(),
