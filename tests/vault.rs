@@ -767,6 +767,32 @@ async fn current_user(vault: &Vault) -> String {
         .to_string()
 }
 
+/// Looks at the credential in use every 200 ms until `until` after
+/// `start`, asserting Vault still takes it each time; returns each
+/// credential seen, in order.
+async fn credentials_over_time(
+    vault: &Vault,
+    server: &VaultServer,
+    first: String,
+    start: std::time::Instant,
+    until: Duration,
+) -> Vec<String> {
+    let mut users = vec![first];
+    while start.elapsed() < until {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let user = current_user(vault).await;
+        assert!(
+            server.valid_credentials().contains(&user),
+            "{user} is not valid at {:?} (seen: {users:?})",
+            start.elapsed()
+        );
+        if users.last() != Some(&user) {
+            users.push(user);
+        }
+    }
+    users
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_lease_is_kept_valid_by_renewals_then_reissued_at_its_max_ttl() {
     let server = VaultServer::start();
@@ -775,19 +801,8 @@ async fn a_short_lease_is_kept_valid_by_renewals_then_reissued_at_its_max_ttl() 
     let mut changes = vault.changes();
     let first = current_user(&vault).await;
     let start = std::time::Instant::now();
-    let mut users = vec![first.clone()];
-    while start.elapsed() < Duration::from_millis(13_500) {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let user = current_user(&vault).await;
-        assert!(
-            server.valid_credentials().contains(&user),
-            "{user} is not valid at {:?}",
-            start.elapsed()
-        );
-        if users.last() != Some(&user) {
-            users.push(user);
-        }
-    }
+    let users =
+        credentials_over_time(&vault, &server, first, start, Duration::from_millis(13_500)).await;
     task.abort();
     // Renewed (about every 1.3 s) until the max TTL, then re-issued once.
     assert_eq!(users.len(), 2, "{users:?}");
@@ -834,21 +849,9 @@ async fn a_new_login_does_not_reissue_what_the_old_token_still_keeps() {
     assert_eq!(server.count("leases_issued"), 1, "re-issued on login");
     assert_eq!(current_user(&vault).await, first);
     // The old token ends at 12 s and its lease with it: re-issued once before.
-    let mut users = vec![first];
-    while start.elapsed() < Duration::from_secs(16) {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let user = current_user(&vault).await;
-        assert!(
-            server.valid_credentials().contains(&user),
-            "{user} invalid at {:?} (new login at {relogin:?})",
-            start.elapsed()
-        );
-        if users.last() != Some(&user) {
-            users.push(user);
-        }
-    }
+    let users = credentials_over_time(&vault, &server, first, start, Duration::from_secs(16)).await;
     task.abort();
-    assert_eq!(users.len(), 2, "{users:?}");
+    assert_eq!(users.len(), 2, "{users:?} (new login at {relogin:?})");
     assert_eq!(server.count("leases_issued"), 2);
     assert_eq!(server.count("logins"), 2);
 }

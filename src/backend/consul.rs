@@ -761,31 +761,10 @@ impl Backend for Consul {
         &'a self,
         sources: &'a [Source],
     ) -> BoxFuture<'a, Vec<Result<Fetched, FetchError>>> {
-        Box::pin(async move {
-            let mut tasks = JoinSet::new();
-            for (i, s) in sources.iter().enumerate() {
-                let (client, s) = (self.client.clone(), s.clone());
-                tasks.spawn(async move { (i, client.fetch_one(&s).await) });
-            }
-            let mut out: Vec<Option<Result<Fetched, FetchError>>> = vec![None; sources.len()];
-            while let Some(done) = tasks.join_next().await {
-                if let Ok((i, r)) = done {
-                    out[i] = Some(r);
-                }
-            }
-            out.into_iter()
-                .map(|r| {
-                    r.unwrap_or_else(|| {
-                        Err(FetchError::new(
-                            ErrorKind::Transient,
-                            "consul",
-                            "GET",
-                            "the request did not complete",
-                        ))
-                    })
-                })
-                .collect()
-        })
+        Box::pin(super::fetch_each("consul", sources, |s| {
+            let client = self.client.clone();
+            async move { client.fetch_one(&s).await }
+        }))
     }
 
     fn poll_interval(&self) -> Duration {

@@ -237,6 +237,42 @@ pub trait Backend: Send + Sync {
     }
 }
 
+/// Fetches each source as a task of its own (for backends whose requests
+/// take one source each) and answers in the sources' order.
+pub async fn fetch_each<F, Fut>(
+    name: &'static str,
+    sources: &[Source],
+    fetch_one: F,
+) -> Vec<Result<Fetched, FetchError>>
+where
+    F: Fn(Source) -> Fut,
+    Fut: Future<Output = Result<Fetched, FetchError>> + Send + 'static,
+{
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, s) in sources.iter().enumerate() {
+        let fetch = fetch_one(s.clone());
+        tasks.spawn(async move { (i, fetch.await) });
+    }
+    let mut out: Vec<Option<Result<Fetched, FetchError>>> = vec![None; sources.len()];
+    while let Some(done) = tasks.join_next().await {
+        if let Ok((i, r)) = done {
+            out[i] = Some(r);
+        }
+    }
+    out.into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(FetchError::new(
+                    ErrorKind::Transient,
+                    name,
+                    "fetch",
+                    "the request did not complete",
+                ))
+            })
+        })
+        .collect()
+}
+
 /// An error and its sources, by their `Display`, each once.
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();

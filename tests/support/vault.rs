@@ -988,12 +988,22 @@ async fn aws_login(s: &VaultServer, body: &[u8]) -> Response {
             )],
         );
     }
-    st.count("logins");
     let meta = BTreeMap::from([
         ("auth_type".to_string(), "iam".to_string()),
         ("canonical_arn".to_string(), arn.clone()),
         ("client_arn".to_string(), arn),
     ]);
+    login_answer(&mut st, &role, "auth/aws/login", meta)
+}
+
+/// A successful login: a token for `role`, in Vault's login envelope.
+fn login_answer(
+    st: &mut State,
+    role: &Role,
+    path: &str,
+    meta: BTreeMap<String, String>,
+) -> Response {
+    st.count("logins");
     let token = st.issue_token(
         role.policies.clone(),
         role.ttl.max(1),
@@ -1002,7 +1012,7 @@ async fn aws_login(s: &VaultServer, body: &[u8]) -> Response {
         } else {
             role.max_ttl
         }),
-        "auth/aws/login",
+        path,
         meta,
     );
     let now = st.now();
@@ -1053,28 +1063,8 @@ fn login(st: &mut State, rest: &str, data: &Value) -> Option<Response> {
                     n => entry.1 = n - 1,
                 }
             }
-            st.count("logins");
             let meta = BTreeMap::from([("role_name".to_string(), name)]);
-            let token = st.issue_token(
-                role.policies.clone(),
-                role.ttl.max(1),
-                Some(if role.max_ttl == 0 {
-                    SYSTEM_TTL
-                } else {
-                    role.max_ttl
-                }),
-                "auth/approle/login",
-                meta,
-            );
-            let now = st.now();
-            Some(ok(envelope(
-                Value::Null,
-                "",
-                0,
-                false,
-                auth_block(&token, now),
-                Value::Null,
-            )))
+            Some(login_answer(st, &role, "auth/approle/login", meta))
         }
         "kubernetes/login" => {
             let Some(role_name) = field("role") else {
@@ -1092,31 +1082,11 @@ fn login(st: &mut State, rest: &str, data: &Value) -> Option<Response> {
             if !role.jwts.contains(&jwt) {
                 return Some(errors(StatusCode::FORBIDDEN, &["permission denied"]));
             }
-            st.count("logins");
             let meta = BTreeMap::from([
                 ("role".to_string(), role_name),
                 ("service_account_name".to_string(), "app".to_string()),
             ]);
-            let token = st.issue_token(
-                role.policies.clone(),
-                role.ttl.max(1),
-                Some(if role.max_ttl == 0 {
-                    SYSTEM_TTL
-                } else {
-                    role.max_ttl
-                }),
-                "auth/kubernetes/login",
-                meta,
-            );
-            let now = st.now();
-            Some(ok(envelope(
-                Value::Null,
-                "",
-                0,
-                false,
-                auth_block(&token, now),
-                Value::Null,
-            )))
+            Some(login_answer(st, &role, "auth/kubernetes/login", meta))
         }
         _ => None,
     }

@@ -94,22 +94,10 @@ pub(super) enum Auth {
     /// by another agent); `home`: the CLI's `~/.vault-token`, used when
     /// nothing else is configured.
     File { path: PathBuf, home: bool },
-    AppRole {
-        mount: String,
-        role_id: RoleId,
-        secret_id_file: Option<PathBuf>,
-    },
-    Kubernetes {
-        mount: String,
-        role: String,
-        jwt_file: PathBuf,
-    },
-    Aws {
-        mount: String,
-        role: Option<String>,
-        header_value: Option<String>,
-        region: Option<String>,
-        sts_endpoint: Option<String>,
+    /// A login with the configured method (approle, kubernetes, aws);
+    /// `aws` signs AWS IAM logins.
+    Login {
+        config: AuthConfig,
         aws: Option<Arc<Aws>>,
     },
 }
@@ -143,40 +131,25 @@ impl Auth {
                     },
                 }
             }
-            Some(AuthConfig::AppRole {
-                mount,
-                role_id,
-                secret_id_file,
-            }) => Auth::AppRole {
-                mount,
-                role_id,
-                secret_id_file,
-            },
-            Some(AuthConfig::Kubernetes {
-                mount,
-                role,
-                jwt_file,
-            }) => Auth::Kubernetes {
-                mount,
-                role,
-                jwt_file,
-            },
             Some(AuthConfig::Aws {
                 mount,
                 role,
                 header_value,
                 region,
                 sts_endpoint,
-            }) => Auth::Aws {
-                mount,
-                role,
-                header_value,
-                region,
-                sts_endpoint: sts_endpoint
-                    .or_else(|| env.var("AWS_ENDPOINT_URL_STS"))
-                    .or_else(|| env.var("AWS_ENDPOINT_URL")),
+            }) => Auth::Login {
+                config: AuthConfig::Aws {
+                    mount,
+                    role,
+                    header_value,
+                    region,
+                    sts_endpoint: sts_endpoint
+                        .or_else(|| env.var("AWS_ENDPOINT_URL_STS"))
+                        .or_else(|| env.var("AWS_ENDPOINT_URL")),
+                },
                 aws,
             },
+            Some(config) => Auth::Login { config, aws },
         }
     }
 
@@ -186,17 +159,30 @@ impl Auth {
             Auth::Static { source, .. } if source == "no token" => "no Vault token".into(),
             Auth::Static { source, .. } => format!("token from {source}"),
             Auth::File { path, .. } => format!("token from {}", path.display()),
-            Auth::AppRole { mount, role_id, .. } => format!(
+            Auth::Login {
+                config: AuthConfig::Token { .. },
+                ..
+            } => "token".into(),
+            Auth::Login {
+                config: AuthConfig::AppRole { mount, role_id, .. },
+                ..
+            } => format!(
                 "approle login at auth/{mount} (role_id {})",
                 match role_id {
                     RoleId::Value(_) => "from the configuration".to_string(),
                     RoleId::File(f) => format!("from {}", f.display()),
                 }
             ),
-            Auth::Kubernetes { mount, role, .. } => {
+            Auth::Login {
+                config: AuthConfig::Kubernetes { mount, role, .. },
+                ..
+            } => {
                 format!("kubernetes login at auth/{mount} as role \"{role}\"")
             }
-            Auth::Aws { mount, role, .. } => format!(
+            Auth::Login {
+                config: AuthConfig::Aws { mount, role, .. },
+                ..
+            } => format!(
                 "aws iam login at auth/{mount}{}",
                 role.as_ref()
                     .map(|r| format!(" as role \"{r}\""))
@@ -243,10 +229,23 @@ impl Auth {
                 let t = read_secret_file(path, "token")?;
                 lookup(inner, t, method).await
             }
-            Auth::AppRole {
-                mount,
-                role_id,
-                secret_id_file,
+            Auth::Login {
+                config: AuthConfig::Token { .. },
+                ..
+            } => Err(FetchError::new(
+                ErrorKind::Invalid,
+                "vault",
+                "login",
+                "the token method has no login; give VAULT_TOKEN or a token_file",
+            )),
+            Auth::Login {
+                config:
+                    AuthConfig::AppRole {
+                        mount,
+                        role_id,
+                        secret_id_file,
+                    },
+                ..
             } => {
                 let role_id = match role_id {
                     RoleId::Value(v) => v.clone(),
@@ -267,10 +266,14 @@ impl Auth {
                     })?;
                 Ok(Token::from_auth(info, method))
             }
-            Auth::Kubernetes {
-                mount,
-                role,
-                jwt_file,
+            Auth::Login {
+                config:
+                    AuthConfig::Kubernetes {
+                        mount,
+                        role,
+                        jwt_file,
+                    },
+                ..
             } => {
                 let jwt = read_secret_file(jwt_file, "service-account token")?;
                 let info = vaultrs::auth::kubernetes::login(&client(inner, ""), mount, role, &jwt)
@@ -284,12 +287,15 @@ impl Auth {
                     })?;
                 Ok(Token::from_auth(info, method))
             }
-            Auth::Aws {
-                mount,
-                role,
-                header_value,
-                region,
-                sts_endpoint,
+            Auth::Login {
+                config:
+                    AuthConfig::Aws {
+                        mount,
+                        role,
+                        header_value,
+                        region,
+                        sts_endpoint,
+                    },
                 aws,
             } => {
                 let Some(aws) = aws else {

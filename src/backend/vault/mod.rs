@@ -932,31 +932,10 @@ impl Backend for Vault {
         &'a self,
         sources: &'a [Source],
     ) -> BoxFuture<'a, Vec<Result<Fetched, FetchError>>> {
-        Box::pin(async move {
-            let mut tasks = tokio::task::JoinSet::new();
-            for (i, s) in sources.iter().enumerate() {
-                let (inner, s) = (self.inner.clone(), s.clone());
-                tasks.spawn(async move { (i, inner.fetch_one(&s).await) });
-            }
-            let mut out: Vec<Option<Result<Fetched, FetchError>>> = vec![None; sources.len()];
-            while let Some(done) = tasks.join_next().await {
-                if let Ok((i, r)) = done {
-                    out[i] = Some(r);
-                }
-            }
-            out.into_iter()
-                .map(|r| {
-                    r.unwrap_or_else(|| {
-                        Err(FetchError::new(
-                            ErrorKind::Transient,
-                            "vault",
-                            "read",
-                            "the request did not complete",
-                        ))
-                    })
-                })
-                .collect()
-        })
+        Box::pin(super::fetch_each("vault", sources, |s| {
+            let inner = self.inner.clone();
+            async move { inner.fetch_one(&s).await }
+        }))
     }
 
     fn watches(&self, sources: &[Source]) -> Vec<String> {
