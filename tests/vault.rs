@@ -1041,3 +1041,40 @@ async fn kv_secrets_are_looked_at_again_by_version() {
         }
     }
 }
+
+#[test]
+fn namespaces_go_in_every_request() {
+    let (server, role_id, secret_id) = app_server();
+    server.namespace("team-a");
+    server.kv2_put("secret/", "app/db", json!({"password": "in-team-a"}));
+    let d = Dir::new();
+    d.write("role-id", &role_id);
+    d.write("secret-id", &secret_id);
+    d.write(
+        "envrender.toml",
+        "[vault]\nauth = { method = \"approle\", role_id_file = \"role-id\", secret_id_file = \"secret-id\" }\n",
+    );
+    let get = || {
+        d.cmd(&["get", "vault:secret/app/db#password"])
+            .env("VAULT_ADDR", &server.url)
+    };
+    get()
+        .env("VAULT_NAMESPACE", "team-a/")
+        .run()
+        .success()
+        .stdout_has("in-team-a");
+    get()
+        .run()
+        .code(1)
+        .stderr_has("POST /v1/auth/approle/login")
+        .stderr_has("no handler for route");
+    // A token is only good in its namespace.
+    let token = server.token(&["app"], 600, 600);
+    d.cmd(&["get", "vault:secret/app/db#password"])
+        .env("ENVRENDER_CONFIG", "/dev/null")
+        .env("VAULT_ADDR", &server.url)
+        .env("VAULT_TOKEN", &token)
+        .run()
+        .code(1)
+        .stderr_has("invalid token");
+}

@@ -111,6 +111,8 @@ struct State {
     secret_ids: HashMap<String, (String, u32)>,
     k8s: HashMap<String, Role>,
     aws_roles: HashMap<String, Role>,
+    /// The (Enterprise) namespace everything lives in, when set.
+    namespace: Option<String>,
     /// The AWS mount's `iam_server_id_header_value`.
     aws_header: Option<String>,
     db_roles: HashMap<String, Role>,
@@ -579,6 +581,12 @@ impl VaultServer {
         self.state().aws_header = Some(value.to_string());
     }
 
+    /// Puts every mount, token and role in namespace `ns`: requests must
+    /// name it (`X-Vault-Namespace` or a path prefix).
+    pub fn namespace(&self, ns: &str) {
+        self.state().namespace = Some(ns.to_string());
+    }
+
     /// Revokes every lease (as `vault lease revoke -prefix` would).
     pub fn revoke_leases(&self) {
         let mut st = self.state();
@@ -718,6 +726,38 @@ impl VaultServer {
         if st.sealed {
             return errors(StatusCode::SERVICE_UNAVAILABLE, &["Vault is sealed"]);
         }
+        // Everything lives in the namespace, when one is set: a request
+        // names it in X-Vault-Namespace or in front of the path.
+        let path = match &st.namespace {
+            None => path,
+            Some(ns) => {
+                let header = headers
+                    .get("x-vault-namespace")
+                    .and_then(|v| v.to_str().ok())
+                    .map(|h| h.trim_matches('/'));
+                match (
+                    header == Some(ns.as_str()),
+                    path.strip_prefix(&format!("{ns}/")),
+                ) {
+                    (true, _) => path,
+                    (false, Some(inner)) => inner,
+                    (false, None) if path.starts_with("auth/") && path.ends_with("/login") => {
+                        return errors(
+                            StatusCode::NOT_FOUND,
+                            &[&format!(
+                                "no handler for route \"{path}\". route entry not found."
+                            )],
+                        );
+                    }
+                    (false, None) => {
+                        return errors(
+                            StatusCode::FORBIDDEN,
+                            &["2 errors occurred:\n\t* permission denied\n\t* invalid token\n\n"],
+                        );
+                    }
+                }
+            }
+        };
         let data: Value = if body.is_empty() {
             json!({})
         } else {
