@@ -76,6 +76,23 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<(), Error> {
             let settings = settings(&config, &args.outputs, timeout)?;
             render(&resolver, &settings).await
         }
+        Command::Watch(args) => {
+            let timeout = args
+                .render
+                .timeout
+                .or(config.timeout)
+                .unwrap_or(DEFAULT_TIMEOUT);
+            let settings = settings(&config, &args.render.outputs, timeout)?;
+            let options = watch_settings(&args)?;
+            let config_path = cli.config.clone();
+            let outputs = args.render.outputs;
+            let reload = move || {
+                let config = load_config(config_path.as_deref())?;
+                let timeout = timeout_of(&args.render.timeout, &config);
+                self::settings(&config, &outputs, timeout)
+            };
+            crate::watch::watch(&resolver, settings, options, reload).await
+        }
         Command::Check(args) => {
             let timeout = config.timeout.unwrap_or(DEFAULT_TIMEOUT);
             let settings = settings(&config, &args, timeout)?;
@@ -84,6 +101,73 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<(), Error> {
             result
         }
     }
+}
+
+fn timeout_of(flag: &Option<Duration>, config: &Config) -> Duration {
+    flag.or(config.timeout).unwrap_or(DEFAULT_TIMEOUT)
+}
+
+/// The actions and timing of `watch`, from its flags.
+fn watch_settings(args: &crate::cli::WatchArgs) -> Result<crate::watch::WatchSettings, Error> {
+    use crate::watch::{Action, Target};
+    let usage = |message: &str, hint: &str| {
+        Error::Config(vec![
+            ConfigError::new("envrender watch", message).hint(hint),
+        ])
+    };
+    let mut actions = Vec::new();
+    match (args.signal, &args.pid_file, &args.process_name) {
+        (Some(signal), Some(f), None) => actions.push(Action::Signal {
+            signal,
+            target: Target::PidFile(f.clone()),
+        }),
+        (Some(signal), None, Some(n)) => actions.push(Action::Signal {
+            signal,
+            target: Target::ProcessName(n.clone()),
+        }),
+        (Some(_), None, None) => {
+            return Err(usage(
+                "--signal needs --pid-file FILE or --process-name NAME to know whom to signal",
+                "e.g. --signal SIGHUP --process-name nginx",
+            ));
+        }
+        (None, Some(_), _) | (None, _, Some(_)) => {
+            return Err(usage(
+                "--pid-file and --process-name say whom to signal, but no --signal was given",
+                "add --signal SIGHUP (or the signal the app reloads on)",
+            ));
+        }
+        _ => {}
+    }
+    if let Some(cmd) = &args.exec {
+        let argv = shlex::split(cmd).filter(|a| !a.is_empty()).ok_or_else(|| {
+            usage(
+                &format!("--exec \"{cmd}\" is not a command line (unbalanced quotes?)"),
+                "e.g. --exec 'nginx -s reload'",
+            )
+        })?;
+        actions.push(Action::Exec {
+            argv,
+            timeout: args.exec_timeout,
+        });
+    }
+    if let Some(url) = &args.http {
+        reqwest::Url::parse(url)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https"))
+            .ok_or_else(|| {
+                usage(
+                    &format!("--http \"{url}\" is not an http(s) URL"),
+                    "e.g. --http http://127.0.0.1:9090/-/reload",
+                )
+            })?;
+        actions.push(Action::Http { url: url.clone() });
+    }
+    Ok(crate::watch::WatchSettings {
+        wait: args.wait.unwrap_or_default(),
+        actions,
+        listen: args.listen,
+    })
 }
 
 /// The configuration file: the one given, or `./envrender.toml` if it exists,

@@ -73,6 +73,59 @@ pub enum Command {
     /// Validate configuration and templates, resolve every reference and print
     /// the plan, with values masked. Writes nothing.
     Check(OutputArgs),
+
+    /// Render, then keep the outputs fresh: watch every source, renew Vault
+    /// leases, rewrite what changed and tell the app (sidecar mode).
+    ///
+    /// Example: envrender watch --signal SIGHUP --process-name nginx --listen 0.0.0.0:8080
+    Watch(WatchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub render: RenderArgs,
+
+    /// After outputs change, send this signal (SIGHUP, HUP or a number) to the
+    /// process in --pid-file or to the processes named --process-name.
+    #[arg(long, env = "ENVRENDER_SIGNAL", value_name = "SIG", value_parser = parse_signal)]
+    pub signal: Option<nix::sys::signal::Signal>,
+
+    /// The file holding the process id to signal.
+    #[arg(
+        long,
+        env = "ENVRENDER_PID_FILE",
+        value_name = "FILE",
+        conflicts_with = "process_name"
+    )]
+    pub pid_file: Option<PathBuf>,
+
+    /// Signal every process with this name (needs a shared PID namespace:
+    /// shareProcessNamespace in Kubernetes, pidMode task in ECS).
+    #[arg(long, env = "ENVRENDER_PROCESS_NAME", value_name = "NAME")]
+    pub process_name: Option<String>,
+
+    /// After outputs change, run this command (split like a shell would, but
+    /// run without one; wrap it in sh -c yourself if you need one).
+    #[arg(long, env = "ENVRENDER_EXEC", value_name = "CMD")]
+    pub exec: Option<String>,
+
+    /// Kill the --exec command after this long.
+    #[arg(long, default_value = "30s", value_name = "DUR", value_parser = parse_duration)]
+    pub exec_timeout: Duration,
+
+    /// After outputs change, POST to this URL (e.g. a /-/reload endpoint).
+    #[arg(long, env = "ENVRENDER_HTTP", value_name = "URL")]
+    pub http: Option<String>,
+
+    /// Wait until changes have stopped for MIN before rendering, but never
+    /// more than MAX after the first one [default: 0s; MAX: 4 × MIN].
+    #[arg(long, env = "ENVRENDER_WAIT", value_name = "MIN[:MAX]", value_parser = parse_wait)]
+    pub wait: Option<(Duration, Duration)>,
+
+    /// Serve /healthz, /readyz and /metrics on this address.
+    #[arg(long, env = "ENVRENDER_LISTEN", value_name = "ADDR")]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]
@@ -103,4 +156,32 @@ pub struct RenderArgs {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     crate::config::parse_duration(s)
+}
+
+fn parse_signal(s: &str) -> Result<nix::sys::signal::Signal, String> {
+    use std::str::FromStr as _;
+    let upper = s.trim().to_ascii_uppercase();
+    if let Ok(n) = upper.parse::<i32>() {
+        return nix::sys::signal::Signal::try_from(n).map_err(|_| format!("{n} is not a signal"));
+    }
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    nix::sys::signal::Signal::from_str(&name)
+        .map_err(|_| format!("\"{s}\" is not a signal name; e.g. SIGHUP, HUP, SIGUSR1 or 1"))
+}
+
+/// `MIN[:MAX]`; MAX defaults to four times MIN.
+pub fn parse_wait(s: &str) -> Result<(Duration, Duration), String> {
+    let (min, max) = match s.split_once(':') {
+        Some((a, b)) => (parse_duration(a)?, Some(parse_duration(b)?)),
+        None => (parse_duration(s)?, None),
+    };
+    let max = max.unwrap_or(min * 4);
+    if max < min {
+        return Err(format!("the MAX of --wait {s} is shorter than its MIN"));
+    }
+    Ok((min, max))
 }

@@ -134,6 +134,20 @@ impl Plan {
         resolver: &Resolver,
         deadline: Instant,
     ) -> Result<Resolution, Error> {
+        self.resolve_with(resolver, deadline, FetchResults::new())
+            .await
+    }
+
+    /// [`Plan::resolve`], starting from values already fetched (watch mode
+    /// keeps them between renders): only what `known` lacks, or failed to
+    /// get, is fetched.
+    pub async fn resolve_with(
+        &self,
+        resolver: &Resolver,
+        deadline: Instant,
+        known: FetchResults,
+    ) -> Result<Resolution, Error> {
+        let prior: FetchResults = known.into_iter().filter(|(_, r)| r.is_ok()).collect();
         let mut users: BTreeMap<Reference, BTreeSet<String>> = BTreeMap::new();
         for (name, value) in &self.env {
             if let EnvValue::Reference(r) = value {
@@ -151,7 +165,7 @@ impl Plan {
             return Err(Error::Input(errors));
         }
         merge_users(&mut users, first.unknown);
-        let mut fetched = FetchResults::new();
+        let mut fetched = prior;
         let mut failures: Vec<Failure> = Vec::new();
         let mut render_errors = Vec::new();
         for round in 1..=MAX_ROUNDS {

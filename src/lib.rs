@@ -40,3 +40,4 @@ pub mod resolve;
 pub mod secret;
 pub mod telemetry;
 pub mod template;
+pub mod watch;

@@ -767,6 +767,10 @@ impl Backend for Consul {
         }))
     }
 
+    fn blocks(&self) -> bool {
+        true
+    }
+
     fn poll_interval(&self) -> Duration {
         // Watches block; this only paces retries after errors.
         Duration::from_secs(1)

@@ -217,6 +217,24 @@ pub trait Backend: Send + Sync {
         Duration::from_secs(60)
     }
 
+    /// Whether [`Backend::observe`] itself waits for a change (blocking
+    /// queries), so that watch mode calls it again at once instead of
+    /// sleeping for [`Backend::poll_interval`] first.
+    fn blocks(&self) -> bool {
+        false
+    }
+
+    /// A channel that moves when the backend's values change on their own
+    /// (Vault re-issuing a lease); watch mode observes again when it does.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+
+    /// Work that must run while watch mode runs (Vault's lease scheduler).
+    fn background(&self) -> Option<BoxFuture<'static, ()>> {
+        None
+    }
+
     /// Looks at each known source again and reports whether it changed. The
     /// default fetches again and compares versions (or content, when the
     /// backend has no versions); backends with change feeds override it.

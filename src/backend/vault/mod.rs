@@ -955,6 +955,15 @@ impl Backend for Vault {
         self.inner.config.kv_refresh
     }
 
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(Vault::changes(self))
+    }
+
+    fn background(&self) -> Option<BoxFuture<'static, ()>> {
+        let vault = self.clone();
+        Some(Box::pin(async move { vault.maintain().await }))
+    }
+
     /// Held values (leases, certificates) are compared with the ledger,
     /// which the scheduler keeps current, with no request; KV secrets are
     /// read again and compared by version.

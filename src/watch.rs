@@ -1,0 +1,864 @@
+//! `envrender watch`: render, then keep the outputs fresh.
+//!
+//! After a first complete render, one task per backend watches the values the
+//! outputs use — Consul through blocking queries, Vault through its lease
+//! scheduler and KV re-reads, SSM and Secrets Manager by polling — and a
+//! notify watcher looks at the directories of the template files and `file:`
+//! sources (a directory, so Kubernetes' `..data` symlink swaps are seen).
+//! Changes are debounced (`--wait MIN[:MAX]`), the outputs are rendered again
+//! from the values held, changed ones are committed together, and then the
+//! actions run once. A backend that fails leaves the last good outputs in
+//! place, marks the process degraded (`/readyz`), and is retried; it recovers
+//! by itself.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use crate::backend::{Backend, FetchError, Fetched, Observation, poll_delay};
+use crate::engine::{Plan, Settings};
+use crate::error::Error;
+use crate::output::{self, Status};
+use crate::reference::{Scheme, Source};
+use crate::resolve::{FetchResults, Resolver};
+
+/// What watch mode does besides rendering.
+#[derive(Clone, Debug, Default)]
+pub struct WatchSettings {
+    /// Quiet period after a change before rendering, and the longest a
+    /// stream of changes can put a render off.
+    pub wait: (Duration, Duration),
+    pub actions: Vec<Action>,
+    pub listen: Option<SocketAddr>,
+}
+
+/// What to do after outputs changed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Send a signal to the processes found by a PID file or by name.
+    Signal {
+        signal: nix::sys::signal::Signal,
+        target: Target,
+    },
+    /// Run a command (argv, no shell), killed after the timeout.
+    Exec {
+        argv: Vec<String>,
+        timeout: Duration,
+    },
+    /// POST to a URL; any 2xx is success.
+    Http { url: String },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Target {
+    PidFile(PathBuf),
+    ProcessName(String),
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Signal { signal, target } => match target {
+                Target::PidFile(p) => write!(f, "{signal} to the pid in {}", p.display()),
+                Target::ProcessName(n) => write!(f, "{signal} to processes named {n}"),
+            },
+            Action::Exec { argv, .. } => write!(f, "run {}", argv.join(" ")),
+            Action::Http { url } => write!(f, "POST {url}"),
+        }
+    }
+}
+
+/// What `/readyz` and `/metrics` report.
+#[derive(Default)]
+pub struct Health {
+    ready: AtomicBool,
+    /// Backends (or "render") currently failing, with why.
+    problems: Mutex<BTreeMap<String, String>>,
+    renders: AtomicU64,
+    render_errors: AtomicU64,
+    writes: AtomicU64,
+    last_success: AtomicU64,
+    watched: AtomicU64,
+    observations: Mutex<BTreeMap<(String, &'static str), u64>>,
+    actions: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// Unix seconds at which each leased reference expires.
+    leases: Mutex<BTreeMap<String, f64>>,
+}
+
+impl Health {
+    fn problem(&self, what: &str, why: Option<String>) {
+        let mut p = self.problems.lock().unwrap();
+        match why {
+            Some(why) => {
+                p.insert(what.to_string(), why);
+            }
+            None => {
+                p.remove(what);
+            }
+        }
+    }
+
+    /// `/readyz`: ready after the first complete render, while nothing fails.
+    pub fn readiness(&self) -> (bool, String) {
+        if !self.ready.load(Ordering::SeqCst) {
+            return (false, "waiting for the first complete render\n".into());
+        }
+        let p = self.problems.lock().unwrap();
+        if p.is_empty() {
+            (true, "ready\n".into())
+        } else {
+            let mut text = String::from("degraded (serving the last good outputs):\n");
+            for (what, why) in p.iter() {
+                text.push_str(&format!("  {what}: {}\n", why.replace('\n', "; ")));
+            }
+            (false, text)
+        }
+    }
+
+    /// `/metrics`, in the Prometheus text format.
+    pub fn metrics(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let mut counter = |name: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        };
+        counter(
+            "envrender_renders_total",
+            "Renders completed.",
+            self.renders.load(Ordering::SeqCst),
+        );
+        counter(
+            "envrender_render_errors_total",
+            "Renders that failed; the last good outputs were kept.",
+            self.render_errors.load(Ordering::SeqCst),
+        );
+        counter(
+            "envrender_writes_total",
+            "Output files written because their content changed.",
+            self.writes.load(Ordering::SeqCst),
+        );
+        let gauge = |out: &mut String, name: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        };
+        gauge(
+            &mut out,
+            "envrender_last_success_timestamp_seconds",
+            "When the last render succeeded.",
+        );
+        let _ = writeln!(
+            out,
+            "envrender_last_success_timestamp_seconds {}",
+            self.last_success.load(Ordering::SeqCst)
+        );
+        gauge(
+            &mut out,
+            "envrender_ready",
+            "1 when the outputs are complete and current.",
+        );
+        let _ = writeln!(out, "envrender_ready {}", u8::from(self.readiness().0));
+        gauge(
+            &mut out,
+            "envrender_watched_references",
+            "Sources being watched.",
+        );
+        let _ = writeln!(
+            out,
+            "envrender_watched_references {}",
+            self.watched.load(Ordering::SeqCst)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP envrender_backend_observations_total Looks at backends for changes, by result.\n# TYPE envrender_backend_observations_total counter"
+        );
+        for ((backend, result), n) in self.observations.lock().unwrap().iter() {
+            let _ = writeln!(
+                out,
+                "envrender_backend_observations_total{{backend=\"{backend}\",result=\"{result}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP envrender_actions_total Actions run after changes, by result.\n# TYPE envrender_actions_total counter"
+        );
+        for ((action, result), n) in self.actions.lock().unwrap().iter() {
+            let _ = writeln!(
+                out,
+                "envrender_actions_total{{action=\"{}\",result=\"{result}\"}} {n}",
+                action.replace('\\', "\\\\").replace('"', "\\\"")
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP envrender_lease_expiry_timestamp_seconds When each leased Vault secret expires unless renewed.\n# TYPE envrender_lease_expiry_timestamp_seconds gauge"
+        );
+        for (reference, at) in self.leases.lock().unwrap().iter() {
+            let _ = writeln!(
+                out,
+                "envrender_lease_expiry_timestamp_seconds{{reference=\"{}\"}} {at:.0}",
+                reference.replace('\\', "\\\\").replace('"', "\\\"")
+            );
+        }
+        out
+    }
+}
+
+enum Event {
+    /// A backend looked at its sources.
+    Observed {
+        backend: &'static str,
+        changed: Vec<(Source, Fetched)>,
+        failed: Vec<(Source, FetchError)>,
+    },
+    /// Something changed in a watched directory.
+    Files,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Runs watch mode until SIGTERM or SIGINT. `reload` builds the settings
+/// again for SIGHUP.
+pub async fn watch(
+    resolver: &Resolver,
+    mut settings: Settings,
+    options: WatchSettings,
+    reload: impl Fn() -> Result<Settings, Error>,
+) -> Result<(), Error> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut plan = Plan::new(&settings)?;
+    let health = Arc::new(Health::default());
+    if let Some(addr) = options.listen {
+        serve(addr, health.clone()).await?;
+    }
+    let mut term = signal(SignalKind::terminate()).map_err(signal_error)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(signal_error)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(signal_error)?;
+
+    // Background work of the backends (Vault's lease scheduler).
+    let mut background = JoinSet::new();
+    let mut started: BTreeSet<&'static str> = BTreeSet::new();
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+    let mut cache = FetchResults::new();
+    let mut watchers = JoinSet::new();
+    let mut watching: BTreeSet<Source> = BTreeSet::new();
+    let mut files: Option<(WatchedFiles, notify::RecommendedWatcher)> = None;
+    let mut pending = true;
+    let mut first_event: Option<Instant> = None;
+    let mut last_event = Instant::now();
+    let mut failures = 0u32;
+    let mut retry_at: Option<Instant> = Some(Instant::now());
+    loop {
+        // When to render: now (a retry or a settled change), or never yet.
+        let due = if pending {
+            let settled = match first_event {
+                Some(first) => (last_event + options.wait.0).min(first + options.wait.1),
+                None => Instant::now(),
+            };
+            Some(retry_at.map_or(settled, |r| r.max(settled)))
+        } else {
+            None
+        };
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the configuration and templates");
+                match reload().and_then(|s| Plan::new(&s).map(|p| (s, p))) {
+                    Ok((s, p)) => {
+                        settings = s;
+                        plan = p;
+                        pending = true;
+                        first_event = None;
+                        retry_at = None;
+                    }
+                    Err(e) => tracing::error!("reload failed; keeping the running configuration:\n{e}"),
+                }
+            }
+            Some(event) = rx.recv() => {
+                match event {
+                    Event::Observed { backend, changed, failed } => {
+                        let result = if failed.is_empty() { "ok" } else { "error" };
+                        *health.observations.lock().unwrap().entry((backend.to_string(), result)).or_default() += 1;
+                        if let Some((source, e)) = failed.first() {
+                            tracing::warn!(backend, reference = %source, error = %e, "cannot look for changes; keeping the last good outputs");
+                            health.problem(backend, Some(format!("{source}: {e}")));
+                        } else {
+                            health.problem(backend, None);
+                        }
+                        if changed.is_empty() {
+                            continue;
+                        }
+                        for (source, fetched) in changed {
+                            tracing::info!(backend, reference = %source, "changed");
+                            cache.insert(source, Ok(fetched));
+                        }
+                    }
+                    Event::Files => {
+                        tracing::debug!("watched files changed");
+                        cache.retain(|s, _| s.scheme != Scheme::File);
+                        match Plan::new(&settings) {
+                            Ok(p) => plan = p,
+                            Err(e) => {
+                                tracing::error!("a template no longer compiles; keeping the last good outputs:\n{e}");
+                                health.problem("templates", Some(e.to_string()));
+                                continue;
+                            }
+                        }
+                    }
+                }
+                if !pending {
+                    first_event = Some(Instant::now());
+                }
+                last_event = Instant::now();
+                pending = true;
+            }
+            _ = sleep_until_opt(due) => {
+                pending = false;
+                first_event = None;
+                let outcome = cycle(&plan, resolver, &settings, &mut cache, &health).await;
+                match outcome {
+                    Ok(written) => {
+                        failures = 0;
+                        retry_at = None;
+                        health.problem("render", None);
+                        health.problem("templates", None);
+                        if !health.ready.swap(true, Ordering::SeqCst) {
+                            tracing::info!("first complete render done; watching");
+                        }
+                        // (Re)start the watches when what the outputs use changed.
+                        let known = watched(resolver, &cache);
+                        let sources: BTreeSet<Source> = known
+                            .iter()
+                            .flat_map(|(_, v)| v.iter().map(|(s, _)| s.clone()))
+                            .collect();
+                        if sources != watching {
+                            watchers.abort_all();
+                            health.watched.store(sources.len() as u64, Ordering::SeqCst);
+                            for (backend, sources) in known {
+                                if started.insert(backend.name())
+                                    && let Some(work) = backend.background()
+                                {
+                                    background.spawn(work);
+                                }
+                                watchers.spawn(watch_backend(backend, sources, tx.clone()));
+                            }
+                            watching = sources;
+                        }
+                        let inputs = WatchedFiles::new(&settings, &cache);
+                        if files.as_ref().is_none_or(|(w, _)| *w != inputs) {
+                            files = watch_files(&inputs, tx.clone()).map(|w| (inputs, w));
+                        }
+                        if written > 0 {
+                            run_actions(&options.actions, &health).await;
+                        }
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        let backoff = Duration::from_secs(1 << failures.min(5));
+                        tracing::error!(retry_in_s = backoff.as_secs(), "render failed; the outputs were left as they were:\n{e}");
+                        health.problem("render", Some(e.to_string()));
+                        health.render_errors.fetch_add(1, Ordering::SeqCst);
+                        retry_at = Some(Instant::now() + backoff);
+                        pending = true;
+                    }
+                }
+            }
+        }
+    }
+    tracing::info!("stopping");
+    watchers.abort_all();
+    background.abort_all();
+    Ok(())
+}
+
+fn signal_error(e: std::io::Error) -> Error {
+    Error::Config(vec![crate::config::ConfigError::new(
+        "envrender watch",
+        format!("cannot handle signals: {e}"),
+    )])
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One render from the values held (fetching only what is missing), and
+/// a commit of what changed. Returns how many outputs were written.
+async fn cycle(
+    plan: &Plan,
+    resolver: &Resolver,
+    settings: &Settings,
+    cache: &mut FetchResults,
+    health: &Health,
+) -> Result<usize, Error> {
+    let started = Instant::now();
+    let resolution = plan
+        .resolve_with(resolver, started + settings.timeout, cache.clone())
+        .await?;
+    let writes = plan.outputs(&resolution)?;
+    let statuses = output::commit(&writes).map_err(Error::Output)?;
+    *cache = resolution.fetched;
+    cache.retain(|_, r| r.is_ok());
+    let mut leases = BTreeMap::new();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    for (source, r) in cache.iter() {
+        if let Ok(Fetched {
+            lease: Some(lease), ..
+        }) = r
+        {
+            leases.insert(source.to_string(), now + lease.duration.as_secs_f64());
+        }
+    }
+    *health.leases.lock().unwrap() = leases;
+    let mut written = 0;
+    for (w, status) in writes.iter().zip(&statuses) {
+        if *status != Status::Unchanged {
+            written += 1;
+            tracing::info!(path = %w.path.display(), from = %w.origin, bytes = w.contents.len(), "{status}");
+        }
+    }
+    health.renders.fetch_add(1, Ordering::SeqCst);
+    health.writes.fetch_add(written as u64, Ordering::SeqCst);
+    health.last_success.store(unix_now(), Ordering::SeqCst);
+    tracing::info!(
+        outputs = writes.len(),
+        written,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "render complete"
+    );
+    Ok(written)
+}
+
+/// Sources and what was last fetched for each.
+type Known = Vec<(Source, Fetched)>;
+
+/// The fetched sources, by the backend that watches them; local ones
+/// (`file:` sources are watched through the file system, values answered
+/// by a local values file do not change) are left out.
+fn watched(resolver: &Resolver, cache: &FetchResults) -> Vec<(Arc<dyn Backend>, Known)> {
+    let mut by_backend: HashMap<&'static str, (Arc<dyn Backend>, Known)> = HashMap::new();
+    for (source, r) in cache {
+        let Ok(fetched) = r else { continue };
+        if source.scheme == Scheme::File || resolver.serves_locally(source) {
+            continue;
+        }
+        let Ok(backend) = resolver.backends().get(source.scheme) else {
+            continue;
+        };
+        by_backend
+            .entry(backend.name())
+            .or_insert_with(|| (backend.clone(), Vec::new()))
+            .1
+            .push((source.clone(), fetched.clone()));
+    }
+    let mut out: Vec<_> = by_backend.into_values().collect();
+    for (_, sources) in &mut out {
+        sources.sort_by(|a, b| a.0.cmp(&b.0));
+    }
+    out
+}
+
+/// Looks at one backend's sources again and again: at once for backends
+/// whose queries block until a change, else every poll interval (jittered)
+/// or when the backend says its values moved; after errors, with
+/// exponential backoff.
+async fn watch_backend(
+    backend: Arc<dyn Backend>,
+    mut known: Vec<(Source, Fetched)>,
+    tx: mpsc::UnboundedSender<Event>,
+) {
+    let mut changes = backend.changes();
+    let mut errors = 0u32;
+    loop {
+        if errors > 0 {
+            let backoff =
+                Duration::from_millis(500 * (1 << errors.min(6))).min(Duration::from_secs(30));
+            tokio::time::sleep(backoff.mul_f64(0.8 + fastrand::f64() * 0.4)).await;
+        } else if !backend.blocks() {
+            let delay = poll_delay(backend.poll_interval());
+            match changes.as_mut() {
+                Some(rx) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        r = rx.changed() => if r.is_err() { changes = None; },
+                    }
+                }
+                None => tokio::time::sleep(delay).await,
+            }
+        }
+        let observations = backend.observe(&known).await;
+        let mut changed = Vec::new();
+        let mut failed = Vec::new();
+        for ((source, fetched), o) in known.iter_mut().zip(observations) {
+            match o {
+                Observation::Unchanged => {}
+                Observation::Changed(new) => {
+                    *fetched = new.clone();
+                    changed.push((source.clone(), new));
+                }
+                Observation::Failed(e) => failed.push((source.clone(), e)),
+            }
+        }
+        errors = if failed.is_empty() { 0 } else { errors + 1 };
+        let event = Event::Observed {
+            backend: backend.name(),
+            changed,
+            failed,
+        };
+        if tx.send(event).is_err() {
+            return;
+        }
+    }
+}
+
+/// What the file watcher looks at: the template files and `file:` sources,
+/// by path, and the directories they are in (watched, since editors and
+/// Kubernetes replace files rather than write them).
+#[derive(Clone, Debug, Default, PartialEq)]
+struct WatchedFiles {
+    dirs: BTreeSet<PathBuf>,
+    files: BTreeSet<PathBuf>,
+    /// `file:DIR/` sources: anything in them counts.
+    trees: BTreeSet<PathBuf>,
+}
+
+impl WatchedFiles {
+    fn new(settings: &Settings, cache: &FetchResults) -> Self {
+        let mut w = WatchedFiles::default();
+        let mut files: Vec<PathBuf> = settings
+            .templates
+            .iter()
+            .map(|t| t.source.clone())
+            .collect();
+        for source in cache.keys().filter(|s| s.scheme == Scheme::File) {
+            if source.is_prefix() {
+                let dir = absolute(Path::new(source.path.trim_end_matches('/')));
+                w.dirs.insert(dir.clone());
+                w.trees.insert(dir);
+            } else {
+                files.push(PathBuf::from(&source.path));
+            }
+        }
+        for p in files {
+            let p = absolute(&p);
+            if let Some(dir) = p.parent() {
+                w.dirs.insert(dir.to_path_buf());
+            }
+            w.files.insert(p);
+        }
+        w
+    }
+
+    /// Whether an event on `path` may change an input: the file itself,
+    /// anything in a directory source, or a Kubernetes volume's `..data`
+    /// swap.
+    fn concerns(&self, path: &Path) -> bool {
+        self.files.contains(path)
+            || path.parent().is_some_and(|d| self.trees.contains(d))
+            || path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(".."))
+    }
+}
+
+/// Watches the directories of `watched`; an event that concerns an input
+/// is an [`Event::Files`].
+fn watch_files(
+    watched: &WatchedFiles,
+    tx: mpsc::UnboundedSender<Event>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::{RecursiveMode, Watcher as _};
+    let filter = watched.clone();
+    let mut watcher = match notify::recommended_watcher(
+        move |event: notify::Result<notify::Event>| {
+            let Ok(event) = event else { return };
+            if event.kind.is_access() || !event.paths.iter().any(|p| filter.concerns(p)) {
+                return;
+            }
+            tracing::debug!(kind = ?event.kind, paths = ?event.paths, "file event");
+            let _ = tx.send(Event::Files);
+        },
+    ) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch files; template and file: changes need a SIGHUP");
+            return None;
+        }
+    };
+    for dir in &watched.dirs {
+        if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch this directory");
+        }
+    }
+    Some(watcher)
+}
+
+/// `p` from the root, its directory resolved (the file itself may not
+/// exist yet), so paths from different spellings compare equal.
+fn absolute(p: &Path) -> PathBuf {
+    if let Ok(c) = std::fs::canonicalize(p) {
+        return c;
+    }
+    match (p.parent(), p.file_name()) {
+        (Some(dir), Some(name)) => {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            std::fs::canonicalize(dir)
+                .map(|d| d.join(name))
+                .unwrap_or_else(|_| p.to_path_buf())
+        }
+        _ => p.to_path_buf(),
+    }
+}
+
+/// Runs each action once, retrying a failing one twice (1 s, then 2 s
+/// later); a failure is reported, never fatal.
+async fn run_actions(actions: &[Action], health: &Health) {
+    for action in actions {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match run_action(action).await {
+                Ok(()) => {
+                    tracing::info!(action = %action, "action done");
+                    *health
+                        .actions
+                        .lock()
+                        .unwrap()
+                        .entry((action.to_string(), "ok"))
+                        .or_default() += 1;
+                    break;
+                }
+                Err(e) if attempt < 3 => {
+                    tracing::warn!(action = %action, error = %e, attempt, "action failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(attempt)).await;
+                }
+                Err(e) => {
+                    tracing::error!(action = %action, error = %e, "action failed");
+                    *health
+                        .actions
+                        .lock()
+                        .unwrap()
+                        .entry((action.to_string(), "error"))
+                        .or_default() += 1;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn run_action(action: &Action) -> Result<(), String> {
+    match action {
+        Action::Signal { signal, target } => {
+            let pids = match target {
+                Target::PidFile(path) => {
+                    let text = std::fs::read_to_string(path)
+                        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                    let pid: i32 = text
+                        .trim()
+                        .parse()
+                        .map_err(|_| format!("{} does not hold a process id", path.display()))?;
+                    vec![pid]
+                }
+                Target::ProcessName(name) => {
+                    let pids = processes_named(name);
+                    if pids.is_empty() {
+                        return Err(format!(
+                            "no process named {name} (is the PID namespace shared? shareProcessNamespace: true in Kubernetes, pidMode: task in ECS)"
+                        ));
+                    }
+                    pids
+                }
+            };
+            for pid in pids {
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), *signal)
+                    .map_err(|e| format!("cannot signal process {pid}: {e}"))?;
+            }
+            Ok(())
+        }
+        Action::Exec { argv, timeout } => {
+            let Some((program, args)) = argv.split_first() else {
+                return Err("empty command".into());
+            };
+            let mut child = tokio::process::Command::new(program)
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| format!("cannot start {program}: {e}"))?;
+            match tokio::time::timeout(*timeout, child.wait()).await {
+                Ok(Ok(status)) if status.success() => Ok(()),
+                Ok(Ok(status)) => Err(format!("{program} exited with {status}")),
+                Ok(Err(e)) => Err(format!("{program}: {e}")),
+                Err(_) => Err(format!(
+                    "{program} did not finish within {}; killed",
+                    humantime::format_duration(*timeout)
+                )),
+            }
+        }
+        Action::Http { url } => {
+            let response = reqwest::Client::new()
+                .post(url)
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await
+                .map_err(|e| crate::backend::error_chain(&e))?;
+            if response.status().is_success() {
+                Ok(())
+            } else {
+                Err(format!("HTTP {}", response.status()))
+            }
+        }
+    }
+}
+
+/// The processes whose name (`/proc/PID/comm`) or program (the first word
+/// of `/proc/PID/cmdline`, without its directory) is `name`.
+fn processes_named(name: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let program = cmdline
+            .split(|b| *b == 0)
+            .next()
+            .map(|p| {
+                String::from_utf8_lossy(p)
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .unwrap_or_default();
+        if comm.trim() == name || program == name {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Serves `/healthz`, `/readyz` and `/metrics` on `addr`.
+async fn serve(addr: SocketAddr, health: Arc<Health>) -> Result<(), Error> {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        Error::Config(vec![
+            crate::config::ConfigError::new("--listen", format!("cannot listen on {addr}: {e}"))
+                .hint("give a free address, e.g. --listen 127.0.0.1:8080"),
+        ])
+    })?;
+    tracing::info!(address = %addr, "serving /healthz, /readyz and /metrics");
+    let ready = health.clone();
+    let metrics = health.clone();
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let health = ready.clone();
+                async move {
+                    let (ok, text) = health.readiness();
+                    let status = if ok {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    };
+                    (status, text)
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let health = metrics.clone();
+                async move {
+                    (
+                        [("content-type", "text/plain; version=0.0.4")],
+                        health.metrics(),
+                    )
+                }
+            }),
+        );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the health server stopped");
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_follows_the_first_render_and_failures() {
+        let h = Health::default();
+        assert!(!h.readiness().0);
+        h.ready.store(true, Ordering::SeqCst);
+        assert_eq!(h.readiness(), (true, "ready\n".to_string()));
+        h.problem("consul", Some("GET /v1/kv/x: connection refused".into()));
+        let (ok, text) = h.readiness();
+        assert!(!ok && text.contains("consul: GET /v1/kv/x"), "{text}");
+        h.problem("consul", None);
+        assert!(h.readiness().0);
+    }
+
+    #[test]
+    fn metrics_are_prometheus_text() {
+        let h = Health::default();
+        h.renders.fetch_add(2, Ordering::SeqCst);
+        h.actions
+            .lock()
+            .unwrap()
+            .insert(("SIGHUP to processes named \"app\"".into(), "ok"), 1);
+        let text = h.metrics();
+        assert!(
+            text.contains("# TYPE envrender_renders_total counter\nenvrender_renders_total 2\n")
+        );
+        assert!(text.contains(
+            "envrender_actions_total{action=\"SIGHUP to processes named \\\"app\\\"\",result=\"ok\"} 1"
+        ));
+        assert!(text.contains("envrender_ready 0"));
+    }
+}
