@@ -615,25 +615,18 @@ fn watch_files(
     Some(watcher)
 }
 
-/// `p` from the root, its directory resolved (the file itself may not
-/// exist yet), so paths from different spellings compare equal.
+/// `p` from the root, its directory resolved but not the file itself (a
+/// template that is a symlink, as in Kubernetes volumes, is watched where
+/// the link is), so paths from different spellings compare equal.
 fn absolute(p: &Path) -> PathBuf {
-    if let Ok(c) = std::fs::canonicalize(p) {
-        return c;
-    }
-    match (p.parent(), p.file_name()) {
-        (Some(dir), Some(name)) => {
-            let dir = if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            };
-            std::fs::canonicalize(dir)
-                .map(|d| d.join(name))
-                .unwrap_or_else(|_| p.to_path_buf())
-        }
-        _ => p.to_path_buf(),
-    }
+    let (dir, name) = match (p.parent(), p.file_name()) {
+        (Some(d), Some(n)) if !d.as_os_str().is_empty() => (d, n),
+        (_, Some(n)) => (Path::new("."), n),
+        _ => return std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()),
+    };
+    std::fs::canonicalize(dir)
+        .map(|d| d.join(name))
+        .unwrap_or_else(|_| p.to_path_buf())
 }
 
 /// Runs each action once, retrying a failing one twice (1 s, then 2 s

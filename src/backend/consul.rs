@@ -797,6 +797,9 @@ impl Backend for Consul {
                         return out;
                     }
                     Ok((values, index)) => {
+                        // The first answer after errors is reported even
+                        // when nothing changed: the watch is healthy again.
+                        let recovered = state.errors > 0;
                         state.errors = 0;
                         // An index that went backwards (a snapshot restore):
                         // start over; below 1 counts as 1.
@@ -817,7 +820,7 @@ impl Backend for Consul {
                                 }
                             }
                         }
-                        if changed {
+                        if changed || recovered {
                             return out;
                         }
                         pending.again(w);

@@ -1,0 +1,474 @@
+//! `envrender watch` end to end: the binary against the Consul and Vault test
+//! servers, the AWS emulator and the file system, with a process that counts
+//! the signals it receives.
+
+mod support;
+
+use std::os::unix::fs::MetadataExt as _;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::Dir;
+use support::aws::block_on;
+use support::consul::ConsulServer;
+use support::vault::{Role, VaultServer};
+
+/// Polls `cond` every 20 ms for up to `within`.
+fn eventually(within: Duration, what: &str, cond: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < within, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A stand-in for the app: writes its pid to `app.pid` and a line to
+/// `hups` for each SIGHUP.
+struct App {
+    child: Child,
+}
+
+impl App {
+    fn start(d: &Dir) -> App {
+        let script = "import os, signal, sys, time\n\
+            def hup(*_):\n    open(sys.argv[1], 'a').write('hup\\n')\n\
+            signal.signal(signal.SIGHUP, hup)\n\
+            open(sys.argv[2] + '.tmp', 'w').write(str(os.getpid()))\n\
+            os.rename(sys.argv[2] + '.tmp', sys.argv[2])\n\
+            while True:\n    time.sleep(1)\n";
+        let child = std::process::Command::new("python3")
+            .args(["-c", script])
+            .arg(d.join("hups"))
+            .arg(d.join("app.pid"))
+            .spawn()
+            .unwrap();
+        eventually(Duration::from_secs(10), "the app to start", || {
+            d.join("app.pid").exists()
+        });
+        App { child }
+    }
+
+    fn hups(d: &Dir) -> usize {
+        std::fs::read_to_string(d.join("hups"))
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `envrender watch`, stopped with SIGTERM (and checked to exit 0)
+/// by [`Watch::stop`].
+struct Watch {
+    child: Child,
+    port: u16,
+    log: std::path::PathBuf,
+}
+
+impl Watch {
+    fn start(cmd: support::Cmd, d: &Dir) -> Watch {
+        let port = support::aws::free_port();
+        let log = d.join("watch.log");
+        let mut command = cmd.command;
+        command
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let child = command.spawn().unwrap();
+        let w = Watch { child, port, log };
+        eventually(Duration::from_secs(20), "readiness", || w.ready().0 == 200);
+        w
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        let url = format!("http://127.0.0.1:{}{path}", self.port);
+        block_on(async {
+            match reqwest::get(&url).await {
+                Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+                Err(_) => (0, String::new()),
+            }
+        })
+    }
+
+    fn ready(&self) -> (u16, String) {
+        self.get("/readyz")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM; asserts a clean exit 0 within 5 s.
+    fn stop(mut self) -> String {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert_eq!(status.code(), Some(0), "{}", self.log());
+                return self.log();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "no exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn consul_addr(server: &ConsulServer) -> String {
+    server.url.trim_start_matches("http://").to_string()
+}
+
+/// The file's identity and modification time: unchanged when not rewritten.
+fn stamp(d: &Dir, rel: &str) -> (u64, i64, i64) {
+    let m = std::fs::metadata(d.join(rel)).unwrap();
+    (m.ino(), m.mtime(), m.mtime_nsec())
+}
+
+#[test]
+fn a_consul_change_rewrites_the_file_and_signals_the_app_once() {
+    let server = ConsulServer::start();
+    server.put("app/db_host", "one");
+    server.put("app/other", "x");
+    let d = Dir::new();
+    d.write("t.hbs", "host={{consul \"app/db_host\"}}\n");
+    let cmd = |args: &[&str]| d.cmd(args).env("CONSUL_HTTP_ADDR", &consul_addr(&server));
+    // The init container rendered first; the sidecar has nothing to write.
+    cmd(&["render", "--template", "t.hbs:out/app.conf"])
+        .run()
+        .success();
+    let _app = App::start(&d);
+    let w = Watch::start(
+        cmd(&[
+            "watch",
+            "--template",
+            "t.hbs:out/app.conf",
+            "--signal",
+            "SIGHUP",
+            "--pid-file",
+            "app.pid",
+        ]),
+        &d,
+    );
+    assert_eq!(App::hups(&d), 0, "signalled with nothing changed");
+    server.put("app/db_host", "two");
+    eventually(Duration::from_secs(5), "the rewrite", || {
+        d.read("out/app.conf") == "host=two\n"
+    });
+    eventually(Duration::from_secs(5), "the signal", || App::hups(&d) == 1);
+    // An unrelated key under the same prefix: no write, no signal.
+    let before = stamp(&d, "out/app.conf");
+    server.put("app/other", "y");
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(stamp(&d, "out/app.conf"), before);
+    assert_eq!(App::hups(&d), 1);
+    let metrics = w.get("/metrics").1;
+    assert!(metrics.contains("envrender_writes_total 1\n"), "{metrics}");
+    assert!(
+        metrics.contains("envrender_watched_references 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "envrender_actions_total{action=\"SIGHUP to the pid in app.pid\",result=\"ok\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert_eq!(w.get("/healthz"), (200, "ok\n".to_string()));
+    w.stop();
+}
+
+#[test]
+fn a_burst_of_changes_within_the_wait_is_one_render_and_one_signal() {
+    let server = ConsulServer::start();
+    server.put("cfg/n", "0");
+    let d = Dir::new();
+    d.write("t.hbs", "n={{consul \"cfg/n\"}}\n");
+    let cmd = |args: &[&str]| d.cmd(args).env("CONSUL_HTTP_ADDR", &consul_addr(&server));
+    cmd(&["render", "--template", "t.hbs:out.conf"])
+        .run()
+        .success();
+    let _app = App::start(&d);
+    let w = Watch::start(
+        cmd(&[
+            "watch",
+            "--template",
+            "t.hbs:out.conf",
+            "--signal",
+            "HUP",
+            "--pid-file",
+            "app.pid",
+            "--wait",
+            "500ms:5s",
+        ]),
+        &d,
+    );
+    for i in 1..=50 {
+        server.put("cfg/n", &i.to_string());
+    }
+    eventually(Duration::from_secs(8), "the last value", || {
+        d.read("out.conf") == "n=50\n"
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(App::hups(&d), 1);
+    let metrics = w.get("/metrics").1;
+    assert!(metrics.contains("envrender_writes_total 1\n"), "{metrics}");
+    w.stop();
+}
+
+#[test]
+fn an_unavailable_backend_keeps_the_outputs_and_recovers() {
+    let server = ConsulServer::start();
+    server.put("app/db_host", "one");
+    let d = Dir::new();
+    d.write("t.hbs", "host={{consul \"app/db_host\"}}\n");
+    let cmd = |args: &[&str]| d.cmd(args).env("CONSUL_HTTP_ADDR", &consul_addr(&server));
+    let w = Watch::start(cmd(&["watch", "--template", "t.hbs:out.conf"]), &d);
+    assert_eq!(d.read("out.conf"), "host=one\n");
+    let before = stamp(&d, "out.conf");
+    // The next two queries fail; the one in flight returns on a change.
+    server.fail(2, 500, "rpc error: No cluster leader");
+    server.put("app/unrelated", "x");
+    eventually(Duration::from_secs(5), "degraded readiness", || {
+        let (status, text) = w.ready();
+        status == 503 && text.contains("consul") && text.contains("500")
+    });
+    assert_eq!(stamp(&d, "out.conf"), before);
+    eventually(Duration::from_secs(10), "recovery", || w.ready().0 == 200);
+    server.put("app/db_host", "two");
+    eventually(Duration::from_secs(5), "the rewrite after recovery", || {
+        d.read("out.conf") == "host=two\n"
+    });
+    let log = w.stop();
+    assert!(log.contains("keeping the last good outputs"), "{log}");
+}
+
+#[test]
+fn a_new_ssm_version_rewrites_the_file() {
+    let moto = support::aws::moto();
+    support::aws::put_parameters(&moto.url, &[("/t/watch/level", "info", false)]);
+    let d = Dir::new();
+    d.write("envrender.toml", "[aws]\npoll_interval = \"1s\"\n");
+    d.write("t.hbs", "level={{ssm \"/t/watch/level\"}}\n");
+    let w = Watch::start(
+        d.cmd(&["watch", "--template", "t.hbs:out.conf"])
+            .aws(&moto.url),
+        &d,
+    );
+    assert_eq!(d.read("out.conf"), "level=info\n");
+    let client = aws_sdk_ssm::Client::new(&support::aws::sdk(&moto.url));
+    block_on(async {
+        client
+            .put_parameter()
+            .name("/t/watch/level")
+            .value("debug")
+            .r#type(aws_sdk_ssm::types::ParameterType::String)
+            .overwrite(true)
+            .send()
+            .await
+            .unwrap();
+    });
+    eventually(Duration::from_secs(10), "the new version", || {
+        d.read("out.conf") == "level=debug\n"
+    });
+    w.stop();
+}
+
+#[test]
+fn vault_renewals_rewrite_nothing_and_the_max_ttl_reissue_signals_once() {
+    let server = VaultServer::start();
+    server.policy("app", &[("database/creds/app", &["read"])]);
+    server.database_role("app", 2, 7);
+    let role_id = server.approle(
+        "app",
+        Role {
+            policies: vec!["app".into()],
+            ttl: 600,
+            ..Role::default()
+        },
+    );
+    let secret_id = server.secret_id("app", 0);
+    let d = Dir::new();
+    d.write("role-id", &role_id);
+    d.write("secret-id", &secret_id);
+    d.write(
+        "envrender.toml",
+        "[vault]\nstate_file = \"vault-state.json\"\nauth = { method = \"approle\", role_id_file = \"role-id\", secret_id_file = \"secret-id\" }\n\n[[template]]\nsource = \"db.hbs\"\ndestination = \"out/db.conf\"\n",
+    );
+    d.write("db.hbs", "user={{vault \"database/creds/app#username\"}}\n");
+    let cmd = |args: &[&str]| d.cmd(args).env("VAULT_ADDR", &server.url);
+    cmd(&["render"]).run().success();
+    let first = d.read("out/db.conf");
+    let _app = App::start(&d);
+    let start = Instant::now();
+    let w = Watch::start(
+        cmd(&["watch", "--signal", "SIGHUP", "--pid-file", "app.pid"]),
+        &d,
+    );
+    // Renewals (every ~1.3 s) keep the credential the sidecar adopted; the
+    // max TTL (7 s) makes one re-issue, one rewrite, one signal.
+    let mut seen = vec![first.clone()];
+    while start.elapsed() < Duration::from_secs(10) {
+        let now = d.read("out/db.conf");
+        let user = now.trim().trim_start_matches("user=").to_string();
+        assert!(
+            server.valid_credentials().contains(&user),
+            "{user} no longer valid at {:?}",
+            start.elapsed()
+        );
+        if seen.last() != Some(&now) {
+            seen.push(now);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(App::hups(&d), 1);
+    assert_eq!(server.count("leases_issued"), 2);
+    assert_eq!(server.count("logins"), 1);
+    assert!(server.count("leases_renewed") >= 2);
+    let metrics = w.get("/metrics").1;
+    assert!(
+        metrics.contains(
+            "envrender_lease_expiry_timestamp_seconds{reference=\"vault:database/creds/app\"}"
+        ),
+        "{metrics}"
+    );
+    w.stop();
+}
+
+#[test]
+fn template_edits_and_configmap_swaps_rerender() {
+    let d = Dir::new();
+    // A Kubernetes ConfigMap volume: files are links through ..data.
+    d.write("cm/..2026_01/app.hbs", "v1 {{file \"values.yaml#name\"}}\n");
+    std::os::unix::fs::symlink("..2026_01", d.join("cm/..data")).unwrap();
+    std::os::unix::fs::symlink("..data/app.hbs", d.join("cm/app.hbs")).unwrap();
+    d.write("values.yaml", "name: a\n");
+    d.write("local.hbs", "local {{file \"values.yaml#name\"}}\n");
+    let w = Watch::start(
+        d.cmd(&[
+            "watch",
+            "--template",
+            "cm/app.hbs:out/app.conf",
+            "--template",
+            "local.hbs:out/local.conf",
+        ]),
+        &d,
+    );
+    assert_eq!(d.read("out/app.conf"), "v1 a\n");
+    // The kubelet's atomic swap: a new directory, then ..data replaced.
+    d.write("cm/..2026_02/app.hbs", "v2 {{file \"values.yaml#name\"}}\n");
+    std::os::unix::fs::symlink("..2026_02", d.join("cm/..data_tmp")).unwrap();
+    std::fs::rename(d.join("cm/..data_tmp"), d.join("cm/..data")).unwrap();
+    eventually(Duration::from_secs(5), "the swapped template", || {
+        d.read("out/app.conf") == "v2 a\n"
+    });
+    // A template edited in place, and a file: source changed.
+    d.write("local.hbs", "LOCAL {{file \"values.yaml#name\"}}\n");
+    eventually(Duration::from_secs(5), "the edited template", || {
+        d.read("out/local.conf") == "LOCAL a\n"
+    });
+    d.write("values.yaml", "name: b\n");
+    eventually(Duration::from_secs(5), "the new value", || {
+        d.read("out/app.conf") == "v2 b\n" && d.read("out/local.conf") == "LOCAL b\n"
+    });
+    // A template that stops compiling leaves the outputs as they were.
+    d.write("local.hbs", "{{#if}}\n");
+    eventually(Duration::from_secs(5), "degraded readiness", || {
+        w.ready().0 == 503
+    });
+    assert_eq!(d.read("out/local.conf"), "LOCAL b\n");
+    w.stop();
+}
+
+#[test]
+fn actions_run_commands_and_call_urls_and_failures_are_reported() {
+    let d = Dir::new();
+    d.write("values.yaml", "name: a\n");
+    d.write("t.hbs", "{{file \"values.yaml#name\"}}\n");
+    let w = Watch::start(
+        d.cmd(&[
+            "watch",
+            "--template",
+            "t.hbs:out.conf",
+            "--exec",
+            "sh -c 'echo \"$0\" >> ran' reloaded",
+            "--http",
+            "http://127.0.0.1:9/-/reload",
+        ]),
+        &d,
+    );
+    // The first render wrote the file: the actions ran once.
+    eventually(Duration::from_secs(5), "the command", || {
+        std::fs::read_to_string(d.join("ran")).unwrap_or_default() == "reloaded\n"
+    });
+    d.write("values.yaml", "name: b\n");
+    eventually(Duration::from_secs(5), "the second run", || {
+        std::fs::read_to_string(d.join("ran")).unwrap_or_default() == "reloaded\nreloaded\n"
+    });
+    // Nothing listens on port 9: reported (after retries), never fatal.
+    eventually(
+        Duration::from_secs(10),
+        "the failed call in the metrics",
+        || {
+            w.get("/metrics")
+                .1
+                .contains("action=\"POST http://127.0.0.1:9/-/reload\",result=\"error\"")
+        },
+    );
+    assert_eq!(w.ready().0, 200);
+    let log = w.stop();
+    assert!(log.contains("action failed"), "{log}");
+    let _ = json!(null);
+}
+
+#[test]
+fn watch_flags_are_checked_before_anything_runs() {
+    let d = Dir::new();
+    d.write("t.hbs", "x\n");
+    d.cmd(&[
+        "watch",
+        "--template",
+        "t.hbs:out.conf",
+        "--signal",
+        "SIGHUP",
+    ])
+    .run()
+    .code(2)
+    .stderr_has("--signal needs --pid-file FILE or --process-name NAME");
+    d.cmd(&[
+        "watch",
+        "--template",
+        "t.hbs:out.conf",
+        "--signal",
+        "SIGNOPE",
+        "--pid-file",
+        "p",
+    ])
+    .run()
+    .code(2)
+    .stderr_has("not a signal name");
+    d.cmd(&["watch", "--template", "t.hbs:out.conf", "--wait", "5s:1s"])
+        .run()
+        .code(2)
+        .stderr_has("shorter than its MIN");
+    assert!(!d.join("out.conf").exists());
+}
