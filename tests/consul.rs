@@ -476,7 +476,12 @@ fn watch_errors_are_reported_and_backed_off() {
         ),
         other => panic!("{other:?}"),
     }
-    // The next observation waits before asking again, then recovers.
+    // The next observation waits before asking again, and reports the
+    // recovery at once, unchanged; the one after blocks for changes.
+    let started = std::time::Instant::now();
+    let seen = block_on(consul.observe(&known));
+    assert!(matches!(seen[0], Observation::Unchanged), "{seen:?}");
+    assert!(started.elapsed() >= Duration::from_millis(200));
     let rx = observe_in_background(consul.clone(), known);
     wait_until("the blocking query", || server.blocking_now() == 1);
     server.put("app/a", "2");
