@@ -472,3 +472,69 @@ fn watch_flags_are_checked_before_anything_runs() {
         .stderr_has("shorter than its MIN");
     assert!(!d.join("out.conf").exists());
 }
+
+#[test]
+fn processes_are_found_by_name_and_sighup_reloads_the_configuration() {
+    let d = Dir::new();
+    // An app with a name of its own: a copy of sh that counts SIGHUPs.
+    let name = format!("hup{}", std::process::id() % 100_000);
+    std::fs::copy("/bin/sh", d.join(&name)).unwrap();
+    let mut app = std::process::Command::new(d.join(&name))
+        .args([
+            "-c",
+            "trap 'echo hup >> hups' HUP; while :; do sleep 0.05; done",
+        ])
+        .current_dir(d.path())
+        .spawn()
+        .unwrap();
+    d.write("values.yaml", "name: a\n");
+    d.write("a.hbs", "a={{file \"values.yaml#name\"}}\n");
+    d.write("b.hbs", "b={{file \"values.yaml#name\"}}\n");
+    d.write(
+        "envrender.toml",
+        "[[template]]\nsource = \"a.hbs\"\ndestination = \"out/a.conf\"\n",
+    );
+    let w = Watch::start(
+        d.cmd(&["watch", "--signal", "SIGHUP", "--process-name", &name]),
+        &d,
+    );
+    // The first render wrote a file: the app was told.
+    eventually(Duration::from_secs(5), "the first signal", || {
+        App::hups(&d) == 1
+    });
+    d.write(
+        "envrender.toml",
+        "[[template]]\nsource = \"a.hbs\"\ndestination = \"out/a.conf\"\n\n[[template]]\nsource = \"b.hbs\"\ndestination = \"out/b.conf\"\n",
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(w.child.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    eventually(Duration::from_secs(5), "the new template", || {
+        d.join("out/b.conf").exists() && d.read("out/b.conf") == "b=a\n"
+    });
+    eventually(Duration::from_secs(5), "the second signal", || {
+        App::hups(&d) == 2
+    });
+    // A broken configuration on SIGHUP keeps the running one.
+    d.write("envrender.toml", "[[template]]\nsourc = 1\n");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(w.child.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    d.write("values.yaml", "name: z\n");
+    eventually(
+        Duration::from_secs(5),
+        "renders with the running configuration",
+        || d.read("out/b.conf") == "b=z\n",
+    );
+    let log = w.stop();
+    assert!(
+        log.contains("reload failed; keeping the running configuration"),
+        "{log}"
+    );
+    let _ = app.kill();
+    let _ = app.wait();
+}
