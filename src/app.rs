@@ -109,35 +109,25 @@ fn timeout_of(flag: &Option<Duration>, config: &Config) -> Duration {
 
 /// The actions and timing of `watch`, from its flags.
 fn watch_settings(args: &crate::cli::WatchArgs) -> Result<crate::watch::WatchSettings, Error> {
-    use crate::watch::{Action, Target};
+    use crate::watch::Action;
     let usage = |message: &str, hint: &str| {
         Error::Config(vec![
             ConfigError::new("envrender watch", message).hint(hint),
         ])
     };
     let mut actions = Vec::new();
-    match (args.signal, &args.pid_file, &args.process_name) {
-        (Some(signal), Some(f), None) => actions.push(Action::Signal {
-            signal,
-            target: Target::PidFile(f.clone()),
-        }),
-        (Some(signal), None, Some(n)) => actions.push(Action::Signal {
-            signal,
-            target: Target::ProcessName(n.clone()),
-        }),
-        (Some(_), None, None) => {
-            return Err(usage(
-                "--signal needs --pid-file FILE or --process-name NAME to know whom to signal",
-                "e.g. --signal SIGHUP --process-name nginx",
-            ));
-        }
-        (None, Some(_), _) | (None, _, Some(_)) => {
-            return Err(usage(
-                "--pid-file and --process-name say whom to signal, but no --signal was given",
-                "add --signal SIGHUP (or the signal the app reloads on)",
-            ));
-        }
-        _ => {}
+    if let Some(a) = crate::watch::signal_action(
+        args.signal,
+        args.pid_file.clone(),
+        args.process_name.clone(),
+    )
+    .map_err(|e| {
+        usage(
+            &format!("--signal, --pid-file, --process-name: {e}"),
+            "e.g. --signal SIGHUP --process-name nginx",
+        )
+    })? {
+        actions.push(a);
     }
     if let Some(cmd) = &args.exec {
         let argv = shlex::split(cmd).filter(|a| !a.is_empty()).ok_or_else(|| {
@@ -152,16 +142,12 @@ fn watch_settings(args: &crate::cli::WatchArgs) -> Result<crate::watch::WatchSet
         });
     }
     if let Some(url) = &args.http {
-        reqwest::Url::parse(url)
-            .ok()
-            .filter(|u| matches!(u.scheme(), "http" | "https"))
-            .ok_or_else(|| {
-                usage(
-                    &format!("--http \"{url}\" is not an http(s) URL"),
-                    "e.g. --http http://127.0.0.1:9090/-/reload",
-                )
-            })?;
-        actions.push(Action::Http { url: url.clone() });
+        actions.push(crate::watch::http_action(url).map_err(|e| {
+            usage(
+                &format!("--http: {e}"),
+                "e.g. --http http://127.0.0.1:9090/-/reload",
+            )
+        })?);
     }
     Ok(crate::watch::WatchSettings {
         wait: args.wait.unwrap_or_default(),

@@ -159,18 +159,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_signal(s: &str) -> Result<nix::sys::signal::Signal, String> {
-    use std::str::FromStr as _;
-    let upper = s.trim().to_ascii_uppercase();
-    if let Ok(n) = upper.parse::<i32>() {
-        return nix::sys::signal::Signal::try_from(n).map_err(|_| format!("{n} is not a signal"));
-    }
-    let name = if upper.starts_with("SIG") {
-        upper
-    } else {
-        format!("SIG{upper}")
-    };
-    nix::sys::signal::Signal::from_str(&name)
-        .map_err(|_| format!("\"{s}\" is not a signal name; e.g. SIGHUP, HUP, SIGUSR1 or 1"))
+    crate::watch::parse_signal(s)
 }
 
 /// `MIN[:MAX]`; MAX defaults to four times MIN.

@@ -169,6 +169,27 @@ struct RawTemplate {
     destination: Spanned<String>,
     mode: Option<Spanned<String>>,
     owner: Option<Spanned<String>>,
+    on_change: Option<Spanned<RawOnChange>>,
+}
+
+/// What to do when a template's output changed (watch mode).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOnChange {
+    signal: Option<Spanned<String>>,
+    pid_file: Option<Spanned<String>>,
+    process_name: Option<Spanned<String>>,
+    exec: Option<Spanned<RawCommand>>,
+    timeout: Option<Spanned<String>>,
+    http: Option<Spanned<String>>,
+}
+
+/// A command as one line (split like a shell would) or as argv.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawCommand {
+    Line(String),
+    Argv(Vec<String>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -196,6 +217,8 @@ pub struct TemplateOutput {
     pub destination: PathBuf,
     pub mode: u32,
     pub owner: Option<Owner>,
+    /// Actions after this output changed (watch mode).
+    pub on_change: Vec<crate::watch::Action>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -365,6 +388,11 @@ impl Validator<'_> {
                 destination: self.path(&t.destination, "template.destination"),
                 mode: self.mode(t.mode.as_ref()),
                 owner: self.owner(t.owner.as_ref()),
+                on_change: t
+                    .on_change
+                    .as_ref()
+                    .map(|a| self.on_change(a))
+                    .unwrap_or_default(),
             })
             .collect();
         let env = raw
@@ -471,6 +499,56 @@ impl Validator<'_> {
                 .choice(raw.watch.as_ref(), "consul.watch")
                 .unwrap_or(defaults.watch),
         }
+    }
+
+    fn on_change(&mut self, at: &Spanned<RawOnChange>) -> Vec<crate::watch::Action> {
+        use crate::watch::{self, Action};
+        let raw = at.get_ref();
+        let mut actions = Vec::new();
+        let signal = raw.signal.as_ref().and_then(|s| {
+            watch::parse_signal(s.get_ref())
+                .map_err(|e| self.error(s, format!("template.on_change.signal: {e}"), ""))
+                .ok()
+        });
+        let text = |s: &Option<Spanned<String>>| s.as_ref().map(|s| s.get_ref().clone());
+        let pid_file = raw
+            .pid_file
+            .as_ref()
+            .map(|p| self.path(p, "template.on_change.pid_file"));
+        match watch::signal_action(signal, pid_file, text(&raw.process_name)) {
+            Ok(Some(a)) => actions.push(a),
+            Ok(None) => {}
+            Err(e) => self.error(
+                at,
+                format!("template.on_change: {e}"),
+                "e.g. on_change = { signal = \"SIGHUP\", process_name = \"nginx\" }",
+            ),
+        }
+        let timeout = self
+            .duration(raw.timeout.as_ref(), "template.on_change.timeout")
+            .unwrap_or(watch::DEFAULT_EXEC_TIMEOUT);
+        if let Some(exec) = &raw.exec {
+            let argv = match exec.get_ref() {
+                RawCommand::Line(line) => shlex::split(line),
+                RawCommand::Argv(argv) => Some(argv.clone()),
+            }
+            .filter(|a| !a.is_empty() && !a[0].is_empty());
+            match argv {
+                Some(argv) => actions.push(Action::Exec { argv, timeout }),
+                None => self.error(
+                    exec,
+                    "template.on_change.exec is not a command (empty, or unbalanced quotes)",
+                    "e.g. exec = [\"nginx\", \"-s\", \"reload\"] or exec = \"nginx -s reload\"",
+                ),
+            }
+        }
+        if let Some(url) = &raw.http {
+            match watch::http_action(url.get_ref()) {
+                Ok(a) => actions.push(a),
+                Err(e) => self.error(url, format!("template.on_change.http: {e}"), ""),
+            }
+        }
+        actions
     }
 
     fn vault(&mut self, raw: &RawVault) -> VaultConfig {
@@ -790,6 +868,7 @@ pub fn parse_template_flag(s: &str) -> Result<TemplateOutput, ConfigError> {
         destination: destination.into(),
         mode,
         owner: None,
+        on_change: Vec::new(),
     })
 }
 

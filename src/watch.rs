@@ -40,7 +40,7 @@ pub struct WatchSettings {
 }
 
 /// What to do after outputs changed.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Send a signal to the processes found by a PID file or by name.
     Signal {
@@ -56,10 +56,69 @@ pub enum Action {
     Http { url: String },
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Target {
     PidFile(PathBuf),
     ProcessName(String),
+}
+
+/// How long an `exec` action may run when nothing says.
+pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `SIGHUP`, `HUP` or a number.
+pub fn parse_signal(s: &str) -> Result<nix::sys::signal::Signal, String> {
+    use std::str::FromStr as _;
+    let upper = s.trim().to_ascii_uppercase();
+    if let Ok(n) = upper.parse::<i32>() {
+        return nix::sys::signal::Signal::try_from(n).map_err(|_| format!("{n} is not a signal"));
+    }
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    nix::sys::signal::Signal::from_str(&name)
+        .map_err(|_| format!("\"{s}\" is not a signal name; e.g. SIGHUP, HUP, SIGUSR1 or 1"))
+}
+
+/// A signal action from its parts: a signal needs exactly one target, and a
+/// target needs a signal.
+pub fn signal_action(
+    signal: Option<nix::sys::signal::Signal>,
+    pid_file: Option<PathBuf>,
+    process_name: Option<String>,
+) -> Result<Option<Action>, String> {
+    match (signal, pid_file, process_name) {
+        (Some(signal), Some(f), None) => Ok(Some(Action::Signal {
+            signal,
+            target: Target::PidFile(f),
+        })),
+        (Some(signal), None, Some(n)) => Ok(Some(Action::Signal {
+            signal,
+            target: Target::ProcessName(n),
+        })),
+        (Some(_), Some(_), Some(_)) => {
+            Err("give a pid file or a process name to signal, not both".into())
+        }
+        (Some(_), None, None) => {
+            Err("a signal needs a pid file or a process name to know whom to signal".into())
+        }
+        (None, None, None) => Ok(None),
+        (None, _, _) => {
+            Err("a pid file or process name says whom to signal, but no signal was given".into())
+        }
+    }
+}
+
+/// An HTTP action, its URL checked.
+pub fn http_action(url: &str) -> Result<Action, String> {
+    reqwest::Url::parse(url)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https"))
+        .map(|_| Action::Http {
+            url: url.to_string(),
+        })
+        .ok_or_else(|| format!("\"{url}\" is not an http(s) URL"))
 }
 
 impl std::fmt::Display for Action {
@@ -363,8 +422,9 @@ pub async fn watch(
                         if files.as_ref().is_none_or(|(w, _)| *w != inputs) {
                             files = watch_files(&inputs, tx.clone()).map(|w| (inputs, w));
                         }
-                        if written > 0 {
-                            run_actions(&options.actions, &health).await;
+                        if !written.is_empty() {
+                            let actions = actions_for(&settings, &plan, &written, &options.actions);
+                            run_actions(&actions, &health).await;
                         }
                     }
                     Err(e) => {
@@ -400,15 +460,37 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
+/// The actions to run after `written` changed: those of each template
+/// written, then the global ones, each once.
+fn actions_for(
+    settings: &Settings,
+    plan: &Plan,
+    written: &[PathBuf],
+    global: &[Action],
+) -> Vec<Action> {
+    let mut actions: Vec<Action> = Vec::new();
+    let per_template = settings
+        .templates
+        .iter()
+        .filter(|t| written.contains(&plan.destination(&t.destination)))
+        .flat_map(|t| t.on_change.iter());
+    for a in per_template.chain(global) {
+        if !actions.contains(a) {
+            actions.push(a.clone());
+        }
+    }
+    actions
+}
+
 /// One render from the values held (fetching only what is missing), and
-/// a commit of what changed. Returns how many outputs were written.
+/// a commit of what changed. Returns the outputs written.
 async fn cycle(
     plan: &Plan,
     resolver: &Resolver,
     settings: &Settings,
     cache: &mut FetchResults,
     health: &Health,
-) -> Result<usize, Error> {
+) -> Result<Vec<PathBuf>, Error> {
     let started = Instant::now();
     let resolution = plan
         .resolve_with(resolver, started + settings.timeout, cache.clone())
@@ -431,19 +513,21 @@ async fn cycle(
         }
     }
     *health.leases.lock().unwrap() = leases;
-    let mut written = 0;
+    let mut written = Vec::new();
     for (w, status) in writes.iter().zip(&statuses) {
         if *status != Status::Unchanged {
-            written += 1;
+            written.push(w.path.clone());
             tracing::info!(path = %w.path.display(), from = %w.origin, bytes = w.contents.len(), "{status}");
         }
     }
     health.renders.fetch_add(1, Ordering::SeqCst);
-    health.writes.fetch_add(written as u64, Ordering::SeqCst);
+    health
+        .writes
+        .fetch_add(written.len() as u64, Ordering::SeqCst);
     health.last_success.store(unix_now(), Ordering::SeqCst);
     tracing::info!(
         outputs = writes.len(),
-        written,
+        written = written.len(),
         elapsed_ms = started.elapsed().as_millis() as u64,
         "render complete"
     );

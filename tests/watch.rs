@@ -538,3 +538,41 @@ fn processes_are_found_by_name_and_sighup_reloads_the_configuration() {
     let _ = app.kill();
     let _ = app.wait();
 }
+
+#[test]
+fn each_template_runs_its_own_actions_when_its_output_changes() {
+    let d = Dir::new();
+    d.write("a.yaml", "v: 1\n");
+    d.write("b.yaml", "v: 1\n");
+    d.write("a.hbs", "{{file \"a.yaml#v\"}}\n");
+    d.write("b.hbs", "{{file \"b.yaml#v\"}}\n");
+    d.write(
+        "envrender.toml",
+        "[[template]]\nsource = \"a.hbs\"\ndestination = \"out/a\"\non_change = { exec = [\"sh\", \"-c\", \"echo a >> ran\"] }\n\n\
+         [[template]]\nsource = \"b.hbs\"\ndestination = \"out/b\"\non_change = { exec = \"sh -c 'echo b >> ran'\", timeout = \"5s\" }\n",
+    );
+    let ran = || std::fs::read_to_string(d.join("ran")).unwrap_or_default();
+    let w = Watch::start(d.cmd(&["watch"]), &d);
+    eventually(Duration::from_secs(5), "the first actions", || {
+        let r = ran();
+        r.lines().count() == 2 && r.contains("a\n") && r.contains("b\n")
+    });
+    d.write("a.yaml", "v: 2\n");
+    eventually(Duration::from_secs(5), "a's action", || {
+        ran().lines().count() == 3
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(ran().lines().last(), Some("a"));
+    assert_eq!(ran().lines().count(), 3);
+    w.stop();
+    // A signal with no one to send it to is a configuration error, with its line.
+    d.write(
+        "envrender.toml",
+        "[[template]]\nsource = \"a.hbs\"\ndestination = \"out/a\"\non_change = { signal = \"SIGHUP\" }\n",
+    );
+    d.cmd(&["watch"])
+        .run()
+        .code(2)
+        .stderr_has("envrender.toml:4")
+        .stderr_has("needs a pid file or a process name");
+}
