@@ -453,7 +453,7 @@ fn watch_flags_are_checked_before_anything_runs() {
     ])
     .run()
     .code(2)
-    .stderr_has("--signal needs --pid-file FILE or --process-name NAME");
+    .stderr_has("a signal needs a pid file or a process name");
     d.cmd(&[
         "watch",
         "--template",
