@@ -137,6 +137,19 @@ fn consul_addr(server: &ConsulServer) -> String {
     server.url.trim_start_matches("http://").to_string()
 }
 
+/// A sidecar as deployed after an init container: `t.hbs` rendered to
+/// `out` first (so the sidecar has nothing to write), the app started, then
+/// `watch` with `flags`, signalling the app through its pid file.
+fn consul_sidecar(server: &ConsulServer, d: &Dir, out: &str, flags: &[&str]) -> (App, Watch) {
+    let template = format!("t.hbs:{out}");
+    let cmd = |args: &[&str]| d.cmd(args).env("CONSUL_HTTP_ADDR", &consul_addr(server));
+    cmd(&["render", "--template", &template]).run().success();
+    let app = App::start(d);
+    let mut args = vec!["watch", "--template", &template, "--pid-file", "app.pid"];
+    args.extend(flags);
+    (app, Watch::start(cmd(&args), d))
+}
+
 /// The file's identity and modification time: unchanged when not rewritten.
 fn stamp(d: &Dir, rel: &str) -> (u64, i64, i64) {
     let m = std::fs::metadata(d.join(rel)).unwrap();
@@ -150,24 +163,7 @@ fn a_consul_change_rewrites_the_file_and_signals_the_app_once() {
     server.put("app/other", "x");
     let d = Dir::new();
     d.write("t.hbs", "host={{consul \"app/db_host\"}}\n");
-    let cmd = |args: &[&str]| d.cmd(args).env("CONSUL_HTTP_ADDR", &consul_addr(&server));
-    // The init container rendered first; the sidecar has nothing to write.
-    cmd(&["render", "--template", "t.hbs:out/app.conf"])
-        .run()
-        .success();
-    let _app = App::start(&d);
-    let w = Watch::start(
-        cmd(&[
-            "watch",
-            "--template",
-            "t.hbs:out/app.conf",
-            "--signal",
-            "SIGHUP",
-            "--pid-file",
-            "app.pid",
-        ]),
-        &d,
-    );
+    let (_app, w) = consul_sidecar(&server, &d, "out/app.conf", &["--signal", "SIGHUP"]);
     assert_eq!(App::hups(&d), 0, "signalled with nothing changed");
     server.put("app/db_host", "two");
     eventually(Duration::from_secs(5), "the rewrite", || {
@@ -202,24 +198,11 @@ fn a_burst_of_changes_within_the_wait_is_one_render_and_one_signal() {
     server.put("cfg/n", "0");
     let d = Dir::new();
     d.write("t.hbs", "n={{consul \"cfg/n\"}}\n");
-    let cmd = |args: &[&str]| d.cmd(args).env("CONSUL_HTTP_ADDR", &consul_addr(&server));
-    cmd(&["render", "--template", "t.hbs:out.conf"])
-        .run()
-        .success();
-    let _app = App::start(&d);
-    let w = Watch::start(
-        cmd(&[
-            "watch",
-            "--template",
-            "t.hbs:out.conf",
-            "--signal",
-            "HUP",
-            "--pid-file",
-            "app.pid",
-            "--wait",
-            "500ms:5s",
-        ]),
+    let (_app, w) = consul_sidecar(
+        &server,
         &d,
+        "out.conf",
+        &["--signal", "HUP", "--wait", "500ms:5s"],
     );
     for i in 1..=50 {
         server.put("cfg/n", &i.to_string());
