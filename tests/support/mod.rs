@@ -264,3 +264,70 @@ pub fn tls_front(backend: &str) -> (String, String) {
     });
     (format!("https://localhost:{port}"), ca_pem)
 }
+
+/// A TCP forwarder to `backend` on a loopback port of its own, which can be
+/// shut — new connections refused, open ones cut — and opened again on the
+/// same port: a server that goes away and comes back.
+pub struct Gate {
+    pub addr: String,
+    backend: String,
+    running: Option<(
+        tokio::sync::watch::Sender<bool>,
+        std::thread::JoinHandle<()>,
+    )>,
+}
+
+impl Gate {
+    pub fn open(backend: &str) -> Gate {
+        let port = aws::free_port();
+        let mut gate = Gate {
+            addr: format!("127.0.0.1:{port}"),
+            backend: backend.to_string(),
+            running: None,
+        };
+        gate.reopen();
+        gate
+    }
+
+    pub fn reopen(&mut self) {
+        assert!(self.running.is_none(), "the gate is open");
+        let listener = std::net::TcpListener::bind(&self.addr).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let backend = self.backend.clone();
+        let thread = std::thread::spawn(move || {
+            aws::block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let mut shut = rx.clone();
+                loop {
+                    let client = tokio::select! {
+                        _ = shut.changed() => return,
+                        accepted = listener.accept() => match accepted {
+                            Ok((c, _)) => c,
+                            Err(_) => continue,
+                        },
+                    };
+                    let (backend, mut shut) = (backend.clone(), rx.clone());
+                    tokio::spawn(async move {
+                        let mut client = client;
+                        let Ok(mut server) = tokio::net::TcpStream::connect(&backend).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = shut.changed() => {}
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        }
+                    });
+                }
+            })
+        });
+        self.running = Some((tx, thread));
+    }
+
+    pub fn shut(&mut self) {
+        if let Some((tx, thread)) = self.running.take() {
+            let _ = tx.send(true);
+            thread.join().unwrap();
+        }
+    }
+}
