@@ -104,10 +104,15 @@ struct WatchState {
     errors: u32,
     /// When the last query of this watch started.
     started: Option<tokio::time::Instant>,
+    /// The last answer came with a new index: the next query may start at
+    /// once (it blocks). Answers with the same index back to back are what
+    /// the query spacing guards against.
+    moved: bool,
 }
 
-/// The least time between two queries of one watch: a server (or proxy)
-/// that answers blocking queries at once must not make the loop spin.
+/// The least time between two queries of one watch whose index did not
+/// move: a server (or proxy) that answers blocking queries at once must not
+/// make the loop spin.
 const MIN_QUERY_INTERVAL: Duration = Duration::from_millis(100);
 
 /// One blocking query.
@@ -801,6 +806,7 @@ impl Backend for Consul {
                         // when nothing changed: the watch is healthy again.
                         let recovered = state.errors > 0;
                         state.errors = 0;
+                        state.moved = index != state.index;
                         // An index that went backwards (a snapshot restore):
                         // start over; below 1 counts as 1.
                         state.index = if index < state.index { 0 } else { index.max(1) };
@@ -868,7 +874,9 @@ impl<'a> Pending<'a> {
         let (watch, served) = &self.watches[w];
         let mut state = self.client.state(watch);
         let spacing = match state.started {
-            Some(at) if state.index > 0 => MIN_QUERY_INTERVAL.saturating_sub(at.elapsed()),
+            Some(at) if state.index > 0 && !state.moved => {
+                MIN_QUERY_INTERVAL.saturating_sub(at.elapsed())
+            }
             _ => Duration::ZERO,
         };
         state.started = Some(tokio::time::Instant::now() + spacing);
