@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::backend::Backends;
+use crate::backend::{Backends, OnFirstUse};
 use crate::cli::{Cli, Command, OutputArgs};
 use crate::config::{self, Config, ConfigError, LogFormat, LogLevel};
 use crate::engine::{Plan, Resolution, Settings};
@@ -38,24 +38,24 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<(), Error> {
     }
     let mut backends = Backends::local(env.clone());
     let aws = crate::backend::aws::register(&mut backends, config.aws.clone(), env.as_ref());
-    let consul: Arc<dyn crate::backend::Backend> =
-        match crate::backend::consul::Consul::new(config.consul.clone(), env.as_ref()) {
-            Ok(c) => Arc::new(c),
-            Err(reason) => Arc::new(crate::backend::Unavailable {
-                name: "consul",
-                reason,
-            }),
-        };
+    // Built on first use: a run with no Consul or Vault reference never
+    // builds their HTTP clients.
+    let consul: Arc<dyn crate::backend::Backend> = {
+        let (config, env) = (config.consul.clone(), env.clone());
+        Arc::new(OnFirstUse::new("consul", move || {
+            crate::backend::consul::Consul::new(config, env.as_ref())
+                .map(|c| Arc::new(c) as Arc<dyn crate::backend::Backend>)
+        }))
+    };
     backends.insert(crate::reference::Scheme::Consul, consul.clone());
     backends.insert(crate::reference::Scheme::Service, consul);
-    let vault: Arc<dyn crate::backend::Backend> =
-        match crate::backend::vault::Vault::new(config.vault.clone(), env.as_ref(), Some(aws)) {
-            Ok(v) => Arc::new(v),
-            Err(reason) => Arc::new(crate::backend::Unavailable {
-                name: "vault",
-                reason,
-            }),
-        };
+    let vault: Arc<dyn crate::backend::Backend> = {
+        let (config, env) = (config.vault.clone(), env.clone());
+        Arc::new(OnFirstUse::new("vault", move || {
+            crate::backend::vault::Vault::new(config, env.as_ref(), Some(aws))
+                .map(|v| Arc::new(v) as Arc<dyn crate::backend::Backend>)
+        }))
+    };
     backends.insert(crate::reference::Scheme::Vault, vault);
     let mut resolver = Resolver::new(backends);
     if let Some(path) = cli.values.as_ref().or(config.local_values.as_ref()) {

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::environment::Environment;
@@ -345,6 +345,89 @@ impl Backend for Unavailable {
 
     fn watches(&self, _: &[Source]) -> Vec<String> {
         Vec::new()
+    }
+}
+
+/// A backend built the first time it is asked for anything, so that runs
+/// that never use it do not pay for it (an HTTP client parses the system's
+/// CA store). A configuration it cannot be built from fails only the
+/// sources it would serve, as [`Unavailable`] does.
+pub struct OnFirstUse {
+    name: &'static str,
+    build: Mutex<Option<Builder>>,
+    built: OnceLock<Arc<dyn Backend>>,
+}
+
+type Builder = Box<dyn FnOnce() -> Result<Arc<dyn Backend>, String> + Send>;
+
+impl OnFirstUse {
+    pub fn new(
+        name: &'static str,
+        build: impl FnOnce() -> Result<Arc<dyn Backend>, String> + Send + 'static,
+    ) -> Self {
+        OnFirstUse {
+            name,
+            build: Mutex::new(Some(Box::new(build))),
+            built: OnceLock::new(),
+        }
+    }
+
+    fn get(&self) -> &Arc<dyn Backend> {
+        self.built.get_or_init(|| {
+            let build = self.build.lock().unwrap_or_else(|p| p.into_inner()).take();
+            match build.map(|f| f()) {
+                Some(Ok(backend)) => backend,
+                Some(Err(reason)) => Arc::new(Unavailable {
+                    name: self.name,
+                    reason,
+                }),
+                None => Arc::new(Unavailable {
+                    name: self.name,
+                    reason: "the backend could not be built".into(),
+                }),
+            }
+        })
+    }
+}
+
+impl Backend for OnFirstUse {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn plan(&self, sources: &[Source]) -> Vec<PlannedCall> {
+        self.get().plan(sources)
+    }
+
+    fn fetch<'a>(
+        &'a self,
+        sources: &'a [Source],
+    ) -> BoxFuture<'a, Vec<Result<Fetched, FetchError>>> {
+        self.get().fetch(sources)
+    }
+
+    fn watches(&self, sources: &[Source]) -> Vec<String> {
+        self.get().watches(sources)
+    }
+
+    fn poll_interval(&self) -> Duration {
+        self.get().poll_interval()
+    }
+
+    fn blocks(&self) -> bool {
+        self.get().blocks()
+    }
+
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.get().changes()
+    }
+
+    fn background(&self) -> Option<BoxFuture<'static, ()>> {
+        self.get().background()
+    }
+
+    fn observe<'a>(&'a self, known: &'a [(Source, Fetched)]) -> BoxFuture<'a, Vec<Observation>> {
+        self.get().observe(known)
     }
 }
 
