@@ -64,7 +64,68 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<(), Error> {
         tracing::debug!(file = %path.display(), values = local.count(), "local values loaded");
         resolver = resolver.with_local_values(local);
     }
-    match cli.command {
+    let command = match (cli.command, cli.exec) {
+        (Some(c), exec) if exec.is_empty() => c,
+        (None, exec) if !exec.is_empty() => Command::Run(crate::cli::RunArgs {
+            outputs: OutputArgs {
+                templates: Vec::new(),
+                output_root: None,
+            },
+            timeout: None,
+            stop_signal: nix::sys::signal::Signal::SIGTERM,
+            grace: Duration::from_secs(10),
+            subreaper: false,
+            supervise: false,
+            keep_env: Vec::new(),
+            secrets_dir: None,
+            command: exec,
+        }),
+        _ => {
+            return Err(Error::Config(vec![
+                ConfigError::new("envrender", "no command given").hint(
+                    "use get, render, check, watch, run -- CMD, or -- CMD; see envrender --help",
+                ),
+            ]));
+        }
+    };
+    match command {
+        Command::Run(args) => {
+            let timeout = timeout_of(&args.timeout, &config);
+            let mut env = config.env.clone();
+            let process_env: Vec<(std::ffi::OsString, std::ffi::OsString)> =
+                std::env::vars_os().collect();
+            let references =
+                crate::run::env_references(process_env.iter().filter_map(|(k, v)| {
+                    Some((k.to_str()?.to_string(), v.to_str()?.to_string()))
+                }))?;
+            for (name, value) in references {
+                env.retain(|(n, _)| *n != name);
+                env.push((name, value));
+            }
+            let mut templates = config.templates.clone();
+            for flag in &args.outputs.templates {
+                templates
+                    .push(config::parse_template_flag(flag).map_err(|e| Error::Config(vec![e]))?);
+            }
+            let settings = Settings {
+                templates,
+                env,
+                env_files: config.env_files.clone(),
+                output_root: args.outputs.output_root.clone(),
+                timeout,
+            };
+            let run = crate::run::RunSettings {
+                argv: args.command,
+                stop_signal: args.stop_signal,
+                grace: args.grace,
+                subreaper: args.subreaper,
+                supervise: args.supervise || args.subreaper,
+                keep_env: args.keep_env,
+                secrets_dir: args.secrets_dir,
+            };
+            let code = crate::run::run(&resolver, &settings, &run, process_env).await?;
+            Err(Error::Exit(code))
+        }
         Command::Get { reference, timeout } => {
             let timeout = timeout.or(config.timeout).unwrap_or(DEFAULT_TIMEOUT);
             let text = get(&resolver, &reference, timeout).await?;

@@ -46,7 +46,11 @@ pub struct Cli {
     pub log_format: Option<LogFormat>,
 
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+
+    /// `envrender -- CMD [ARG]...` is `envrender run -- CMD [ARG]...`.
+    #[arg(last = true, value_name = "CMD")]
+    pub exec: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -79,6 +83,54 @@ pub enum Command {
     ///
     /// Example: envrender watch --signal SIGHUP --process-name nginx --listen 0.0.0.0:8080
     Watch(WatchArgs),
+
+    /// Resolve the environment and files, then run CMD with them: exec into
+    /// it when nothing needs keeping alive, else supervise it (signals,
+    /// zombies, exit code).
+    ///
+    /// Example: DB_PASSWORD=ssm:/app/db/password envrender run -- ./server
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub outputs: OutputArgs,
+
+    /// Give up resolving after this long; the command is not started.
+    #[arg(long, env = "ENVRENDER_TIMEOUT", value_name = "DUR", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+
+    /// The signal that stops the command (on SIGTERM).
+    #[arg(long, default_value = "SIGTERM", value_name = "SIG", value_parser = parse_signal)]
+    pub stop_signal: nix::sys::signal::Signal,
+
+    /// How long the command has to stop before its process group is killed.
+    #[arg(long, default_value = "10s", value_name = "DUR", value_parser = parse_duration)]
+    pub grace: Duration,
+
+    /// Reap orphaned descendants even when not PID 1 (implies --supervise).
+    #[arg(long)]
+    pub subreaper: bool,
+
+    /// Stay as the command's parent even when nothing needs keeping alive
+    /// (as PID 1, envrender always does, to reap zombies).
+    #[arg(long)]
+    pub supervise: bool,
+
+    /// Pass this credential variable (VAULT_TOKEN, CONSUL_HTTP_TOKEN…) to the
+    /// command; it is removed otherwise. Repeats.
+    #[arg(long, value_name = "NAME")]
+    pub keep_env: Vec<String>,
+
+    /// Where [env] NAME_FILE values are written [default: a private
+    /// directory under /dev/shm].
+    #[arg(long, env = "ENVRENDER_SECRETS_DIR", value_name = "DIR")]
+    pub secrets_dir: Option<PathBuf>,
+
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Args)]

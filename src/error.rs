@@ -27,6 +27,8 @@ pub enum Error {
     Output(OutputError),
     /// A run that stopped before writing anything, and why.
     NothingWritten(Box<Error>),
+    /// `run`: the app exited with this code (128+N when killed by signal N).
+    Exit(u8),
 }
 
 impl Error {
@@ -35,6 +37,7 @@ impl Error {
             Error::Config(_) | Error::Input(_) => 2,
             Error::Unresolved(_) | Error::Render(_) | Error::Output(_) => 1,
             Error::NothingWritten(e) => e.exit_code(),
+            Error::Exit(code) => *code,
         }
     }
 }
@@ -51,6 +54,7 @@ fn list<T: fmt::Display>(f: &mut fmt::Formatter<'_>, items: &[T]) -> fmt::Result
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Error::Exit(code) => write!(f, "the command exited with {code}"),
             Error::Config(errors) => {
                 write!(
                     f,

@@ -37,6 +37,7 @@ pub mod local_values;
 pub mod output;
 pub mod reference;
 pub mod resolve;
+pub mod run;
 pub mod secret;
 pub mod telemetry;
 pub mod template;

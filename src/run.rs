@@ -1,0 +1,359 @@
+//! `envrender run -- app`: resolve the app's environment, render its files,
+//! then hand over to the app.
+//!
+//! Environment variables whose values are references (`DB_PASSWORD=ssm:/app/db/password`,
+//! an SSM or Secrets Manager ARN) and the `[env]` mapping are resolved; a
+//! `*_FILE` name in `[env]` gets a path to a 0600 file holding the value
+//! instead of the value. Any failure stops the run before the app starts,
+//! listing every failure (fail closed). The references themselves and
+//! envrender's own credentials (`VAULT_TOKEN`, `CONSUL_HTTP_TOKEN`) do not
+//! reach the app unless `--keep-env` says so.
+//!
+//! When nothing needs keeping alive (no Vault lease) and envrender is not
+//! PID 1 (nor asked to `--supervise`), it `exec`s the app: no process stays
+//! behind. Otherwise it supervises it: the app runs in
+//! its own process group; signals are forwarded to the group; SIGTERM stops
+//! it with `--stop-signal`, then SIGKILL after `--grace`; as PID 1 (or with
+//! `--subreaper`) envrender reaps orphaned descendants; and it exits with
+//! the app's code (128+N when the app died of signal N).
+
+use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use tokio::time::Instant;
+
+use crate::config::{ConfigError, EnvValue};
+use crate::engine::{Plan, Settings};
+use crate::error::Error;
+use crate::output;
+use crate::reference;
+use crate::resolve::Resolver;
+
+/// Variables that hold envrender's own credentials: not passed to the app
+/// unless kept with `--keep-env`.
+pub const CREDENTIALS: &[&str] = &["VAULT_TOKEN", "CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE"];
+
+/// How the app is run.
+#[derive(Clone, Debug)]
+pub struct RunSettings {
+    pub argv: Vec<String>,
+    pub stop_signal: Signal,
+    pub grace: Duration,
+    /// Reap orphans even when not PID 1.
+    pub subreaper: bool,
+    /// Stay the command's parent even with nothing to keep alive.
+    pub supervise: bool,
+    /// Credential variables to pass to the app anyway.
+    pub keep_env: Vec<String>,
+    /// Where `*_FILE` values are written.
+    pub secrets_dir: Option<PathBuf>,
+}
+
+/// The environment variables of this process that are references, as
+/// `[env]` entries. Backend settings (`CONSUL_*`, `VAULT_*`, `AWS_*`,
+/// `ENVRENDER_*`) and `host:port` values such as `consul:8500` are not
+/// references; `file:` and `env:` are only taken from `[env]`, where they
+/// cannot be mistaken for URLs.
+pub fn env_references(
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> Result<Vec<(String, EnvValue)>, Error> {
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for (name, value) in vars {
+        if ["CONSUL_", "VAULT_", "AWS_", "ENVRENDER_"]
+            .iter()
+            .any(|p| name.starts_with(p))
+            || !reference::looks_like_reference(&value)
+        {
+            continue;
+        }
+        let (scheme, rest) = value.split_once(':').unwrap_or_default();
+        if matches!(scheme, "file" | "env")
+            || (!rest.is_empty() && rest.chars().all(|c| c.is_ascii_digit()))
+        {
+            continue;
+        }
+        match reference::parse(&value) {
+            Ok(r) => out.push((name, EnvValue::Reference(r))),
+            Err(e) => errors.push(
+                ConfigError::new(format!("environment variable {name}"), e.to_string())
+                    .hint("fix the reference, or unset the variable"),
+            ),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(Error::Config(errors))
+    }
+}
+
+/// Resolves and renders everything, then execs or supervises the app.
+/// Returns the app's exit code (when supervised).
+pub async fn run(
+    resolver: &Resolver,
+    settings: &Settings,
+    run: &RunSettings,
+    process_env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+) -> Result<u8, Error> {
+    let started = Instant::now();
+    let plan = Plan::new(settings)?;
+    let resolution = plan.resolve(resolver, started + settings.timeout).await?;
+    if let Some(e) = resolution.failure_error() {
+        tracing::error!("not starting {}: values are missing", run.argv[0]);
+        return Err(e);
+    }
+    let writes = plan
+        .outputs(&resolution)
+        .map_err(|e| Error::NothingWritten(Box::new(e)))?;
+    output::commit(&writes).map_err(Error::Output)?;
+
+    // The app's environment: ours, without references and credentials,
+    // with the resolved values.
+    let resolved: BTreeMap<String, String> = plan.env_vars(&resolution).into_iter().collect();
+    let mut env: BTreeMap<std::ffi::OsString, std::ffi::OsString> = process_env
+        .into_iter()
+        .filter(|(k, _)| {
+            let k = k.to_string_lossy();
+            !CREDENTIALS.contains(&k.as_ref()) || run.keep_env.iter().any(|x| *x == k)
+        })
+        .collect();
+    for (name, value) in resolved {
+        if name.ends_with("_FILE")
+            && settings
+                .env
+                .iter()
+                .any(|(n, v)| *n == name && matches!(v, EnvValue::Reference(_)))
+        {
+            let path = write_secret_file(run.secrets_dir.as_deref(), &name, &value)?;
+            env.insert(name.into(), path.into_os_string());
+        } else {
+            env.insert(name.into(), value.into());
+        }
+    }
+    let leases = resolution
+        .fetched
+        .values()
+        .any(|r| matches!(r, Ok(f) if f.lease.is_some()));
+    tracing::info!(
+        references = resolution.users.len(),
+        outputs = writes.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "starting {}",
+        run.argv[0]
+    );
+    let mut command = std::process::Command::new(&run.argv[0]);
+    command.args(&run.argv[1..]).env_clear().envs(&env);
+    if !leases && !run.supervise && std::process::id() != 1 {
+        // Nothing to keep alive and no zombies to reap: become the app.
+        let e = command.exec();
+        return Err(start_error(&run.argv[0], &e));
+    }
+    supervise(resolver, &resolution, command, run).await
+}
+
+fn start_error(program: &str, e: &std::io::Error) -> Error {
+    Error::Config(vec![
+        ConfigError::new("envrender run", format!("cannot start {program}: {e}")).hint(
+            if e.kind() == std::io::ErrorKind::NotFound {
+                "the command is not on PATH; give its full path"
+            } else {
+                "check that the command is executable"
+            },
+        ),
+    ])
+}
+
+/// Writes one `*_FILE` value to a new 0600 file; returns its path.
+fn write_secret_file(dir: Option<&Path>, name: &str, value: &str) -> Result<PathBuf, Error> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    let dir = dir.map(Path::to_path_buf).unwrap_or_else(|| {
+        let shm = Path::new("/dev/shm");
+        let base = if shm.is_dir() {
+            shm.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        base.join(format!("envrender-{}", std::process::id()))
+    });
+    let fail = |e: std::io::Error, what: &Path| {
+        Error::Config(vec![
+            ConfigError::new(
+                "envrender run",
+                format!(
+                    "cannot write the value of {name} to {}: {e}",
+                    what.display()
+                ),
+            )
+            .hint("give a writable directory with --secrets-dir"),
+        ])
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| fail(e, &dir))?;
+    let path = dir.join(name.trim_end_matches("_FILE").to_ascii_lowercase());
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| fail(e, &path))?;
+    file.write_all(value.as_bytes())
+        .and_then(|_| file.sync_all())
+        .map_err(|e| fail(e, &path))?;
+    Ok(path)
+}
+
+/// Runs the app as a child in its own process group until it exits.
+async fn supervise(
+    resolver: &Resolver,
+    resolution: &crate::engine::Resolution,
+    mut command: std::process::Command,
+    run: &RunSettings,
+) -> Result<u8, Error> {
+    use tokio::signal::unix::{SignalKind, signal};
+    if run.subreaper
+        && std::process::id() != 1
+        && let Err(e) = nix::sys::prctl::set_child_subreaper(true)
+    {
+        tracing::warn!(error = %e, "cannot become a subreaper; orphans go to PID 1");
+    }
+    // Keep the leases alive while the app runs.
+    let mut background = tokio::task::JoinSet::new();
+    let mut started = std::collections::BTreeSet::new();
+    for source in resolution.fetched.keys() {
+        if let Ok(backend) = resolver.backends().get(source.scheme)
+            && started.insert(backend.name())
+            && let Some(work) = backend.background()
+        {
+            background.spawn(work);
+        }
+    }
+    let signal_error = |e: std::io::Error| {
+        Error::Config(vec![ConfigError::new(
+            "envrender run",
+            format!("cannot handle signals: {e}"),
+        )])
+    };
+    let mut chld = signal(SignalKind::child()).map_err(signal_error)?;
+    let mut forwarded = Vec::new();
+    for (kind, sig) in [
+        (SignalKind::terminate(), Signal::SIGTERM),
+        (SignalKind::interrupt(), Signal::SIGINT),
+        (SignalKind::hangup(), Signal::SIGHUP),
+        (SignalKind::quit(), Signal::SIGQUIT),
+        (SignalKind::user_defined1(), Signal::SIGUSR1),
+        (SignalKind::user_defined2(), Signal::SIGUSR2),
+        (SignalKind::window_change(), Signal::SIGWINCH),
+    ] {
+        forwarded.push((signal(kind).map_err(signal_error)?, sig));
+    }
+    command.process_group(0);
+    let child = command.spawn().map_err(|e| start_error(&run.argv[0], &e))?;
+    let pid = Pid::from_raw(child.id() as i32);
+    tracing::info!(pid = child.id(), "supervising {}", run.argv[0]);
+    let mut kill_at: Option<Instant> = None;
+    loop {
+        let received = {
+            let waits = forwarded
+                .iter_mut()
+                .map(|(stream, sig)| Box::pin(async move { stream.recv().await.map(|_| *sig) }));
+            let any = futures_select(waits);
+            tokio::select! {
+                _ = chld.recv() => None,
+                sig = any => sig,
+                _ = sleep_until_opt(kill_at) => {
+                    tracing::warn!(grace = ?run.grace, "{} did not stop in time; killing its process group", run.argv[0]);
+                    let _ = killpg(pid, Signal::SIGKILL);
+                    kill_at = None;
+                    None
+                }
+            }
+        };
+        if let Some(sig) = received {
+            let sent = if sig == Signal::SIGTERM {
+                kill_at.get_or_insert(Instant::now() + run.grace);
+                run.stop_signal
+            } else {
+                sig
+            };
+            tracing::debug!(signal = %sent, "forwarding");
+            let _ = killpg(pid, sent);
+        }
+        // Reap: the app, and any orphan that was handed to us.
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(p, code)) if p == pid => {
+                    background.abort_all();
+                    return Ok(code as u8);
+                }
+                Ok(WaitStatus::Signaled(p, sig, _)) if p == pid => {
+                    background.abort_all();
+                    return Ok(128 + sig as u8);
+                }
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The first of several futures to finish.
+async fn futures_select<F, T>(futures: impl IntoIterator<Item = F>) -> Option<T>
+where
+    F: std::future::Future<Output = Option<T>> + Unpin,
+{
+    let mut futures: Vec<F> = futures.into_iter().collect();
+    std::future::poll_fn(move |cx| {
+        for f in futures.iter_mut() {
+            if let std::task::Poll::Ready(v) = std::pin::Pin::new(f).poll(cx) {
+                return std::task::Poll::Ready(v);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_reference_values_of_the_apps_variables_are_resolved() {
+        let vars = [
+            ("DB_PASSWORD", "ssm:/app/db/password"),
+            (
+                "API",
+                "arn:aws:secretsmanager:eu-west-1:123456789012:secret:api",
+            ),
+            ("CONSUL_HTTP_ADDR", "consul:8500"),
+            ("REDIS", "consul:6379"),
+            ("DATA", "file:/data/db.sqlite"),
+            ("HOME", "/root"),
+            ("VAULT_TOKEN", "hvs.x"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let refs = env_references(vars).unwrap();
+        let names: Vec<&str> = refs.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["DB_PASSWORD", "API"]);
+        let bad = env_references([("X".to_string(), "vault:a?b".to_string())]).unwrap_err();
+        assert!(bad.to_string().contains("environment variable X"), "{bad}");
+    }
+}
