@@ -76,6 +76,9 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<(), Error> {
             grace: Duration::from_secs(10),
             subreaper: false,
             supervise: false,
+            reload_signal: None,
+            restart: false,
+            wait: None,
             keep_env: Vec::new(),
             secrets_dir: None,
             command: exec,
@@ -122,6 +125,12 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<(), Error> {
                 supervise: args.supervise || args.subreaper,
                 keep_env: args.keep_env,
                 secrets_dir: args.secrets_dir,
+                refresh: match (args.reload_signal, args.restart) {
+                    (Some(sig), _) => Some(crate::run::Refresh::Reload(sig)),
+                    (None, true) => Some(crate::run::Refresh::Restart),
+                    (None, false) => None,
+                },
+                wait: args.wait.unwrap_or_default(),
             };
             let code = crate::run::run(&resolver, &settings, &run, process_env).await?;
             Err(Error::Exit(code))

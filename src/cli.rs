@@ -118,6 +118,21 @@ pub struct RunArgs {
     #[arg(long)]
     pub supervise: bool,
 
+    /// Watch what the command uses; when files change, rewrite them and send
+    /// this signal to the command's process group.
+    #[arg(long, value_name = "SIG", value_parser = parse_signal, conflicts_with = "restart")]
+    pub reload_signal: Option<nix::sys::signal::Signal>,
+
+    /// Watch what the command uses; on any change (files or environment),
+    /// stop the command (--stop-signal, --grace) and start it again.
+    #[arg(long)]
+    pub restart: bool,
+
+    /// With --reload-signal or --restart: wait until changes have stopped for
+    /// MIN, but never more than MAX after the first [default: 0s].
+    #[arg(long, env = "ENVRENDER_WAIT", value_name = "MIN[:MAX]", value_parser = parse_wait)]
+    pub wait: Option<(Duration, Duration)>,
+
     /// Pass this credential variable (VAULT_TOKEN, CONSUL_HTTP_TOKEN…) to the
     /// command; it is removed otherwise. Repeats.
     #[arg(long, value_name = "NAME")]

@@ -52,6 +52,23 @@ pub struct RunSettings {
     pub keep_env: Vec<String>,
     /// Where `*_FILE` values are written.
     pub secrets_dir: Option<PathBuf>,
+    /// What a change does to the running command; `None`: changes are not
+    /// watched.
+    pub refresh: Option<Refresh>,
+    /// Quiet period and bound before acting on changes.
+    pub wait: (Duration, Duration),
+}
+
+/// What a change does to the running command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refresh {
+    /// Files are rewritten and the command's group gets this signal. The
+    /// environment of a running process cannot change: a changed
+    /// environment value is reported, and waits for a restart.
+    Reload(Signal),
+    /// The command is stopped (stop signal, grace, SIGKILL) and started
+    /// again with the new environment.
+    Restart,
 }
 
 /// The environment variables of this process that are references, as
@@ -103,7 +120,7 @@ pub async fn run(
 ) -> Result<u8, Error> {
     let started = Instant::now();
     let plan = Plan::new(settings)?;
-    let resolution = plan.resolve(resolver, started + settings.timeout).await?;
+    let mut resolution = plan.resolve(resolver, started + settings.timeout).await?;
     if let Some(e) = resolution.failure_error() {
         tracing::error!("not starting {}: values are missing", run.argv[0]);
         return Err(e);
@@ -113,15 +130,64 @@ pub async fn run(
         .map_err(|e| Error::NothingWritten(Box::new(e)))?;
     output::commit(&writes).map_err(Error::Output)?;
 
-    // The app's environment: ours, without references and credentials,
-    // with the resolved values.
-    let resolved: BTreeMap<String, String> = plan.env_vars(&resolution).into_iter().collect();
-    let mut env: BTreeMap<std::ffi::OsString, std::ffi::OsString> = process_env
-        .into_iter()
+    let env = child_env(&process_env, plan.env_vars(&resolution), settings, run)?;
+    let leases = resolution
+        .fetched
+        .values()
+        .any(|r| matches!(r, Ok(f) if f.lease.is_some()));
+    resolution.fetched.retain(|_, r| r.is_ok());
+    tracing::info!(
+        references = resolution.users.len(),
+        outputs = writes.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "starting {}",
+        run.argv[0]
+    );
+    if !leases && !run.supervise && run.refresh.is_none() && std::process::id() != 1 {
+        // Nothing to keep alive and no zombies to reap: become the app.
+        let e = command(&run.argv, &env).exec();
+        return Err(start_error(&run.argv[0], &e));
+    }
+    let mut state = Supervised {
+        plan,
+        cache: resolution.fetched,
+        env,
+        process_env,
+    };
+    supervise(resolver, settings, &mut state, run).await
+}
+
+/// What supervision carries from one render to the next.
+struct Supervised {
+    plan: Plan,
+    cache: crate::resolve::FetchResults,
+    env: ChildEnv,
+    process_env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+}
+
+type ChildEnv = BTreeMap<std::ffi::OsString, std::ffi::OsString>;
+
+fn command(argv: &[String], env: &ChildEnv) -> std::process::Command {
+    let mut c = std::process::Command::new(&argv[0]);
+    c.args(&argv[1..]).env_clear().envs(env);
+    c
+}
+
+/// The command's environment: ours without references and credentials,
+/// with the resolved values (`*_FILE` names pointing at written files).
+fn child_env(
+    process_env: &[(std::ffi::OsString, std::ffi::OsString)],
+    resolved: Vec<(String, String)>,
+    settings: &Settings,
+    run: &RunSettings,
+) -> Result<ChildEnv, Error> {
+    let mut env: ChildEnv = process_env
+        .iter()
         .filter(|(k, _)| {
             let k = k.to_string_lossy();
             !CREDENTIALS.contains(&k.as_ref()) || run.keep_env.iter().any(|x| *x == k)
         })
+        .cloned()
         .collect();
     for (name, value) in resolved {
         if name.ends_with("_FILE")
@@ -136,25 +202,7 @@ pub async fn run(
             env.insert(name.into(), value.into());
         }
     }
-    let leases = resolution
-        .fetched
-        .values()
-        .any(|r| matches!(r, Ok(f) if f.lease.is_some()));
-    tracing::info!(
-        references = resolution.users.len(),
-        outputs = writes.len(),
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "starting {}",
-        run.argv[0]
-    );
-    let mut command = std::process::Command::new(&run.argv[0]);
-    command.args(&run.argv[1..]).env_clear().envs(&env);
-    if !leases && !run.supervise && std::process::id() != 1 {
-        // Nothing to keep alive and no zombies to reap: become the app.
-        let e = command.exec();
-        return Err(start_error(&run.argv[0], &e));
-    }
-    supervise(resolver, &resolution, command, run).await
+    Ok(env)
 }
 
 fn start_error(program: &str, e: &std::io::Error) -> Error {
@@ -213,30 +261,21 @@ fn write_secret_file(dir: Option<&Path>, name: &str, value: &str) -> Result<Path
     Ok(path)
 }
 
-/// Runs the app as a child in its own process group until it exits.
+/// Runs the app as a child in its own process group until it exits; with
+/// `refresh`, watches what it uses and reloads or restarts it on changes.
 async fn supervise(
     resolver: &Resolver,
-    resolution: &crate::engine::Resolution,
-    mut command: std::process::Command,
+    settings: &Settings,
+    state: &mut Supervised,
     run: &RunSettings,
 ) -> Result<u8, Error> {
+    use crate::watch::{self, Debounce, Health};
     use tokio::signal::unix::{SignalKind, signal};
     if run.subreaper
         && std::process::id() != 1
         && let Err(e) = nix::sys::prctl::set_child_subreaper(true)
     {
         tracing::warn!(error = %e, "cannot become a subreaper; orphans go to PID 1");
-    }
-    // Keep the leases alive while the app runs.
-    let mut background = tokio::task::JoinSet::new();
-    let mut started = std::collections::BTreeSet::new();
-    for source in resolution.fetched.keys() {
-        if let Ok(backend) = resolver.backends().get(source.scheme)
-            && started.insert(backend.name())
-            && let Some(work) = backend.background()
-        {
-            background.spawn(work);
-        }
     }
     let signal_error = |e: std::io::Error| {
         Error::Config(vec![ConfigError::new(
@@ -257,11 +296,42 @@ async fn supervise(
     ] {
         forwarded.push((signal(kind).map_err(signal_error)?, sig));
     }
-    command.process_group(0);
-    let child = command.spawn().map_err(|e| start_error(&run.argv[0], &e))?;
-    let pid = Pid::from_raw(child.id() as i32);
-    tracing::info!(pid = child.id(), "supervising {}", run.argv[0]);
+    // Keep leases alive, and watch for changes when asked to.
+    let health = Health::default();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut watchers = tokio::task::JoinSet::new();
+    let mut background = tokio::task::JoinSet::new();
+    let mut started = std::collections::BTreeSet::new();
+    watch::start_watches(
+        resolver,
+        &state.cache,
+        &mut watchers,
+        &mut background,
+        &mut started,
+        &tx,
+    );
+    let _files = if run.refresh.is_some() {
+        watch::watch_files(
+            &watch::WatchedFiles::new(settings, &state.cache),
+            tx.clone(),
+        )
+    } else {
+        watchers.abort_all();
+        None
+    };
+    let mut debounce = Debounce::new(run.wait);
+
+    let spawn = |env: &ChildEnv| -> Result<Pid, Error> {
+        let mut c = command(&run.argv, env);
+        c.process_group(0);
+        let child = c.spawn().map_err(|e| start_error(&run.argv[0], &e))?;
+        tracing::info!(pid = child.id(), "supervising {}", run.argv[0]);
+        Ok(Pid::from_raw(child.id() as i32))
+    };
+    let mut pid = spawn(&state.env)?;
     let mut kill_at: Option<Instant> = None;
+    // Stopping the command to start it again, not to exit.
+    let mut restarting = false;
     loop {
         let received = {
             let waits = forwarded
@@ -277,10 +347,22 @@ async fn supervise(
                     kill_at = None;
                     None
                 }
+                Some(event) = rx.recv() => {
+                    if watch::apply(event, &mut state.cache, &mut state.plan, settings, &health) {
+                        debounce.changed();
+                    }
+                    None
+                }
+                _ = watch::sleep_until_opt(debounce.due()) => {
+                    debounce.done();
+                    refresh(resolver, settings, state, run, &health, pid, &mut restarting, &mut kill_at).await;
+                    None
+                }
             }
         };
         if let Some(sig) = received {
             let sent = if sig == Signal::SIGTERM {
+                restarting = false;
                 kill_at.get_or_insert(Instant::now() + run.grace);
                 run.stop_signal
             } else {
@@ -291,17 +373,75 @@ async fn supervise(
         }
         // Reap: the app, and any orphan that was handed to us.
         loop {
-            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(p, code)) if p == pid => {
-                    background.abort_all();
-                    return Ok(code as u8);
-                }
-                Ok(WaitStatus::Signaled(p, sig, _)) if p == pid => {
-                    background.abort_all();
-                    return Ok(128 + sig as u8);
-                }
+            let exited = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(p, code)) if p == pid => code as u8,
+                Ok(WaitStatus::Signaled(p, sig, _)) if p == pid => 128 + sig as u8,
                 Ok(WaitStatus::StillAlive) | Err(_) => break,
                 Ok(_) => continue,
+            };
+            if restarting {
+                restarting = false;
+                kill_at = None;
+                tracing::info!(code = exited, "{} stopped; starting it again", run.argv[0]);
+                pid = spawn(&state.env)?;
+                continue;
+            }
+            watchers.abort_all();
+            background.abort_all();
+            return Ok(exited);
+        }
+    }
+}
+
+/// After changes: render again, then reload or restart the command.
+#[allow(clippy::too_many_arguments)]
+async fn refresh(
+    resolver: &Resolver,
+    settings: &Settings,
+    state: &mut Supervised,
+    run: &RunSettings,
+    health: &crate::watch::Health,
+    pid: Pid,
+    restarting: &mut bool,
+    kill_at: &mut Option<Instant>,
+) {
+    let Some(mode) = run.refresh else { return };
+    let cycle = match crate::watch::cycle(&state.plan, resolver, settings, &mut state.cache, health)
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("cannot render the changes; the command keeps running as it is:\n{e}");
+            return;
+        }
+    };
+    let env = match child_env(&state.process_env, cycle.env, settings, run) {
+        Ok(env) => env,
+        Err(e) => {
+            tracing::error!("{e}");
+            return;
+        }
+    };
+    let env_changed = env != state.env;
+    match mode {
+        Refresh::Reload(sig) => {
+            if env_changed {
+                tracing::warn!(
+                    "an environment value changed; the running command keeps the old one until it restarts (use --restart to restart on changes)"
+                );
+            }
+            if !cycle.written.is_empty() {
+                tracing::info!(signal = %sig, "files changed; signalling {}", run.argv[0]);
+                let _ = killpg(pid, sig);
+            }
+        }
+        Refresh::Restart => {
+            if env_changed || !cycle.written.is_empty() {
+                tracing::info!("changes: restarting {}", run.argv[0]);
+                state.env = env;
+                *restarting = true;
+                kill_at.get_or_insert(Instant::now() + run.grace);
+                let _ = killpg(pid, run.stop_signal);
             }
         }
     }

@@ -271,7 +271,7 @@ impl Health {
     }
 }
 
-enum Event {
+pub(crate) enum Event {
     /// A backend looked at its sources.
     Observed {
         backend: &'static str,
@@ -316,22 +316,11 @@ pub async fn watch(
     let mut watchers = JoinSet::new();
     let mut watching: BTreeSet<Source> = BTreeSet::new();
     let mut files: Option<(WatchedFiles, notify::RecommendedWatcher)> = None;
-    let mut pending = true;
-    let mut first_event: Option<Instant> = None;
-    let mut last_event = Instant::now();
+    let mut debounce = Debounce::new(options.wait);
+    debounce.now();
     let mut failures = 0u32;
-    let mut retry_at: Option<Instant> = Some(Instant::now());
     loop {
-        // When to render: now (a retry or a settled change), or never yet.
-        let due = if pending {
-            let settled = match first_event {
-                Some(first) => (last_event + options.wait.0).min(first + options.wait.1),
-                None => Instant::now(),
-            };
-            Some(retry_at.map_or(settled, |r| r.max(settled)))
-        } else {
-            None
-        };
+        let due = debounce.due();
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -341,82 +330,35 @@ pub async fn watch(
                     Ok((s, p)) => {
                         settings = s;
                         plan = p;
-                        pending = true;
-                        first_event = None;
-                        retry_at = None;
+                        debounce.now();
                     }
                     Err(e) => tracing::error!("reload failed; keeping the running configuration:\n{e}"),
                 }
             }
             Some(event) = rx.recv() => {
-                match event {
-                    Event::Observed { backend, changed, failed } => {
-                        let result = if failed.is_empty() { "ok" } else { "error" };
-                        *health.observations.lock().unwrap().entry((backend.to_string(), result)).or_default() += 1;
-                        if let Some((source, e)) = failed.first() {
-                            tracing::warn!(backend, reference = %source, error = %e, "cannot look for changes; keeping the last good outputs");
-                            health.problem(backend, Some(format!("{source}: {e}")));
-                        } else {
-                            health.problem(backend, None);
-                        }
-                        if changed.is_empty() {
-                            continue;
-                        }
-                        for (source, fetched) in changed {
-                            tracing::info!(backend, reference = %source, "changed");
-                            cache.insert(source, Ok(fetched));
-                        }
-                    }
-                    Event::Files => {
-                        tracing::debug!("watched files changed");
-                        cache.retain(|s, _| s.scheme != Scheme::File);
-                        match Plan::new(&settings) {
-                            Ok(p) => plan = p,
-                            Err(e) => {
-                                tracing::error!("a template no longer compiles; keeping the last good outputs:\n{e}");
-                                health.problem("templates", Some(e.to_string()));
-                                continue;
-                            }
-                        }
-                    }
+                if apply(event, &mut cache, &mut plan, &settings, &health) {
+                    debounce.changed();
                 }
-                if !pending {
-                    first_event = Some(Instant::now());
-                }
-                last_event = Instant::now();
-                pending = true;
             }
             _ = sleep_until_opt(due) => {
-                pending = false;
-                first_event = None;
+                debounce.done();
                 let outcome = cycle(&plan, resolver, &settings, &mut cache, &health).await;
                 match outcome {
-                    Ok(written) => {
+                    Ok(Cycle { written, .. }) => {
                         failures = 0;
-                        retry_at = None;
                         health.problem("render", None);
                         health.problem("templates", None);
                         if !health.ready.swap(true, Ordering::SeqCst) {
                             tracing::info!("first complete render done; watching");
                         }
                         // (Re)start the watches when what the outputs use changed.
-                        let known = watched(resolver, &cache);
-                        let sources: BTreeSet<Source> = known
-                            .iter()
-                            .flat_map(|(_, v)| v.iter().map(|(s, _)| s.clone()))
+                        let now_watched: BTreeSet<Source> = watched(resolver, &cache)
+                            .into_iter()
+                            .flat_map(|(_, v)| v.into_iter().map(|(s, _)| s))
                             .collect();
-                        if sources != watching {
-                            watchers.abort_all();
-                            health.watched.store(sources.len() as u64, Ordering::SeqCst);
-                            for (backend, sources) in known {
-                                if started.insert(backend.name())
-                                    && let Some(work) = backend.background()
-                                {
-                                    background.spawn(work);
-                                }
-                                watchers.spawn(watch_backend(backend, sources, tx.clone()));
-                            }
-                            watching = sources;
+                        if now_watched != watching {
+                            watching = start_watches(resolver, &cache, &mut watchers, &mut background, &mut started, &tx);
+                            health.watched.store(watching.len() as u64, Ordering::SeqCst);
                         }
                         let inputs = WatchedFiles::new(&settings, &cache);
                         if files.as_ref().is_none_or(|(w, _)| *w != inputs) {
@@ -433,8 +375,7 @@ pub async fn watch(
                         tracing::error!(retry_in_s = backoff.as_secs(), "render failed; the outputs were left as they were:\n{e}");
                         health.problem("render", Some(e.to_string()));
                         health.render_errors.fetch_add(1, Ordering::SeqCst);
-                        retry_at = Some(Instant::now() + backoff);
-                        pending = true;
+                        debounce.retry(backoff);
                     }
                 }
             }
@@ -446,6 +387,151 @@ pub async fn watch(
     Ok(())
 }
 
+/// When the next render is due: at once (start, reload), after a quiet
+/// period following changes but never later than the bound, or after a
+/// backoff following a failure.
+pub(crate) struct Debounce {
+    wait: (Duration, Duration),
+    pending: bool,
+    first: Option<Instant>,
+    last: Instant,
+    retry_at: Option<Instant>,
+}
+
+impl Debounce {
+    pub(crate) fn new(wait: (Duration, Duration)) -> Self {
+        Debounce {
+            wait,
+            pending: false,
+            first: None,
+            last: Instant::now(),
+            retry_at: None,
+        }
+    }
+
+    /// Render as soon as possible.
+    pub(crate) fn now(&mut self) {
+        self.pending = true;
+        self.first = None;
+        self.retry_at = None;
+    }
+
+    /// Something changed.
+    pub(crate) fn changed(&mut self) {
+        if !self.pending {
+            self.first = Some(Instant::now());
+        }
+        self.last = Instant::now();
+        self.pending = true;
+    }
+
+    /// The render failed: again after `backoff`.
+    pub(crate) fn retry(&mut self, backoff: Duration) {
+        self.pending = true;
+        self.retry_at = Some(Instant::now() + backoff);
+    }
+
+    pub(crate) fn done(&mut self) {
+        self.pending = false;
+        self.first = None;
+        self.retry_at = None;
+    }
+
+    pub(crate) fn due(&self) -> Option<Instant> {
+        if !self.pending {
+            return None;
+        }
+        let settled = match self.first {
+            Some(first) => (self.last + self.wait.0).min(first + self.wait.1),
+            None => Instant::now(),
+        };
+        Some(self.retry_at.map_or(settled, |r| r.max(settled)))
+    }
+}
+
+/// Takes in one event: changed values into `cache`, failures into
+/// `health`, template files into a new `plan`. True when a render is due.
+pub(crate) fn apply(
+    event: Event,
+    cache: &mut FetchResults,
+    plan: &mut Plan,
+    settings: &Settings,
+    health: &Health,
+) -> bool {
+    match event {
+        Event::Observed {
+            backend,
+            changed,
+            failed,
+        } => {
+            let result = if failed.is_empty() { "ok" } else { "error" };
+            *health
+                .observations
+                .lock()
+                .unwrap()
+                .entry((backend.to_string(), result))
+                .or_default() += 1;
+            if let Some((source, e)) = failed.first() {
+                tracing::warn!(backend, reference = %source, error = %e, "cannot look for changes; keeping the last good outputs");
+                health.problem(backend, Some(format!("{source}: {e}")));
+            } else {
+                health.problem(backend, None);
+            }
+            let any = !changed.is_empty();
+            for (source, fetched) in changed {
+                tracing::info!(backend, reference = %source, "changed");
+                cache.insert(source, Ok(fetched));
+            }
+            any
+        }
+        Event::Files => {
+            tracing::debug!("watched files changed");
+            cache.retain(|s, _| s.scheme != Scheme::File);
+            match Plan::new(settings) {
+                Ok(p) => {
+                    *plan = p;
+                    true
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "a template no longer compiles; keeping the last good outputs:\n{e}"
+                    );
+                    health.problem("templates", Some(e.to_string()));
+                    false
+                }
+            }
+        }
+    }
+}
+
+/// Starts watching what `cache` holds: one task per backend into
+/// `watchers`, each backend's background work (once per backend name) into
+/// `background`. Returns the sources watched.
+pub(crate) fn start_watches(
+    resolver: &Resolver,
+    cache: &FetchResults,
+    watchers: &mut JoinSet<()>,
+    background: &mut JoinSet<()>,
+    started: &mut BTreeSet<&'static str>,
+    tx: &mpsc::UnboundedSender<Event>,
+) -> BTreeSet<Source> {
+    watchers.abort_all();
+    let known = watched(resolver, cache);
+    let sources: BTreeSet<Source> = known
+        .iter()
+        .flat_map(|(_, v)| v.iter().map(|(s, _)| s.clone()))
+        .collect();
+    for (backend, sources) in known {
+        if started.insert(backend.name())
+            && let Some(work) = backend.background()
+        {
+            background.spawn(work);
+        }
+        watchers.spawn(watch_backend(backend, sources, tx.clone()));
+    }
+    sources
+}
+
 fn signal_error(e: std::io::Error) -> Error {
     Error::Config(vec![crate::config::ConfigError::new(
         "envrender watch",
@@ -453,7 +539,7 @@ fn signal_error(e: std::io::Error) -> Error {
     )])
 }
 
-async fn sleep_until_opt(at: Option<Instant>) {
+pub(crate) async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
@@ -482,21 +568,29 @@ fn actions_for(
     actions
 }
 
+/// What one render did.
+pub(crate) struct Cycle {
+    pub written: Vec<PathBuf>,
+    /// The `[env]` values, for `run`.
+    pub env: Vec<(String, String)>,
+}
+
 /// One render from the values held (fetching only what is missing), and
-/// a commit of what changed. Returns the outputs written.
-async fn cycle(
+/// a commit of what changed.
+pub(crate) async fn cycle(
     plan: &Plan,
     resolver: &Resolver,
     settings: &Settings,
     cache: &mut FetchResults,
     health: &Health,
-) -> Result<Vec<PathBuf>, Error> {
+) -> Result<Cycle, Error> {
     let started = Instant::now();
     let resolution = plan
         .resolve_with(resolver, started + settings.timeout, cache.clone())
         .await?;
     let writes = plan.outputs(&resolution)?;
     let statuses = output::commit(&writes).map_err(Error::Output)?;
+    let env = plan.env_vars(&resolution);
     *cache = resolution.fetched;
     cache.retain(|_, r| r.is_ok());
     let mut leases = BTreeMap::new();
@@ -531,7 +625,7 @@ async fn cycle(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "render complete"
     );
-    Ok(written)
+    Ok(Cycle { written, env })
 }
 
 /// Sources and what was last fetched for each.
@@ -620,7 +714,7 @@ async fn watch_backend(
 /// by path, and the directories they are in (watched, since editors and
 /// Kubernetes replace files rather than write them).
 #[derive(Clone, Debug, Default, PartialEq)]
-struct WatchedFiles {
+pub(crate) struct WatchedFiles {
     dirs: BTreeSet<PathBuf>,
     files: BTreeSet<PathBuf>,
     /// `file:DIR/` sources: anything in them counts.
@@ -628,7 +722,7 @@ struct WatchedFiles {
 }
 
 impl WatchedFiles {
-    fn new(settings: &Settings, cache: &FetchResults) -> Self {
+    pub(crate) fn new(settings: &Settings, cache: &FetchResults) -> Self {
         let mut w = WatchedFiles::default();
         let mut files: Vec<PathBuf> = settings
             .templates
@@ -669,7 +763,7 @@ impl WatchedFiles {
 
 /// Watches the directories of `watched`; an event that concerns an input
 /// is an [`Event::Files`].
-fn watch_files(
+pub(crate) fn watch_files(
     watched: &WatchedFiles,
     tx: mpsc::UnboundedSender<Event>,
 ) -> Option<notify::RecommendedWatcher> {

@@ -276,3 +276,76 @@ fn file_variables_point_at_private_files() {
     assert_eq!(d.read("path").trim(), "secrets/db_password");
     assert_eq!(d.mode("secrets/db_password"), 0o600);
 }
+
+#[test]
+fn a_consul_change_reloads_or_restarts_the_command_as_asked() {
+    let server = ConsulServer::start();
+    server.put("app/level", "one");
+    let addr = server.url.trim_start_matches("http://").to_string();
+    let d = Dir::new();
+    d.write("t.hbs", "level={{consul \"app/level\"}}\n");
+    // The command logs each start (with its environment value) and each HUP.
+    let script = "echo \"start $LEVEL\" >> log; trap 'echo HUP >> log' HUP; \
+                  trap 'echo TERM >> log; exit 0' TERM; while :; do sleep 0.05; done";
+    let log = || std::fs::read_to_string(d.join("log")).unwrap_or_default();
+
+    // --reload-signal: the file is rewritten and the running command told.
+    let mut envrender = d
+        .cmd(&[
+            "run",
+            "--reload-signal",
+            "SIGHUP",
+            "--template",
+            "t.hbs:out.conf",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .env("CONSUL_HTTP_ADDR", &addr)
+        .env("LEVEL", "consul:app/level")
+        .command
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(5), "the start", || {
+        log() == "start one\n"
+    });
+    server.put("app/level", "two");
+    eventually(Duration::from_secs(5), "the reload", || {
+        d.read("out.conf") == "level=two\n" && log() == "start one\nHUP\n"
+    });
+    kill(Pid::from_raw(envrender.id() as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(envrender.wait().unwrap().code(), Some(0));
+    assert_eq!(log(), "start one\nHUP\nTERM\n");
+
+    // --restart: stopped and started again with the new environment.
+    std::fs::remove_file(d.join("log")).unwrap();
+    let mut envrender = d
+        .cmd(&[
+            "run",
+            "--restart",
+            "--template",
+            "t.hbs:out.conf",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .env("CONSUL_HTTP_ADDR", &addr)
+        .env("LEVEL", "consul:app/level")
+        .command
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(5), "the start", || {
+        log() == "start two\n"
+    });
+    server.put("app/level", "three");
+    eventually(Duration::from_secs(5), "the restart", || {
+        log() == "start two\nTERM\nstart three\n"
+    });
+    assert_eq!(d.read("out.conf"), "level=three\n");
+    kill(Pid::from_raw(envrender.id() as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(envrender.wait().unwrap().code(), Some(0));
+}
