@@ -79,6 +79,7 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<(), Error> {
             reload_signal: None,
             restart: false,
             wait: None,
+            listen: None,
             keep_env: Vec::new(),
             secrets_dir: None,
             command: exec,
@@ -131,6 +132,7 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<(), Error> {
                     (None, false) => None,
                 },
                 wait: args.wait.unwrap_or_default(),
+                listen: args.listen,
             };
             let code = crate::run::run(&resolver, &settings, &run, process_env).await?;
             Err(Error::Exit(code))

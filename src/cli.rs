@@ -133,6 +133,11 @@ pub struct RunArgs {
     #[arg(long, env = "ENVRENDER_WAIT", value_name = "MIN[:MAX]", value_parser = parse_wait)]
     pub wait: Option<(Duration, Duration)>,
 
+    /// Serve /healthz, /readyz (ready once the command started) and /metrics
+    /// on this address (implies --supervise).
+    #[arg(long, env = "ENVRENDER_LISTEN", value_name = "ADDR")]
+    pub listen: Option<std::net::SocketAddr>,
+
     /// Pass this credential variable (VAULT_TOKEN, CONSUL_HTTP_TOKEN…) to the
     /// command; it is removed otherwise. Repeats.
     #[arg(long, value_name = "NAME")]

@@ -57,6 +57,8 @@ pub struct RunSettings {
     pub refresh: Option<Refresh>,
     /// Quiet period and bound before acting on changes.
     pub wait: (Duration, Duration),
+    /// Serve `/healthz`, `/readyz` and `/metrics` here.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// What a change does to the running command.
@@ -143,7 +145,12 @@ pub async fn run(
         "starting {}",
         run.argv[0]
     );
-    if !leases && !run.supervise && run.refresh.is_none() && std::process::id() != 1 {
+    if !leases
+        && !run.supervise
+        && run.refresh.is_none()
+        && run.listen.is_none()
+        && std::process::id() != 1
+    {
         // Nothing to keep alive and no zombies to reap: become the app.
         let e = command(&run.argv, &env).exec();
         return Err(start_error(&run.argv[0], &e));
@@ -297,7 +304,10 @@ async fn supervise(
         forwarded.push((signal(kind).map_err(signal_error)?, sig));
     }
     // Keep leases alive, and watch for changes when asked to.
-    let health = Health::default();
+    let health = std::sync::Arc::new(Health::default());
+    if let Some(addr) = run.listen {
+        watch::serve(addr, health.clone()).await?;
+    }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut watchers = tokio::task::JoinSet::new();
     let mut background = tokio::task::JoinSet::new();
@@ -329,6 +339,8 @@ async fn supervise(
         Ok(Pid::from_raw(child.id() as i32))
     };
     let mut pid = spawn(&state.env)?;
+    let terminal = Terminal::take(pid);
+    health.set_ready();
     let mut kill_at: Option<Instant> = None;
     // Stopping the command to start it again, not to exit.
     let mut restarting = false;
@@ -384,13 +396,62 @@ async fn supervise(
                 kill_at = None;
                 tracing::info!(code = exited, "{} stopped; starting it again", run.argv[0]);
                 pid = spawn(&state.env)?;
+                terminal.give(pid);
                 continue;
             }
+            terminal.restore();
             watchers.abort_all();
             background.abort_all();
             return Ok(exited);
         }
     }
+}
+
+/// The controlling terminal, when envrender was started in the foreground
+/// of one: the command's process group is made the foreground group, so an
+/// interactive command can read from it, and envrender's own group is put
+/// back when the command ends.
+struct Terminal {
+    own: Option<Pid>,
+}
+
+impl Terminal {
+    fn take(child: Pid) -> Terminal {
+        use std::io::IsTerminal as _;
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            return Terminal { own: None };
+        }
+        let own = nix::unistd::tcgetpgrp(&stdin).ok();
+        let t = Terminal { own };
+        t.give(child);
+        t
+    }
+
+    fn give(&self, pgrp: Pid) {
+        if self.own.is_some() {
+            let _ = with_ttou_blocked(|| nix::unistd::tcsetpgrp(std::io::stdin(), pgrp));
+        }
+    }
+
+    fn restore(&self) {
+        if let Some(own) = self.own {
+            let _ = with_ttou_blocked(|| nix::unistd::tcsetpgrp(std::io::stdin(), own));
+        }
+    }
+}
+
+/// Runs `f` with SIGTTOU blocked: a background process may then change the
+/// terminal's foreground group without being stopped.
+fn with_ttou_blocked<T>(f: impl FnOnce() -> T) -> T {
+    use nix::sys::signal::{SigSet, SigmaskHow, pthread_sigmask};
+    let mut ttou = SigSet::empty();
+    ttou.add(Signal::SIGTTOU);
+    let mut old = SigSet::empty();
+    let _ = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&ttou), Some(&mut old));
+    let out = f();
+    let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+    out
 }
 
 /// After changes: render again, then reload or restart the command.

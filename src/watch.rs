@@ -152,6 +152,11 @@ pub struct Health {
 }
 
 impl Health {
+    /// The first complete render is done.
+    pub(crate) fn set_ready(&self) {
+        self.ready.store(true, Ordering::SeqCst);
+    }
+
     fn problem(&self, what: &str, why: Option<String>) {
         let mut p = self.problems.lock().unwrap();
         match why {
@@ -949,7 +954,7 @@ fn processes_named(name: &str) -> Vec<i32> {
 }
 
 /// Serves `/healthz`, `/readyz` and `/metrics` on `addr`.
-async fn serve(addr: SocketAddr, health: Arc<Health>) -> Result<(), Error> {
+pub(crate) async fn serve(addr: SocketAddr, health: Arc<Health>) -> Result<(), Error> {
     use axum::http::StatusCode;
     use axum::routing::get;
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {

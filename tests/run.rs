@@ -349,3 +349,69 @@ fn a_consul_change_reloads_or_restarts_the_command_as_asked() {
     kill(Pid::from_raw(envrender.id() as i32), Signal::SIGTERM).unwrap();
     assert_eq!(envrender.wait().unwrap().code(), Some(0));
 }
+
+#[test]
+fn an_interactive_command_gets_the_terminal() {
+    // `script` gives envrender a terminal; the command, in its own process
+    // group, can read from it only if envrender made that group the
+    // terminal's foreground.
+    let d = Dir::new();
+    let inner = format!(
+        "{} --log-level warn run --supervise -- sh -c 'read x; echo got-$x > answer'",
+        env!("CARGO_BIN_EXE_envrender")
+    );
+    let mut script = std::process::Command::new("script")
+        .args(["-qec", &inner, "/dev/null"])
+        .current_dir(d.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("script (util-linux)");
+    use std::io::Write as _;
+    script
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"hello\n")
+        .unwrap();
+    eventually(Duration::from_secs(10), "the answer", || {
+        d.join("answer").exists() && d.read("answer") == "got-hello\n"
+    });
+    drop(script.stdin.take());
+    assert!(script.wait().unwrap().success());
+}
+
+#[test]
+fn health_endpoints_while_supervising() {
+    let d = Dir::new();
+    let port = support::aws::free_port();
+    let mut envrender = d
+        .cmd(&[
+            "run",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--",
+            "sh",
+            "-c",
+            "trap 'exit 0' TERM; while :; do sleep 0.05; done",
+        ])
+        .command
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let get = |path: &str| {
+        support::aws::block_on(async {
+            match reqwest::get(format!("http://127.0.0.1:{port}{path}")).await {
+                Ok(r) => r.status().as_u16(),
+                Err(_) => 0,
+            }
+        })
+    };
+    eventually(Duration::from_secs(5), "readiness", || {
+        get("/readyz") == 200
+    });
+    assert_eq!(get("/healthz"), 200);
+    assert_eq!(get("/metrics"), 200);
+    kill(Pid::from_raw(envrender.id() as i32), Signal::SIGTERM).unwrap();
+    assert_eq!(envrender.wait().unwrap().code(), Some(0));
+}
