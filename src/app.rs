@@ -79,6 +79,7 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<(), Error> {
             reload_signal: None,
             restart: false,
             wait: None,
+            restart_on_exit: false,
             listen: None,
             keep_env: Vec::new(),
             secrets_dir: None,
@@ -133,6 +134,7 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<(), Error> {
                 },
                 wait: args.wait.unwrap_or_default(),
                 listen: args.listen,
+                restart_on_exit: args.restart_on_exit,
             };
             let code = crate::run::run(&resolver, &settings, &run, process_env).await?;
             Err(Error::Exit(code))

@@ -133,6 +133,11 @@ pub struct RunArgs {
     #[arg(long, env = "ENVRENDER_WAIT", value_name = "MIN[:MAX]", value_parser = parse_wait)]
     pub wait: Option<(Duration, Duration)>,
 
+    /// Start the command again when it exits on its own, after a backoff
+    /// that doubles from 1s to 1m (a run of 10 minutes resets it).
+    #[arg(long)]
+    pub restart_on_exit: bool,
+
     /// Serve /healthz, /readyz (ready once the command started) and /metrics
     /// on this address (implies --supervise).
     #[arg(long, env = "ENVRENDER_LISTEN", value_name = "ADDR")]

@@ -59,6 +59,8 @@ pub struct RunSettings {
     pub wait: (Duration, Duration),
     /// Serve `/healthz`, `/readyz` and `/metrics` here.
     pub listen: Option<std::net::SocketAddr>,
+    /// Start the command again when it exits on its own.
+    pub restart_on_exit: bool,
 }
 
 /// What a change does to the running command.
@@ -149,6 +151,7 @@ pub async fn run(
         && !run.supervise
         && run.refresh.is_none()
         && run.listen.is_none()
+        && !run.restart_on_exit
         && std::process::id() != 1
     {
         // Nothing to keep alive and no zombies to reap: become the app.
@@ -344,6 +347,10 @@ async fn supervise(
     let mut kill_at: Option<Instant> = None;
     // Stopping the command to start it again, not to exit.
     let mut restarting = false;
+    // SIGTERM received: the command's exit is envrender's.
+    let mut stopping = false;
+    let mut since = Instant::now();
+    let mut exits = 0u32;
     loop {
         let received = {
             let waits = forwarded
@@ -375,6 +382,7 @@ async fn supervise(
         if let Some(sig) = received {
             let sent = if sig == Signal::SIGTERM {
                 restarting = false;
+                stopping = true;
                 kill_at.get_or_insert(Instant::now() + run.grace);
                 run.stop_signal
             } else {
@@ -397,6 +405,42 @@ async fn supervise(
                 tracing::info!(code = exited, "{} stopped; starting it again", run.argv[0]);
                 pid = spawn(&state.env)?;
                 terminal.give(pid);
+                since = Instant::now();
+                continue;
+            }
+            if run.restart_on_exit && !stopping {
+                exits = if since.elapsed() > Duration::from_secs(600) {
+                    1
+                } else {
+                    exits + 1
+                };
+                let backoff =
+                    Duration::from_secs(1 << (exits - 1).min(6)).min(Duration::from_secs(60));
+                tracing::warn!(
+                    code = exited,
+                    restart_in_s = backoff.as_secs(),
+                    "{} exited; starting it again",
+                    run.argv[0]
+                );
+                // Signals that arrive meanwhile stop the wait.
+                let stop = {
+                    let waits = forwarded.iter_mut().map(|(stream, sig)| {
+                        Box::pin(async move { stream.recv().await.map(|_| *sig) })
+                    });
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => None,
+                        sig = futures_select(waits) => sig,
+                    }
+                };
+                if matches!(stop, Some(Signal::SIGTERM | Signal::SIGINT)) {
+                    terminal.restore();
+                    watchers.abort_all();
+                    background.abort_all();
+                    return Ok(exited);
+                }
+                pid = spawn(&state.env)?;
+                terminal.give(pid);
+                since = Instant::now();
                 continue;
             }
             terminal.restore();

@@ -415,3 +415,36 @@ fn health_endpoints_while_supervising() {
     kill(Pid::from_raw(envrender.id() as i32), Signal::SIGTERM).unwrap();
     assert_eq!(envrender.wait().unwrap().code(), Some(0));
 }
+
+#[test]
+fn with_restart_on_exit_a_command_that_exits_is_started_again() {
+    let d = Dir::new();
+    let mut envrender = d
+        .cmd(&[
+            "run",
+            "--restart-on-exit",
+            "--",
+            "sh",
+            "-c",
+            "echo start >> log; trap 'exit 0' TERM; sleep 0.2; exit 4",
+        ])
+        .command
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let starts = || {
+        std::fs::read_to_string(d.join("log"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    // Exits after 0.2 s; started again after 1 s, then 2 s.
+    eventually(Duration::from_secs(6), "two restarts", || starts() >= 3);
+    kill(Pid::from_raw(envrender.id() as i32), Signal::SIGTERM).unwrap();
+    let code = envrender.wait().unwrap().code();
+    assert!(matches!(code, Some(0) | Some(4)), "{code:?}");
+    // Without the flag, the command's exit is envrender's.
+    d.cmd(&["run", "--supervise", "--", "sh", "-c", "exit 4"])
+        .run()
+        .code(4);
+}
