@@ -80,6 +80,7 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<(), Error> {
             restart: false,
             wait: None,
             restart_on_exit: false,
+            splay: Duration::ZERO,
             listen: None,
             keep_env: Vec::new(),
             secrets_dir: None,
@@ -135,6 +136,7 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<(), Error> {
                 wait: args.wait.unwrap_or_default(),
                 listen: args.listen,
                 restart_on_exit: args.restart_on_exit,
+                splay: args.splay,
             };
             let code = crate::run::run(&resolver, &settings, &run, process_env).await?;
             Err(Error::Exit(code))

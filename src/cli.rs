@@ -133,6 +133,11 @@ pub struct RunArgs {
     #[arg(long, env = "ENVRENDER_WAIT", value_name = "MIN[:MAX]", value_parser = parse_wait)]
     pub wait: Option<(Duration, Duration)>,
 
+    /// With --reload-signal or --restart: wait a random extra time up to this
+    /// before acting on changes, so a fleet does not reload in step.
+    #[arg(long, default_value = "0s", value_name = "DUR", value_parser = parse_duration)]
+    pub splay: Duration,
+
     /// Start the command again when it exits on its own, after a backoff
     /// that doubles from 1s to 1m (a run of 10 minutes resets it).
     #[arg(long)]

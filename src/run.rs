@@ -61,6 +61,8 @@ pub struct RunSettings {
     pub listen: Option<std::net::SocketAddr>,
     /// Start the command again when it exits on its own.
     pub restart_on_exit: bool,
+    /// A random extra delay before acting on changes.
+    pub splay: Duration,
 }
 
 /// What a change does to the running command.
@@ -332,7 +334,7 @@ async fn supervise(
         watchers.abort_all();
         None
     };
-    let mut debounce = Debounce::new(run.wait);
+    let mut debounce = Debounce::new(run.wait).with_splay(run.splay);
 
     let spawn = |env: &ChildEnv| -> Result<Pid, Error> {
         let mut c = command(&run.argv, env);

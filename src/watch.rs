@@ -397,6 +397,10 @@ pub async fn watch(
 /// backoff following a failure.
 pub(crate) struct Debounce {
     wait: (Duration, Duration),
+    /// A random extra delay up to this, drawn for each batch of changes, so
+    /// a fleet does not act in step.
+    splay: Duration,
+    offset: Duration,
     pending: bool,
     first: Option<Instant>,
     last: Instant,
@@ -407,11 +411,18 @@ impl Debounce {
     pub(crate) fn new(wait: (Duration, Duration)) -> Self {
         Debounce {
             wait,
+            splay: Duration::ZERO,
+            offset: Duration::ZERO,
             pending: false,
             first: None,
             last: Instant::now(),
             retry_at: None,
         }
+    }
+
+    pub(crate) fn with_splay(mut self, splay: Duration) -> Self {
+        self.splay = splay;
+        self
     }
 
     /// Render as soon as possible.
@@ -425,6 +436,7 @@ impl Debounce {
     pub(crate) fn changed(&mut self) {
         if !self.pending {
             self.first = Some(Instant::now());
+            self.offset = self.splay.mul_f64(fastrand::f64());
         }
         self.last = Instant::now();
         self.pending = true;
@@ -447,7 +459,7 @@ impl Debounce {
             return None;
         }
         let settled = match self.first {
-            Some(first) => (self.last + self.wait.0).min(first + self.wait.1),
+            Some(first) => (self.last + self.wait.0).min(first + self.wait.1) + self.offset,
             None => Instant::now(),
         };
         Some(self.retry_at.map_or(settled, |r| r.max(settled)))
@@ -1018,6 +1030,31 @@ mod tests {
         assert!(!ok && text.contains("consul: GET /v1/kv/x"), "{text}");
         h.problem("consul", None);
         assert!(h.readiness().0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn debounce_waits_for_quiet_but_not_forever() {
+        let mut d = Debounce::new((Duration::from_secs(2), Duration::from_secs(5)));
+        assert_eq!(d.due(), None);
+        let start = Instant::now();
+        d.changed();
+        assert_eq!(d.due(), Some(start + Duration::from_secs(2)));
+        // Changes every second keep putting it off, up to the bound.
+        for _ in 0..10 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            d.changed();
+        }
+        assert_eq!(d.due(), Some(start + Duration::from_secs(5)));
+        d.done();
+        assert_eq!(d.due(), None);
+        // A splay adds at most its length.
+        let mut d =
+            Debounce::new((Duration::ZERO, Duration::ZERO)).with_splay(Duration::from_secs(10));
+        d.changed();
+        let due = d.due().unwrap();
+        assert!(due >= Instant::now() && due <= Instant::now() + Duration::from_secs(10));
+        d.retry(Duration::from_secs(30));
+        assert!(d.due().unwrap() >= Instant::now() + Duration::from_secs(30));
     }
 
     #[test]
