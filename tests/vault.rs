@@ -250,6 +250,7 @@ fn mount_detection_answers_like_vault() {
 #[test]
 fn tokens_expire_and_renewals_are_capped_at_the_max_ttl() {
     let server = VaultServer::start();
+    server.freeze();
     let token = server.token(&[], 600, 900);
     server.advance(Duration::from_secs(100));
     let (status, body) = call(
@@ -284,6 +285,7 @@ fn tokens_expire_and_renewals_are_capped_at_the_max_ttl() {
 #[test]
 fn leases_renew_until_their_max_and_die_with_their_token() {
     let (server, role_id, secret_id) = app_server();
+    server.freeze();
     let (_, login) = call(
         &server,
         "POST",

@@ -101,6 +101,8 @@ pub struct Role {
 #[derive(Default)]
 struct State {
     clock_offset: u64,
+    /// A stopped clock: real time does not move it, only [`VaultServer::advance`].
+    frozen: Option<u64>,
     sealed: bool,
     tokens: HashMap<String, Token>,
     policies: HashMap<String, Vec<(String, Vec<String>)>>,
@@ -264,7 +266,7 @@ fn glob_segments(pattern: &str, path: &str) -> bool {
 
 impl State {
     fn now(&self) -> u64 {
-        real_now() + self.clock_offset
+        self.frozen.unwrap_or_else(real_now) + self.clock_offset
     }
 
     fn count(&mut self, what: &'static str) {
@@ -506,6 +508,13 @@ impl VaultServer {
     }
 
     // ---- controls -------------------------------------------------------
+
+    /// Stops the server's clock: from now on only [`VaultServer::advance`]
+    /// moves it, so tests of exact TTL arithmetic do not race real time.
+    pub fn freeze(&self) {
+        let mut st = self.state();
+        st.frozen = Some(real_now());
+    }
 
     /// Moves the server's clock forward; expired tokens and leases are revoked.
     pub fn advance(&self, by: Duration) {
