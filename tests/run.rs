@@ -289,25 +289,25 @@ fn a_consul_change_reloads_or_restarts_the_command_as_asked() {
                   trap 'echo TERM >> log; exit 0' TERM; while :; do sleep 0.05; done";
     let log = || std::fs::read_to_string(d.join("log")).unwrap_or_default();
 
+    let start = |mode: &[&str]| {
+        let mut args = vec!["run"];
+        args.extend(mode);
+        args.extend(["--template", "t.hbs:out.conf", "--", "sh", "-c", script]);
+        d.cmd(&args)
+            .env("CONSUL_HTTP_ADDR", &addr)
+            .env("LEVEL", "consul:app/level")
+            .command
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let stop = |mut envrender: std::process::Child| {
+        kill(Pid::from_raw(envrender.id() as i32), Signal::SIGTERM).unwrap();
+        assert_eq!(envrender.wait().unwrap().code(), Some(0));
+    };
+
     // --reload-signal: the file is rewritten and the running command told.
-    let mut envrender = d
-        .cmd(&[
-            "run",
-            "--reload-signal",
-            "SIGHUP",
-            "--template",
-            "t.hbs:out.conf",
-            "--",
-            "sh",
-            "-c",
-            script,
-        ])
-        .env("CONSUL_HTTP_ADDR", &addr)
-        .env("LEVEL", "consul:app/level")
-        .command
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let envrender = start(&["--reload-signal", "SIGHUP"]);
     eventually(Duration::from_secs(5), "the start", || {
         log() == "start one\n"
     });
@@ -315,29 +315,12 @@ fn a_consul_change_reloads_or_restarts_the_command_as_asked() {
     eventually(Duration::from_secs(5), "the reload", || {
         d.read("out.conf") == "level=two\n" && log() == "start one\nHUP\n"
     });
-    kill(Pid::from_raw(envrender.id() as i32), Signal::SIGTERM).unwrap();
-    assert_eq!(envrender.wait().unwrap().code(), Some(0));
+    stop(envrender);
     assert_eq!(log(), "start one\nHUP\nTERM\n");
 
     // --restart: stopped and started again with the new environment.
     std::fs::remove_file(d.join("log")).unwrap();
-    let mut envrender = d
-        .cmd(&[
-            "run",
-            "--restart",
-            "--template",
-            "t.hbs:out.conf",
-            "--",
-            "sh",
-            "-c",
-            script,
-        ])
-        .env("CONSUL_HTTP_ADDR", &addr)
-        .env("LEVEL", "consul:app/level")
-        .command
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let envrender = start(&["--restart"]);
     eventually(Duration::from_secs(5), "the start", || {
         log() == "start two\n"
     });
@@ -346,8 +329,7 @@ fn a_consul_change_reloads_or_restarts_the_command_as_asked() {
         log() == "start two\nTERM\nstart three\n"
     });
     assert_eq!(d.read("out.conf"), "level=three\n");
-    kill(Pid::from_raw(envrender.id() as i32), Signal::SIGTERM).unwrap();
-    assert_eq!(envrender.wait().unwrap().code(), Some(0));
+    stop(envrender);
 }
 
 #[test]
