@@ -307,26 +307,6 @@ impl Vault {
     pub async fn maintain(&self) {
         lease::maintain(&self.inner).await
     }
-
-    /// What is held: request, lease id (or certificate serial) and seconds
-    /// left, for `check` and diagnostics.
-    pub fn held(&self) -> Vec<(String, String, u64)> {
-        let now = lease::now();
-        self.inner
-            .ledger
-            .lock()
-            .unwrap()
-            .held
-            .values()
-            .map(|h| {
-                (
-                    h.key.clone(),
-                    h.version(),
-                    (h.expires - now).max(0.0) as u64,
-                )
-            })
-            .collect()
-    }
 }
 
 /// The KV v2 path of a logical path under mount `m` (`shimKVv2Path`):
