@@ -296,7 +296,8 @@ async fn supervise(
         )])
     };
     let mut chld = signal(SignalKind::child()).map_err(signal_error)?;
-    let mut forwarded = Vec::new();
+    // Every signal to forward comes through one channel.
+    let (signals_tx, mut signals) = tokio::sync::mpsc::unbounded_channel::<Signal>();
     for (kind, sig) in [
         (SignalKind::terminate(), Signal::SIGTERM),
         (SignalKind::interrupt(), Signal::SIGINT),
@@ -306,7 +307,9 @@ async fn supervise(
         (SignalKind::user_defined2(), Signal::SIGUSR2),
         (SignalKind::window_change(), Signal::SIGWINCH),
     ] {
-        forwarded.push((signal(kind).map_err(signal_error)?, sig));
+        let mut stream = signal(kind).map_err(signal_error)?;
+        let tx = signals_tx.clone();
+        tokio::spawn(async move { while stream.recv().await.is_some() && tx.send(sig).is_ok() {} });
     }
     // Keep leases alive, and watch for changes when asked to.
     let health = std::sync::Arc::new(Health::default());
@@ -318,8 +321,7 @@ async fn supervise(
     let mut background = tokio::task::JoinSet::new();
     let mut started = std::collections::BTreeSet::new();
     watch::start_watches(
-        resolver,
-        &state.cache,
+        watch::watched(resolver, &state.cache),
         &mut watchers,
         &mut background,
         &mut started,
@@ -355,13 +357,9 @@ async fn supervise(
     let mut exits = 0u32;
     loop {
         let received = {
-            let waits = forwarded
-                .iter_mut()
-                .map(|(stream, sig)| Box::pin(async move { stream.recv().await.map(|_| *sig) }));
-            let any = futures_select(waits);
             tokio::select! {
                 _ = chld.recv() => None,
-                sig = any => sig,
+                sig = signals.recv() => sig,
                 _ = sleep_until_opt(kill_at) => {
                     tracing::warn!(grace = ?run.grace, "{} did not stop in time; killing its process group", run.argv[0]);
                     let _ = killpg(pid, Signal::SIGKILL);
@@ -425,14 +423,9 @@ async fn supervise(
                     run.argv[0]
                 );
                 // Signals that arrive meanwhile stop the wait.
-                let stop = {
-                    let waits = forwarded.iter_mut().map(|(stream, sig)| {
-                        Box::pin(async move { stream.recv().await.map(|_| *sig) })
-                    });
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => None,
-                        sig = futures_select(waits) => sig,
-                    }
+                let stop = tokio::select! {
+                    _ = tokio::time::sleep(backoff) => None,
+                    sig = signals.recv() => sig,
                 };
                 if matches!(stop, Some(Signal::SIGTERM | Signal::SIGINT)) {
                     terminal.restore();
@@ -559,23 +552,6 @@ async fn sleep_until_opt(at: Option<Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-/// The first of several futures to finish.
-async fn futures_select<F, T>(futures: impl IntoIterator<Item = F>) -> Option<T>
-where
-    F: std::future::Future<Output = Option<T>> + Unpin,
-{
-    let mut futures: Vec<F> = futures.into_iter().collect();
-    std::future::poll_fn(move |cx| {
-        for f in futures.iter_mut() {
-            if let std::task::Poll::Ready(v) = std::pin::Pin::new(f).poll(cx) {
-                return std::task::Poll::Ready(v);
-            }
-        }
-        std::task::Poll::Pending
-    })
-    .await
 }
 
 #[cfg(test)]

@@ -128,8 +128,21 @@ impl std::fmt::Display for Action {
                 Target::PidFile(p) => write!(f, "{signal} to the pid in {}", p.display()),
                 Target::ProcessName(n) => write!(f, "{signal} to processes named {n}"),
             },
-            Action::Exec { argv, .. } => write!(f, "run {}", argv.join(" ")),
-            Action::Http { url } => write!(f, "POST {url}"),
+            // Labels for logs and metrics: the program, not its arguments;
+            // the URL without credentials or query. Either may carry a token.
+            Action::Exec { argv, .. } => {
+                write!(f, "run {}", argv.first().map_or("", String::as_str))
+            }
+            Action::Http { url } => match reqwest::Url::parse(url) {
+                Ok(mut u) => {
+                    let _ = u.set_username("");
+                    let _ = u.set_password(None);
+                    u.set_query(None);
+                    u.set_fragment(None);
+                    write!(f, "POST {u}")
+                }
+                Err(_) => write!(f, "POST (invalid URL)"),
+            },
         }
     }
 }
@@ -357,13 +370,15 @@ pub async fn watch(
                             tracing::info!("first complete render done; watching");
                         }
                         // (Re)start the watches when what the outputs use changed.
-                        let now_watched: BTreeSet<Source> = watched(resolver, &cache)
-                            .into_iter()
-                            .flat_map(|(_, v)| v.into_iter().map(|(s, _)| s))
+                        let known = watched(resolver, &cache);
+                        let now_watched: BTreeSet<Source> = known
+                            .iter()
+                            .flat_map(|(_, v)| v.iter().map(|(s, _)| s.clone()))
                             .collect();
                         if now_watched != watching {
-                            watching = start_watches(resolver, &cache, &mut watchers, &mut background, &mut started, &tx);
-                            health.watched.store(watching.len() as u64, Ordering::SeqCst);
+                            start_watches(known, &mut watchers, &mut background, &mut started, &tx);
+                            health.watched.store(now_watched.len() as u64, Ordering::SeqCst);
+                            watching = now_watched;
                         }
                         let inputs = WatchedFiles::new(&settings, &cache);
                         if files.as_ref().is_none_or(|(w, _)| *w != inputs) {
@@ -521,23 +536,17 @@ pub(crate) fn apply(
     }
 }
 
-/// Starts watching what `cache` holds: one task per backend into
-/// `watchers`, each backend's background work (once per backend name) into
-/// `background`. Returns the sources watched.
+/// Starts watching `known` (from [`watched`]): one task per backend into
+/// `watchers`, replacing those there, and each backend's background work
+/// (once per backend name) into `background`.
 pub(crate) fn start_watches(
-    resolver: &Resolver,
-    cache: &FetchResults,
+    known: Vec<(Arc<dyn Backend>, Known)>,
     watchers: &mut JoinSet<()>,
     background: &mut JoinSet<()>,
     started: &mut BTreeSet<&'static str>,
     tx: &mpsc::UnboundedSender<Event>,
-) -> BTreeSet<Source> {
+) {
     watchers.abort_all();
-    let known = watched(resolver, cache);
-    let sources: BTreeSet<Source> = known
-        .iter()
-        .flat_map(|(_, v)| v.iter().map(|(s, _)| s.clone()))
-        .collect();
     for (backend, sources) in known {
         if started.insert(backend.name())
             && let Some(work) = backend.background()
@@ -546,7 +555,6 @@ pub(crate) fn start_watches(
         }
         watchers.spawn(watch_backend(backend, sources, tx.clone()));
     }
-    sources
 }
 
 fn signal_error(e: std::io::Error) -> Error {
@@ -646,12 +654,12 @@ pub(crate) async fn cycle(
 }
 
 /// Sources and what was last fetched for each.
-type Known = Vec<(Source, Fetched)>;
+pub(crate) type Known = Vec<(Source, Fetched)>;
 
 /// The fetched sources, by the backend that watches them; local ones
 /// (`file:` sources are watched through the file system, values answered
 /// by a local values file do not change) are left out.
-fn watched(resolver: &Resolver, cache: &FetchResults) -> Vec<(Arc<dyn Backend>, Known)> {
+pub(crate) fn watched(resolver: &Resolver, cache: &FetchResults) -> Vec<(Arc<dyn Backend>, Known)> {
     let mut by_backend: HashMap<&'static str, (Arc<dyn Backend>, Known)> = HashMap::new();
     for (source, r) in cache {
         let Ok(fetched) = r else { continue };
@@ -1055,6 +1063,21 @@ mod tests {
         assert!(due >= Instant::now() && due <= Instant::now() + Duration::from_secs(10));
         d.retry(Duration::from_secs(30));
         assert!(d.due().unwrap() >= Instant::now() + Duration::from_secs(30));
+    }
+
+    #[test]
+    fn action_labels_leave_out_arguments_and_url_credentials() {
+        let exec = Action::Exec {
+            argv: vec![
+                "curl".into(),
+                "-H".into(),
+                "Authorization: Bearer s3cret".into(),
+            ],
+            timeout: DEFAULT_EXEC_TIMEOUT,
+        };
+        assert_eq!(exec.to_string(), "run curl");
+        let http = http_action("http://admin:s3cret@127.0.0.1:9090/-/reload?token=s3cret").unwrap();
+        assert_eq!(http.to_string(), "POST http://127.0.0.1:9090/-/reload");
     }
 
     #[test]

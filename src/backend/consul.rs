@@ -174,21 +174,11 @@ impl Consul {
                 _ => (None, "no token (anonymous)".to_string()),
             },
         };
-        let mut http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .user_agent(concat!("envrender/", env!("CARGO_PKG_VERSION")));
         let ca = config
             .ca_file
             .clone()
             .or_else(|| env.var("CONSUL_CACERT").map(PathBuf::from));
-        if let Some(ca) = ca {
-            let pem = std::fs::read(&ca)
-                .map_err(|e| format!("cannot read the CA file {}: {e}", ca.display()))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| format!("{} is not a PEM certificate bundle: {e}", ca.display()))?;
-            // Trusted in addition to the system's roots.
-            http = http.tls_certs_merge(certs);
-        }
+        let http = super::http_client(ca.as_deref(), "Consul")?;
         let http = http
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;

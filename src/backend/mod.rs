@@ -291,6 +291,26 @@ where
         .collect()
 }
 
+/// An HTTP client builder for a backend: envrender's user agent, a connect
+/// timeout, and the CA bundle in `ca` (if any) trusted in addition to the
+/// system's roots. `what` names the backend in errors.
+pub fn http_client(
+    ca: Option<&std::path::Path>,
+    what: &str,
+) -> Result<reqwest::ClientBuilder, String> {
+    let mut http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .user_agent(concat!("envrender/", env!("CARGO_PKG_VERSION")));
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca)
+            .map_err(|e| format!("cannot read the {what} CA file {}: {e}", ca.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("{} is not a PEM certificate bundle: {e}", ca.display()))?;
+        http = http.tls_certs_merge(certs);
+    }
+    Ok(http)
+}
+
 /// An error and its sources, by their `Display`, each once.
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();

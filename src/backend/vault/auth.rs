@@ -464,25 +464,15 @@ fn client_error(action: &str, e: ClientError, hint: &str, method: &str) -> Fetch
             )
         }
         ClientError::RestClientError { .. } => {
-            let chain = crate::backend::error_chain(&e);
-            let kind = if chain.contains("certificate") {
-                ErrorKind::Invalid
-            } else {
-                ErrorKind::Transient
-            };
-            (kind, format!("cannot reach Vault: {chain}"))
+            let mut err =
+                super::unreachable(action, &format!(": {}", crate::backend::error_chain(&e)));
+            err.identity = Some(method.to_string());
+            return err;
         }
         other => (
             ErrorKind::Invalid,
             format!("unexpected answer: {}", crate::backend::error_chain(other)),
         ),
-    };
-    let hint = if message.contains("certificate") {
-        "Vault's TLS certificate is not trusted: give its CA with VAULT_CACERT or [vault] ca_file"
-    } else if matches!(e, ClientError::RestClientError { .. }) {
-        "check VAULT_ADDR (a URL such as https://vault:8200) and that Vault is running"
-    } else {
-        hint
     };
     let mut err = FetchError::new(kind, "vault", action, message).hint(hint);
     err.identity = Some(method.to_string());

@@ -218,21 +218,11 @@ impl Vault {
             .or_else(|| env.var("VAULT_NAMESPACE"))
             .map(|n| n.trim_matches('/').to_string())
             .filter(|n| !n.is_empty());
-        let mut http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(60))
-            .user_agent(concat!("envrender/", env!("CARGO_PKG_VERSION")));
         let ca = config
             .ca_file
             .clone()
             .or_else(|| env.var("VAULT_CACERT").map(PathBuf::from));
-        if let Some(ca) = ca {
-            let pem = std::fs::read(&ca)
-                .map_err(|e| format!("cannot read the Vault CA file {}: {e}", ca.display()))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| format!("{} is not a PEM certificate bundle: {e}", ca.display()))?;
-            http = http.tls_certs_merge(certs);
-        }
+        let mut http = super::http_client(ca.as_deref(), "Vault")?.timeout(Duration::from_secs(60));
         let cert = config
             .client_cert
             .clone()
@@ -354,6 +344,30 @@ fn request_key(source: &Source) -> String {
     key
 }
 
+/// The error of a request that got no answer from Vault (`detail`, after
+/// "cannot reach Vault": where, and why). A certificate Vault's CA does not vouch for is not transient:
+/// retrying cannot make it trusted.
+fn unreachable(action: impl Into<String>, detail: &str) -> FetchError {
+    let untrusted = detail.contains("certificate");
+    let mut err = FetchError::new(
+        if untrusted {
+            ErrorKind::Invalid
+        } else {
+            ErrorKind::Transient
+        },
+        "vault",
+        action,
+        format!("cannot reach Vault{detail}"),
+    );
+    err.hint = Some(if untrusted {
+        "Vault's TLS certificate is not trusted: give its CA with VAULT_CACERT or [vault] ca_file"
+            .into()
+    } else {
+        "check VAULT_ADDR (a URL such as https://vault:8200), VAULT_CACERT and that Vault is running".into()
+    });
+    err
+}
+
 fn hcl(path: &str, caps: &str) -> String {
     format!("path \"{path}\" {{ capabilities = [{caps}] }}")
 }
@@ -413,25 +427,11 @@ impl Inner {
         let action = format!("{method} /v1/{path}");
         let response = request.send().await.map_err(|e| {
             let maybe_sent = !e.is_connect();
-            let mut err = FetchError::new(
-                ErrorKind::Transient,
-                "vault",
+            let mut err = unreachable(
                 action.clone(),
-                format!(
-                    "cannot reach Vault at {}: {}",
-                    self.base,
-                    super::error_chain(&e)
-                ),
-            )
-            .hint("check VAULT_ADDR (a URL such as https://vault:8200), VAULT_CACERT and that Vault is running");
-            if err.message.contains("certificate") {
-                // Not transient: retrying cannot make a certificate trusted.
-                err.kind = ErrorKind::Invalid;
-                err.hint = Some(
-                    "Vault's TLS certificate is not trusted: give its CA with VAULT_CACERT or [vault] ca_file".into(),
-                );
-            } else if issuing && maybe_sent {
-                err.kind = ErrorKind::Invalid;
+                &format!(" at {}: {}", self.base, super::error_chain(&e)),
+            );
+            if err.kind == ErrorKind::Transient && issuing && maybe_sent {                err.kind = ErrorKind::Invalid;
                 err.hint = Some(
                     "not repeated: each read of this path issues new credentials, and the request may have reached Vault; run again".into(),
                 );
@@ -949,15 +949,33 @@ impl Backend for Vault {
     /// read again and compared by version.
     fn observe<'a>(&'a self, known: &'a [(Source, Fetched)]) -> BoxFuture<'a, Vec<Observation>> {
         Box::pin(async move {
+            // Held values from the ledger; the rest (KV) read again, concurrently.
+            let held: Vec<Option<lease::Held>> = {
+                let ledger = self.inner.ledger.lock().unwrap();
+                known
+                    .iter()
+                    .map(|(s, _)| ledger.held.get(&request_key(s)).cloned())
+                    .collect()
+            };
+            let reread: Vec<Source> = known
+                .iter()
+                .zip(&held)
+                .filter(|(_, h)| h.is_none())
+                .map(|((s, _), _)| s.clone())
+                .collect();
+            let mut fresh_reads = self.fetch(&reread).await.into_iter();
             let mut out = Vec::with_capacity(known.len());
-            for (source, old) in known {
-                let held = {
-                    let ledger = self.inner.ledger.lock().unwrap();
-                    ledger.held.get(&request_key(source)).cloned()
-                };
+            for ((_, old), held) in known.iter().zip(held) {
                 let fresh = match held {
                     Some(h) => Ok(h.fetched()),
-                    None => self.inner.fetch_one(source).await,
+                    None => fresh_reads.next().unwrap_or_else(|| {
+                        Err(FetchError::new(
+                            ErrorKind::Transient,
+                            "vault",
+                            "read",
+                            "no answer",
+                        ))
+                    }),
                 };
                 out.push(match fresh {
                     Ok(new) if old.differs_from(&new) => Observation::Changed(new),
