@@ -307,6 +307,12 @@ fn known(consul: &Consul, refs: &[&str]) -> Vec<(Source, envrender::backend::Fet
         .collect()
 }
 
+/// What the watch in the background returned, within 5 s.
+fn returned(rx: &std::sync::mpsc::Receiver<Vec<Observation>>) -> Vec<Observation> {
+    rx.recv_timeout(Duration::from_secs(5))
+        .expect("the watch returned")
+}
+
 fn changed_values(seen: &[Observation]) -> Vec<Option<String>> {
     seen.iter()
         .map(|o| match o {
@@ -327,9 +333,7 @@ fn a_watch_sees_a_put_within_the_blocking_round_trip() {
     wait_until("the blocking query", || server.blocking_now() == 1);
     let put = Instant::now();
     server.put("app/b", "3");
-    let seen = rx
-        .recv_timeout(Duration::from_secs(5))
-        .expect("the watch returned");
+    let seen = returned(&rx);
     assert!(
         put.elapsed() < Duration::from_secs(2),
         "{:?}",
@@ -355,9 +359,7 @@ fn unrelated_writes_and_rewrites_of_the_same_value_are_not_changes() {
     // The watch re-armed each time: still one query open.
     wait_until("the re-armed query", || server.blocking_now() == 1);
     server.put("app/a", "2");
-    let seen = rx
-        .recv_timeout(Duration::from_secs(5))
-        .expect("the watch returned");
+    let seen = returned(&rx);
     assert_eq!(changed_values(&seen), [Some("2".to_string())]);
 }
 
@@ -380,9 +382,7 @@ fn an_index_that_goes_backwards_resets_the_watch() {
     });
     assert!(rx.try_recv().is_err());
     server.put("app/k0", "after-restore");
-    let seen = rx
-        .recv_timeout(Duration::from_secs(5))
-        .expect("the watch returned");
+    let seen = returned(&rx);
     assert_eq!(changed_values(&seen), [Some("after-restore".to_string())]);
 }
 
@@ -416,9 +416,7 @@ fn a_hundred_templates_over_five_prefixes_hold_five_blocking_queries() {
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(server.blocking_now(), expected, "{policy:?}");
         server.put("cfg/p3/k07", &format!("changed-{expected}"));
-        let seen = rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("the watch returned");
+        let seen = returned(&rx);
         let changed: Vec<usize> = seen
             .iter()
             .enumerate()
@@ -441,9 +439,7 @@ fn a_service_watch_sees_health_changes() {
     let rx = observe_in_background(consul.clone(), known);
     wait_until("the blocking query", || server.blocking_now() == 1);
     server.set_health("web-2", "critical");
-    let seen = rx
-        .recv_timeout(Duration::from_secs(5))
-        .expect("the watch returned");
+    let seen = returned(&rx);
     match &seen[0] {
         Observation::Changed(f) => {
             let ids: Vec<&str> = f
@@ -485,9 +481,7 @@ fn watch_errors_are_reported_and_backed_off() {
     let rx = observe_in_background(consul.clone(), known);
     wait_until("the blocking query", || server.blocking_now() == 1);
     server.put("app/a", "2");
-    let seen = rx
-        .recv_timeout(Duration::from_secs(5))
-        .expect("the watch returned");
+    let seen = returned(&rx);
     assert_eq!(changed_values(&seen), [Some("2".to_string())]);
 }
 
@@ -509,9 +503,7 @@ fn the_watch_loop_does_not_spin_when_answers_come_back_at_once() {
     );
     server.ignore_index(false);
     server.put("app/a", "2");
-    let seen = rx
-        .recv_timeout(Duration::from_secs(5))
-        .expect("the watch returned");
+    let seen = returned(&rx);
     assert_eq!(changed_values(&seen), [Some("2".to_string())]);
 }
 

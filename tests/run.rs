@@ -196,25 +196,23 @@ fn reference_variables_are_resolved_and_credentials_scrubbed() {
     support::aws::put_parameters(&moto.url, &[("/t/run/pw", "pa55", true)]);
     let d = Dir::new();
     d.write("envrender.toml", "[env]\nLOG_LEVEL = \"debug\"\n");
-    let run = d
-        .cmd(&[
-            "--",
-            "sh",
-            "-c",
-            "tr '\\0' '\\n' < /proc/self/environ > environ",
-        ])
-        .aws(&moto.url)
-        .env("CONSUL_HTTP_ADDR", consul.url.trim_start_matches("http://"))
-        .env("VAULT_ADDR", &vault.url)
-        .env("VAULT_TOKEN", &vault.root_token)
-        .env("DB_HOST", "consul:app/db_host")
-        .env("API_KEY", "vault:secret/app#api_key")
-        .env("DB_PASSWORD", "ssm:/t/run/pw")
-        .env("PLAIN", "consul:8500")
-        .run()
-        .success()
-        .no_canary();
-    let _ = run;
+    d.cmd(&[
+        "--",
+        "sh",
+        "-c",
+        "tr '\\0' '\\n' < /proc/self/environ > environ",
+    ])
+    .aws(&moto.url)
+    .env("CONSUL_HTTP_ADDR", consul.url.trim_start_matches("http://"))
+    .env("VAULT_ADDR", &vault.url)
+    .env("VAULT_TOKEN", &vault.root_token)
+    .env("DB_HOST", "consul:app/db_host")
+    .env("API_KEY", "vault:secret/app#api_key")
+    .env("DB_PASSWORD", "ssm:/t/run/pw")
+    .env("PLAIN", "consul:8500")
+    .run()
+    .success()
+    .no_canary();
     let environ = d.read("environ");
     let vars: Vec<&str> = environ.lines().collect();
     for expected in [

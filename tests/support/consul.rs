@@ -823,12 +823,7 @@ fn kv_put(s: &ConsulServer, key: &str, q: &HashMap<String, String>, body: Bytes)
                 (_, None) => false,
             };
             if !ok {
-                return (
-                    StatusCode::OK,
-                    [("content-type", "application/json")],
-                    "false",
-                )
-                    .into_response();
+                return json_bool(false);
             }
         }
         let index = st.bump();
@@ -851,10 +846,15 @@ fn kv_put(s: &ConsulServer, key: &str, q: &HashMap<String, String>, body: Bytes)
         index
     };
     s.changed(index);
+    json_bool(true)
+}
+
+/// The `true`/`false` answer of KV writes and deletes.
+fn json_bool(ok: bool) -> Response {
     (
         StatusCode::OK,
         [("content-type", "application/json")],
-        "true",
+        if ok { "true" } else { "false" },
     )
         .into_response()
 }
@@ -865,12 +865,7 @@ fn kv_delete(s: &ConsulServer, key: &str, q: &HashMap<String, String>) -> Respon
         if let Some(cas) = q.get("cas") {
             let current = st.kv.get(key).map(|e| e.modify_index);
             if cas.parse::<u64>().ok() != current {
-                return (
-                    StatusCode::OK,
-                    [("content-type", "application/json")],
-                    "false",
-                )
-                    .into_response();
+                return json_bool(false);
             }
         }
         let index = st.bump();
@@ -891,12 +886,7 @@ fn kv_delete(s: &ConsulServer, key: &str, q: &HashMap<String, String>) -> Respon
         index
     };
     s.changed(index);
-    (
-        StatusCode::OK,
-        [("content-type", "application/json")],
-        "true",
-    )
-        .into_response()
+    json_bool(true)
 }
 
 fn instance_passing(i: &Instance) -> bool {
