@@ -150,8 +150,7 @@ struct Mount {
     kv2: bool,
 }
 
-/// One HTTP answer from Vault.
-#[derive(Debug)]
+/// One HTTP answer from Vault. Not `Debug`: its body holds secrets.
 struct Answer {
     status: u16,
     /// The JSON body; `Null` when empty.
