@@ -367,14 +367,13 @@ async fn supervise(
                     None
                 }
                 Some(event) = rx.recv() => {
-                    if watch::apply(event, &mut state.cache, &mut state.plan, settings, &health) {
-                        debounce.changed();
-                    }
+                    watch::apply(event, &mut state.cache, &mut debounce, &health);
                     None
                 }
                 _ = watch::sleep_until_opt(debounce.due()) => {
-                    debounce.done();
-                    refresh(resolver, settings, state, run, &health, pid, &mut restarting, &mut kill_at).await;
+                    if !debounce.done() || watch::reload_plan(&mut state.plan, settings, &health) {
+                        refresh(resolver, settings, state, run, &health, pid, &mut restarting, &mut kill_at).await;
+                    }
                     None
                 }
             }

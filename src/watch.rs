@@ -354,12 +354,12 @@ pub async fn watch(
                 }
             }
             Some(event) = rx.recv() => {
-                if apply(event, &mut cache, &mut plan, &settings, &health) {
-                    debounce.changed();
-                }
+                apply(event, &mut cache, &mut debounce, &health);
             }
             _ = sleep_until_opt(due) => {
-                debounce.done();
+                if debounce.done() && !reload_plan(&mut plan, &settings, &health) {
+                    continue;
+                }
                 let outcome = cycle(&plan, resolver, &settings, &mut cache, &health).await;
                 match outcome {
                     Ok(Cycle { written, .. }) => {
@@ -407,6 +407,10 @@ pub async fn watch(
     Ok(())
 }
 
+/// How long files must be quiet before they are read: a file written in
+/// place (truncated, then written) must not be read half-way.
+const FILES_SETTLE: Duration = Duration::from_millis(100);
+
 /// When the next render is due: at once (start, reload), after a quiet
 /// period following changes but never later than the bound, or after a
 /// backoff following a failure.
@@ -417,6 +421,9 @@ pub(crate) struct Debounce {
     splay: Duration,
     offset: Duration,
     pending: bool,
+    /// Template or `file:` sources changed: read them again before the
+    /// render, and only once they have been quiet for [`FILES_SETTLE`].
+    files: bool,
     first: Option<Instant>,
     last: Instant,
     retry_at: Option<Instant>,
@@ -429,6 +436,7 @@ impl Debounce {
             splay: Duration::ZERO,
             offset: Duration::ZERO,
             pending: false,
+            files: false,
             first: None,
             last: Instant::now(),
             retry_at: None,
@@ -463,33 +471,43 @@ impl Debounce {
         self.retry_at = Some(Instant::now() + backoff);
     }
 
-    pub(crate) fn done(&mut self) {
+    /// Files changed (see [`Debounce::files`]).
+    pub(crate) fn files_changed(&mut self) {
+        self.changed();
+        self.files = true;
+    }
+
+    /// The render is starting; true when files must be read again.
+    pub(crate) fn done(&mut self) -> bool {
         self.pending = false;
         self.first = None;
         self.retry_at = None;
+        std::mem::take(&mut self.files)
     }
 
     pub(crate) fn due(&self) -> Option<Instant> {
         if !self.pending {
             return None;
         }
-        let settled = match self.first {
+        let mut settled = match self.first {
             Some(first) => (self.last + self.wait.0).min(first + self.wait.1) + self.offset,
             None => Instant::now(),
         };
+        if self.files {
+            settled = settled.max(self.last + FILES_SETTLE);
+        }
         Some(self.retry_at.map_or(settled, |r| r.max(settled)))
     }
 }
 
-/// Takes in one event: changed values into `cache`, failures into
-/// `health`, template files into a new `plan`. True when a render is due.
+/// Takes in one event: changed values into `cache` and failures into
+/// `health`; a render falls due in `debounce` when something changed.
 pub(crate) fn apply(
     event: Event,
     cache: &mut FetchResults,
-    plan: &mut Plan,
-    settings: &Settings,
+    debounce: &mut Debounce,
     health: &Health,
-) -> bool {
+) {
     match event {
         Event::Observed {
             backend,
@@ -509,29 +527,34 @@ pub(crate) fn apply(
             } else {
                 health.problem(backend, None);
             }
-            let any = !changed.is_empty();
+            if !changed.is_empty() {
+                debounce.changed();
+            }
             for (source, fetched) in changed {
                 tracing::info!(backend, reference = %source, "changed");
                 cache.insert(source, Ok(fetched));
             }
-            any
         }
         Event::Files => {
             tracing::debug!("watched files changed");
             cache.retain(|s, _| s.scheme != Scheme::File);
-            match Plan::new(settings) {
-                Ok(p) => {
-                    *plan = p;
-                    true
-                }
-                Err(e) => {
-                    tracing::error!(
-                        "a template no longer compiles; keeping the last good outputs:\n{e}"
-                    );
-                    health.problem("templates", Some(e.to_string()));
-                    false
-                }
-            }
+            debounce.files_changed();
+        }
+    }
+}
+
+/// Reads and compiles the templates again; when one no longer compiles,
+/// the plan in use stays, `health` says why, and false says not to render.
+pub(crate) fn reload_plan(plan: &mut Plan, settings: &Settings, health: &Health) -> bool {
+    match Plan::new(settings) {
+        Ok(p) => {
+            *plan = p;
+            true
+        }
+        Err(e) => {
+            tracing::error!("a template no longer compiles; keeping the last good outputs:\n{e}");
+            health.problem("templates", Some(e.to_string()));
+            false
         }
     }
 }
@@ -1063,6 +1086,13 @@ mod tests {
         assert!(due >= Instant::now() && due <= Instant::now() + Duration::from_secs(10));
         d.retry(Duration::from_secs(30));
         assert!(d.due().unwrap() >= Instant::now() + Duration::from_secs(30));
+        // Files are read only once quiet, and the render is told to read them.
+        let mut d = Debounce::new((Duration::ZERO, Duration::ZERO));
+        d.files_changed();
+        assert_eq!(d.due(), Some(Instant::now() + FILES_SETTLE));
+        assert!(d.done());
+        d.changed();
+        assert!(!d.done());
     }
 
     #[test]
