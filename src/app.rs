@@ -26,13 +26,20 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Runs one command. Logging is set up here, once the configuration (which
 /// may set the level) has been read.
 pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<(), Error> {
+    // The container helpers read no configuration.
+    match &cli.command {
+        Some(Command::Copy { dest }) => {
+            init_logs(&cli, None);
+            return crate::container::copy_self(dest).map(drop);
+        }
+        Some(Command::Probe { target, timeout }) => {
+            init_logs(&cli, None);
+            return crate::container::probe(&crate::container::probe_url(target)?, *timeout).await;
+        }
+        _ => {}
+    }
     let config = load_config(cli.config.as_deref())?;
-    crate::telemetry::init(
-        cli.log_level.or(config.log_level).unwrap_or(LogLevel::Info),
-        cli.log_format
-            .or(config.log_format)
-            .unwrap_or(LogFormat::Text),
-    );
+    init_logs(&cli, Some(&config));
     if let Some(file) = &config.file {
         tracing::debug!(config = %file.display(), "configuration loaded");
     }
@@ -169,6 +176,9 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<(), Error> {
             };
             crate::watch::watch(&resolver, settings, options, reload).await
         }
+        Command::Copy { .. } | Command::Probe { .. } => {
+            unreachable!("copy and probe return before the configuration is read")
+        }
         Command::Check(args) => {
             let timeout = config.timeout.unwrap_or(DEFAULT_TIMEOUT);
             let settings = settings(&config, &args, timeout)?;
@@ -177,6 +187,17 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<(), Error> {
             result
         }
     }
+}
+
+fn init_logs(cli: &Cli, config: Option<&Config>) {
+    crate::telemetry::init(
+        cli.log_level
+            .or(config.and_then(|c| c.log_level))
+            .unwrap_or(LogLevel::Info),
+        cli.log_format
+            .or(config.and_then(|c| c.log_format))
+            .unwrap_or(LogFormat::Text),
+    );
 }
 
 fn timeout_of(flag: &Option<Duration>, config: &Config) -> Duration {

@@ -90,6 +90,31 @@ pub enum Command {
     ///
     /// Example: DB_PASSWORD=ssm:/app/db/password envrender run -- ./server
     Run(RunArgs),
+
+    /// Copy this binary to DEST (a directory gets DEST/envrender), mode 0755,
+    /// atomically: an init container hands envrender to an app image this
+    /// way, for `envrender -- app` (the image has no `cp`).
+    ///
+    /// Example: envrender copy /envrender-bin/
+    Copy {
+        #[arg(value_name = "DEST")]
+        dest: PathBuf,
+    },
+
+    /// Exit 0 when a running `watch` or `run --listen` is ready, else 1
+    /// (container health checks; the image has no curl).
+    ///
+    /// Example (ECS healthCheck): ["CMD", "/envrender", "probe", "127.0.0.1:9102"]
+    Probe {
+        /// The --listen address (its /readyz is asked; 0.0.0.0 means
+        /// loopback) or a full URL [default: $ENVRENDER_LISTEN].
+        #[arg(env = "ENVRENDER_LISTEN", value_name = "ADDR|URL")]
+        target: String,
+
+        /// Give up after this long.
+        #[arg(long, default_value = "3s", value_name = "DUR", value_parser = parse_duration)]
+        timeout: Duration,
+    },
 }
 
 #[derive(Debug, Args)]

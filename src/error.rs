@@ -29,13 +29,15 @@ pub enum Error {
     NothingWritten(Box<Error>),
     /// `run`: the app exited with this code (128+N when killed by signal N).
     Exit(u8),
+    /// `probe`: the endpoint did not answer 2xx, and why.
+    Unhealthy(String),
 }
 
 impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Config(_) | Error::Input(_) => 2,
-            Error::Unresolved(_) | Error::Render(_) | Error::Output(_) => 1,
+            Error::Unresolved(_) | Error::Render(_) | Error::Output(_) | Error::Unhealthy(_) => 1,
             Error::NothingWritten(e) => e.exit_code(),
             Error::Exit(code) => *code,
         }
@@ -101,6 +103,7 @@ impl fmt::Display for Error {
                 Ok(())
             }
             Error::Output(e) => write!(f, "{e}"),
+            Error::Unhealthy(why) => write!(f, "not ready: {why}"),
             Error::NothingWritten(e) => write!(f, "{e}\nnothing was written"),
         }
     }

@@ -18,6 +18,7 @@
 //! - [`engine`]: plan → resolve → render, shared by every command.
 //! - [`output`]: files written atomically, all of a run or none; env files.
 //! - [`secret`]: the value type that never prints itself.
+//! - [`container`]: `copy` and `probe`, for images that hold nothing else.
 //! - [`app`]: the commands; [`error`]: their errors and exit codes;
 //!   [`telemetry`]: logs.
 
@@ -30,6 +31,7 @@ pub mod app;
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod container;
 pub mod engine;
 pub mod environment;
 pub mod error;

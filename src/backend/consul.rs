@@ -179,9 +179,7 @@ impl Consul {
             .clone()
             .or_else(|| env.var("CONSUL_CACERT").map(PathBuf::from));
         let http = super::http_client(ca.as_deref(), "Consul")?;
-        let http = http
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let http = super::build_client(http)?;
         Ok(Consul {
             client: Arc::new(Client {
                 http,

@@ -311,6 +311,20 @@ pub fn http_client(
     Ok(http)
 }
 
+/// Builds a client from [`http_client`]'s builder; the error says why (most
+/// often: no CA certificates where the system keeps them).
+pub fn build_client(http: reqwest::ClientBuilder) -> Result<reqwest::Client, String> {
+    http.build().map_err(|e| {
+        let why = error_chain(&e);
+        let hint = if why.contains("CA certificates") {
+            " (an image needs a CA bundle at /etc/ssl/certs/ca-certificates.crt, or SSL_CERT_FILE naming one)"
+        } else {
+            ""
+        };
+        format!("cannot build the HTTP client: {why}{hint}")
+    })
+}
+
 /// An error and its sources, by their `Display`, each once.
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();

@@ -258,9 +258,7 @@ impl Vault {
                 );
             }
         }
-        let http = http
-            .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let http = super::build_client(http)?;
         let auth = auth::Auth::new(config.auth.clone(), env, aws);
         let ledger = match &config.state_file {
             Some(path) => lease::Ledger::load(path, base.as_str(), namespace.as_deref()),

@@ -1,0 +1,397 @@
+#!/usr/bin/env python3
+"""Checks every deployment file in deploy/ offline.
+
+- Kubernetes manifests: kubernetes-validate --strict against the oldest and
+  the newest supported Kubernetes version, plus what the schema cannot see
+  (restartPolicy only on init containers, mounts name declared volumes,
+  probes ask envrender's own paths on its --listen port, the ConfigMap holds
+  every template its configuration names, hardened security contexts, a
+  shared PID namespace wherever envrender signals a process by name).
+- ECS task definitions: botocore's RegisterTaskDefinition model (types and
+  required fields, then every enum value), plus dependsOn/mount/health-check
+  consistency.
+- The Terraform example: parsed with python-hcl2; the task definition's
+  settings and the policy files it reads.
+- IAM policies: JSON, no wildcard action, "Resource": "*" only for actions
+  that have no resource-level permissions.
+
+Usage: python3 deploy/validate.py [--self-test]
+Needs: pip install kubernetes-validate==1.37.0 python-hcl2==8.1.4 botocore==1.44.5
+--self-test breaks each rule once in memory and fails unless every break is
+reported.
+"""
+
+import copy
+import json
+import pathlib
+import re
+import sys
+import tomllib
+
+import botocore.session
+import botocore.validate
+import hcl2
+import kubernetes_validate
+import yaml
+
+DEPLOY = pathlib.Path(__file__).resolve().parent
+# Oldest and newest Kubernetes versions in upstream support (kubernetes.io/releases).
+KUBERNETES_VERSIONS = ["1.35.0", "1.37.0"]
+ENVRENDER_PATHS = {"/healthz", "/readyz", "/metrics"}
+ENVRENDER_COMMANDS = {"get", "render", "check", "watch", "run", "copy", "probe"}
+# Actions that cannot be scoped to a resource (the IAM service authorisation
+# reference lists no resource type for them).
+NO_RESOURCE_LEVEL = {"ecr:GetAuthorizationToken", "secretsmanager:BatchGetSecretValue"}
+
+
+class Problems(list):
+    def add(self, where, message):
+        self.append(f"{where}: {message}")
+
+
+def flag(args, name):
+    """The value of `--name VALUE` in an argv, or None."""
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def envrender_argv(container):
+    """envrender's own arguments when this container runs envrender, else None."""
+    argv = list(container.get("command") or container.get("entryPoint") or []) + list(
+        container.get("args") or []
+    )
+    if container.get("entryPoint"):
+        argv += list(container.get("command") or [])
+    image = container.get("image", "")
+    if argv and argv[0].endswith("/envrender"):
+        return argv[1:]
+    if "envrender" in image.rsplit("/", 1)[-1] and not container.get("command", [""])[0].startswith("/"):
+        return argv
+    return None
+
+
+def listen_port(args):
+    listen = flag(args, "--listen")
+    return int(listen.rsplit(":", 1)[1]) if listen else None
+
+
+# ---------------------------------------------------------------- Kubernetes
+
+
+def check_kubernetes(docs, problems):
+    """docs: {file name: [resources]}"""
+    for name, resources in docs.items():
+        for r in resources:
+            for version in KUBERNETES_VERSIONS:
+                try:
+                    kubernetes_validate.validate(r, version, strict=True)
+                except kubernetes_validate.ValidationError as e:
+                    path = "/".join(str(p) for p in e.path)
+                    problems.add(name, f"Kubernetes {version}: {path}: {e.message}")
+    by_kind = {}
+    for resources in docs.values():
+        for r in resources:
+            by_kind.setdefault(r["kind"], {})[r["metadata"]["name"]] = r
+    for name, resources in docs.items():
+        for r in resources:
+            if r["kind"] == "ConfigMap":
+                check_configmap(name, r, problems)
+            if r["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+                check_pod(name, r["spec"]["template"]["spec"], by_kind, problems)
+
+
+def check_configmap(name, cm, problems):
+    data = cm.get("data", {})
+    if "envrender.toml" not in data:
+        return
+    try:
+        config = tomllib.loads(data["envrender.toml"])
+    except tomllib.TOMLDecodeError as e:
+        problems.add(name, f"envrender.toml is not TOML: {e}")
+        return
+    for t in config.get("template", []):
+        if "/" in t["source"] or t["source"] not in data:
+            problems.add(name, f"template source {t['source']!r} is not a key of the ConfigMap")
+
+
+def check_pod(name, pod, by_kind, problems):
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    used = set()
+    sa = pod.get("serviceAccountName")
+    if sa and sa not in by_kind.get("ServiceAccount", {}):
+        problems.add(name, f"serviceAccountName {sa!r} is not defined in deploy/kubernetes")
+    pod_sc = pod.get("securityContext", {})
+    if not pod_sc.get("runAsNonRoot"):
+        problems.add(name, "the pod does not set securityContext.runAsNonRoot: true")
+    for kind in ("initContainers", "containers"):
+        for c in pod.get(kind, []):
+            where = f"{name}: {kind} {c['name']}"
+            if "restartPolicy" in c and kind != "initContainers":
+                problems.add(where, "restartPolicy is for init containers (native sidecars) only")
+            sc = c.get("securityContext", {})
+            if sc.get("allowPrivilegeEscalation") is not False:
+                problems.add(where, "allowPrivilegeEscalation is not false")
+            if sc.get("readOnlyRootFilesystem") is not True:
+                problems.add(where, "readOnlyRootFilesystem is not true")
+            if "ALL" not in sc.get("capabilities", {}).get("drop", []):
+                problems.add(where, "capabilities are not dropped (drop: [ALL])")
+            if sc.get("capabilities", {}).get("add"):
+                problems.add(where, "adds capabilities")
+            for m in c.get("volumeMounts", []):
+                used.add(m["name"])
+                if m["name"] not in volumes:
+                    problems.add(where, f"mounts volume {m['name']!r}, which the pod does not declare")
+                    continue
+                cm = volumes[m["name"]].get("configMap")
+                if cm and cm["name"] not in by_kind.get("ConfigMap", {}) and not cm.get("optional"):
+                    problems.add(where, f"ConfigMap {cm['name']!r} is not defined in deploy/kubernetes")
+            args = envrender_argv(c)
+            if args is None:
+                continue
+            if not args or args[0] not in ENVRENDER_COMMANDS and args[0] != "--":
+                problems.add(where, f"runs envrender with {args[:1]}, not one of its commands")
+            if flag(args, "--process-name") and not pod.get("shareProcessNamespace"):
+                problems.add(where, "--process-name needs shareProcessNamespace: true")
+            if args and args[0] == "watch" and kind == "initContainers" and c.get("restartPolicy") != "Always":
+                problems.add(where, "watch as an init container needs restartPolicy: Always (native sidecar)")
+            ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+            for probe_kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+                probe = c.get(probe_kind, {}).get("httpGet")
+                if not probe:
+                    continue
+                if probe["path"] not in ENVRENDER_PATHS:
+                    problems.add(where, f"{probe_kind} asks {probe['path']}, which envrender does not serve")
+                port = ports.get(probe["port"], probe["port"])
+                if port != listen_port(args):
+                    problems.add(where, f"{probe_kind} asks port {port}, envrender listens on {flag(args, '--listen')}")
+    for unused in set(volumes) - used:
+        problems.add(name, f"volume {unused!r} is declared but mounted nowhere")
+
+
+# ---------------------------------------------------------------------- ECS
+
+
+def enum_problems(value, shape, path):
+    """Enum values botocore's ParamValidator does not check."""
+    if shape.type_name == "structure" and isinstance(value, dict):
+        for k, v in value.items():
+            if k in shape.members:
+                yield from enum_problems(v, shape.members[k], f"{path}.{k}")
+    elif shape.type_name == "list" and isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from enum_problems(v, shape.member, f"{path}[{i}]")
+    elif shape.type_name == "map" and isinstance(value, dict):
+        for k, v in value.items():
+            yield from enum_problems(v, shape.value, f"{path}.{k}")
+    elif getattr(shape, "enum", None) and value not in shape.enum:
+        yield f"{path}: {value!r} is not one of {sorted(shape.enum)}"
+
+
+def check_ecs(name, task, problems):
+    model = botocore.session.get_session().get_service_model("ecs")
+    shape = model.operation_model("RegisterTaskDefinition").input_shape
+    report = botocore.validate.ParamValidator().validate(task, shape)
+    if report.has_errors():
+        for line in report.generate_report().splitlines():
+            problems.add(name, line.strip())
+    for p in enum_problems(task, shape, "task"):
+        problems.add(name, p)
+    containers = {c["name"]: c for c in task.get("containerDefinitions", [])}
+    volumes = {v["name"] for v in task.get("volumes", [])}
+    if not any(c.get("essential", True) for c in containers.values()):
+        problems.add(name, "no container is essential")
+    for c in containers.values():
+        where = f"{name}: container {c['name']}"
+        if "essential" not in c:
+            problems.add(where, "essential is not set (it defaults to true): choose it")
+        for m in c.get("mountPoints", []):
+            if m["sourceVolume"] not in volumes:
+                problems.add(where, f"mounts {m['sourceVolume']!r}, which the task does not declare")
+        for d in c.get("dependsOn", []):
+            target = containers.get(d["containerName"])
+            if target is None:
+                problems.add(where, f"depends on {d['containerName']!r}, which the task does not define")
+            elif d["condition"] == "HEALTHY" and "healthCheck" not in target:
+                problems.add(where, f"waits for {d['containerName']} HEALTHY, which has no healthCheck")
+            elif d["condition"] in ("COMPLETE", "SUCCESS") and target.get("essential", True):
+                problems.add(where, f"waits for {d['containerName']} to exit, but it is essential")
+        if not c.get("readonlyRootFilesystem"):
+            problems.add(where, "readonlyRootFilesystem is not true")
+        if c.get("privileged"):
+            problems.add(where, "is privileged")
+        args = envrender_argv(c)
+        if args is None:
+            continue
+        if flag(args, "--process-name") and task.get("pidMode") != "task":
+            problems.add(where, "--process-name needs pidMode: task")
+        health = c.get("healthCheck", {}).get("command", [])
+        if health:
+            if health[0] != "CMD" or not health[1].endswith("/envrender") or health[2] != "probe":
+                problems.add(where, f"health check {health} is not `envrender probe` (the image has no shell or curl)")
+            elif health[3:4] and health[3].rsplit(":", 1)[-1] != str(listen_port(args)):
+                problems.add(where, f"health check asks {health[3]}, envrender listens on {flag(args, '--listen')}")
+
+
+def check_terraform(name, text, problems):
+    try:
+        tf = hcl2.loads(text)
+    except Exception as e:  # python-hcl2 raises lark errors of several kinds
+        problems.add(name, f"does not parse: {e}")
+        return
+    tasks = [
+        body
+        for r in tf.get("resource", [])
+        for kind, named in r.items()
+        if kind.strip('"') == "aws_ecs_task_definition"
+        for body in named.values()
+    ]
+    if not tasks:
+        problems.add(name, "defines no aws_ecs_task_definition")
+    for t in tasks:
+        if t.get("pid_mode", "").strip('"') != "task":
+            problems.add(name, 'aws_ecs_task_definition: pid_mode is not "task"')
+        defs = t.get("container_definitions", "")
+        for needed in ('condition = "HEALTHY"', '"probe"', "readonlyRootFilesystem = true"):
+            if needed not in defs:
+                problems.add(name, f"container_definitions lacks {needed}")
+    for f in re.findall(r'file\(\\?"\$\{path\.module\}/([^"\\]+)', text):
+        if not (DEPLOY / "ecs" / f).is_file():
+            problems.add(name, f"reads {f}, which is not in deploy/ecs")
+
+
+# ---------------------------------------------------------------------- IAM
+
+
+def check_policy(name, policy, problems):
+    if policy.get("Version") != "2012-10-17":
+        problems.add(name, 'Version is not "2012-10-17"')
+    for s in policy.get("Statement", []):
+        where = f"{name}: statement {s.get('Sid', '?')}"
+        actions = s.get("Action", [])
+        actions = [actions] if isinstance(actions, str) else actions
+        if not actions:
+            problems.add(where, "has no Action")
+        for a in actions:
+            if "*" in a:
+                problems.add(where, f"action {a!r} is a wildcard")
+        if s.get("Effect") != "Allow":
+            continue
+        resources = s.get("Resource", [])
+        resources = [resources] if isinstance(resources, str) else resources
+        if "*" in resources and not set(actions) <= NO_RESOURCE_LEVEL:
+            problems.add(where, f'"Resource": "*" for {sorted(set(actions) - NO_RESOURCE_LEVEL)}')
+        if "NotAction" in s or "NotResource" in s:
+            problems.add(where, "uses NotAction/NotResource")
+
+
+# ---------------------------------------------------------------------- all
+
+
+def load():
+    k8s = {
+        p.name: [d for d in yaml.safe_load_all(p.read_text()) if d]
+        for p in sorted((DEPLOY / "kubernetes").glob("*.yaml"))
+    }
+    ecs = {p.name: json.loads(p.read_text()) for p in sorted((DEPLOY / "ecs").glob("*task-definition.json"))}
+    policies = {
+        str(p.relative_to(DEPLOY)): json.loads(p.read_text())
+        for p in sorted(DEPLOY.glob("*/*.json"))
+        if "Statement" in p.read_text()
+    }
+    tf = {p.name: p.read_text() for p in sorted((DEPLOY / "ecs").glob("*.tf"))}
+    return k8s, ecs, policies, tf
+
+
+def check(k8s, ecs, policies, tf):
+    problems = Problems()
+    check_kubernetes(k8s, problems)
+    for name, task in ecs.items():
+        check_ecs(name, task, problems)
+    for name, policy in policies.items():
+        check_policy(name, policy, problems)
+    for name, text in tf.items():
+        check_terraform(name, text, problems)
+    # The ECS sidecar's template is the ConfigMap's, so both platforms render
+    # the same app.conf.
+    cm = next(r for r in k8s["configmap.yaml"] if r["kind"] == "ConfigMap")
+    if (DEPLOY / "ecs" / "app.conf.hbs").read_text() != cm["data"]["app.conf.hbs"]:
+        problems.add("ecs/app.conf.hbs", "differs from app.conf.hbs in kubernetes/configmap.yaml")
+    return problems
+
+
+def self_test(k8s, ecs, policies, tf):
+    """Each break must be reported by the check meant for it."""
+
+    def pod(docs, file):
+        return next(r for r in docs[file] if r["kind"] == "Deployment")["spec"]["template"]["spec"]
+
+    def breaks():
+        d = copy.deepcopy(k8s)
+        pod(d, "sidecar.yaml")["containers"][0]["restartPolicy"] = "Always"
+        yield "restartPolicy", (d, ecs, policies, tf)
+        d = copy.deepcopy(k8s)
+        pod(d, "init-container.yaml")["containers"][0]["volumeMounts"][0]["name"] = "nowhere"
+        yield "does not declare", (d, ecs, policies, tf)
+        d = copy.deepcopy(k8s)
+        pod(d, "sidecar.yaml")["initContainers"][0]["startupProbe"]["httpGet"]["path"] = "/ready"
+        yield "does not serve", (d, ecs, policies, tf)
+        d = copy.deepcopy(k8s)
+        pod(d, "sidecar.yaml")["initContainers"][0]["securityContext"]["privileged"] = "yes"
+        yield "Kubernetes 1.35.0", (d, ecs, policies, tf)
+        d = copy.deepcopy(k8s)
+        pod(d, "sidecar.yaml")["initContainers"][0]["securityContext"]["readOnlyRootFileSystem"] = True
+        yield "Additional properties", (d, ecs, policies, tf)
+        d = copy.deepcopy(k8s)
+        del pod(d, "sidecar.yaml")["shareProcessNamespace"]
+        yield "shareProcessNamespace", (d, ecs, policies, tf)
+        e = copy.deepcopy(ecs)
+        e["sidecar-task-definition.json"]["pidMode"] = "shared"
+        yield "is not one of", (k8s, e, policies, tf)
+        e = copy.deepcopy(ecs)
+        e["sidecar-task-definition.json"]["containerDefinitions"][0]["memory"] = "64"
+        yield "Invalid type", (k8s, e, policies, tf)
+        e = copy.deepcopy(ecs)
+        del e["sidecar-task-definition.json"]["containerDefinitions"][0]["healthCheck"]
+        yield "has no healthCheck", (k8s, e, policies, tf)
+        p = copy.deepcopy(policies)
+        p["ecs/task-role-policy.json"]["Statement"][0]["Action"] = "ssm:*"
+        yield "wildcard", (k8s, ecs, p, tf)
+        t = dict(tf)
+        t["sidecar.tf"] = tf["sidecar.tf"].replace('pid_mode                 = "task"', "")
+        yield "pid_mode", (k8s, ecs, policies, t)
+        t = dict(tf)
+        t["sidecar.tf"] = tf["sidecar.tf"] + "\nresource {\n"
+        yield "does not parse", (k8s, ecs, policies, t)
+
+    missed = []
+    for expected, inputs in breaks():
+        found = check(*inputs)
+        if not any(expected in p for p in found):
+            missed.append(f"{expected!r} not reported; got {found}")
+    return missed
+
+
+def main():
+    inputs = load()
+    problems = check(*inputs)
+    for p in problems:
+        print(p)
+    if "--self-test" in sys.argv[1:]:
+        missed = self_test(*inputs)
+        for m in missed:
+            print(f"self-test: {m}")
+        problems += missed
+    counts = (len(inputs[0]), len(inputs[1]), len(inputs[2]), len(inputs[3]))
+    print(
+        f"{'FAILED' if problems else 'ok'}: {counts[0]} Kubernetes files ({', '.join(KUBERNETES_VERSIONS)}),"
+        f" {counts[1]} ECS task definitions, {counts[2]} IAM policies, {counts[3]} Terraform files"
+    )
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
