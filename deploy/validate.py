@@ -37,6 +37,8 @@ import yaml
 DEPLOY = pathlib.Path(__file__).resolve().parent
 # Oldest and newest Kubernetes versions in upstream support (kubernetes.io/releases).
 KUBERNETES_VERSIONS = ["1.35.0", "1.37.0"]
+# Where every pattern mounts the configuration (ConfigMap, or the ECS image).
+CONFIG_MOUNT = "/etc/envrender"
 ENVRENDER_PATHS = {"/healthz", "/readyz", "/metrics"}
 ENVRENDER_COMMANDS = {"get", "render", "check", "watch", "run", "copy", "probe"}
 # Actions that cannot be scoped to a resource (the IAM service authorisation
@@ -114,8 +116,10 @@ def check_configmap(name, cm, problems):
         problems.add(name, f"envrender.toml is not TOML: {e}")
         return
     for t in config.get("template", []):
-        if "/" in t["source"] or t["source"] not in data:
-            problems.add(name, f"template source {t['source']!r} is not a key of the ConfigMap")
+        # Relative paths are taken from the working directory: name the mount.
+        directory, _, key = t["source"].rpartition("/")
+        if directory != CONFIG_MOUNT or key not in data:
+            problems.add(name, f"template source {t['source']!r} is not a key of the ConfigMap under {CONFIG_MOUNT}")
 
 
 def check_pod(name, pod, by_kind, problems):

@@ -362,12 +362,17 @@ pub async fn watch(
                 }
                 let outcome = cycle(&plan, resolver, &settings, &mut cache, &health).await;
                 match outcome {
-                    Ok(Cycle { written, .. }) => {
+                    Ok(Cycle { mut written, replaced, .. }) => {
                         failures = 0;
                         health.problem("render", None);
                         health.problem("templates", None);
                         if !health.ready.swap(true, Ordering::SeqCst) {
                             tracing::info!("first complete render done; watching");
+                            // A file created now is one no app has read yet
+                            // (a native sidecar renders before the app
+                            // starts): only a file replaced under a running
+                            // app (a restarted sidecar) calls for its actions.
+                            written = replaced;
                         }
                         // (Re)start the watches when what the outputs use changed.
                         let known = watched(resolver, &cache);
@@ -619,6 +624,8 @@ fn actions_for(
 /// What one render did.
 pub(crate) struct Cycle {
     pub written: Vec<PathBuf>,
+    /// Of `written`, the files that existed before (not created).
+    pub replaced: Vec<PathBuf>,
     /// The `[env]` values, for `run`.
     pub env: Vec<(String, String)>,
 }
@@ -656,9 +663,13 @@ pub(crate) async fn cycle(
     }
     *health.leases.lock().unwrap() = leases;
     let mut written = Vec::new();
+    let mut replaced = Vec::new();
     for (w, status) in writes.iter().zip(&statuses) {
         if *status != Status::Unchanged {
             written.push(w.path.clone());
+            if *status != Status::Created {
+                replaced.push(w.path.clone());
+            }
             tracing::info!(path = %w.path.display(), from = %w.origin, bytes = w.contents.len(), "{status}");
         }
     }
@@ -673,7 +684,11 @@ pub(crate) async fn cycle(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "render complete"
     );
-    Ok(Cycle { written, env })
+    Ok(Cycle {
+        written,
+        replaced,
+        env,
+    })
 }
 
 /// Sources and what was last fetched for each.

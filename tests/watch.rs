@@ -399,6 +399,9 @@ fn actions_run_commands_and_call_urls_and_failures_are_reported() {
     let d = Dir::new();
     d.write("values.yaml", "name: a\n");
     d.write("t.hbs", "{{file \"values.yaml#name\"}}\n");
+    // A file from before (a restarted sidecar): replacing it calls for the
+    // actions even on the first render.
+    d.write("out.conf", "old\n");
     let w = Watch::start(
         d.cmd(&[
             "watch",
@@ -411,7 +414,7 @@ fn actions_run_commands_and_call_urls_and_failures_are_reported() {
         ]),
         &d,
     );
-    // The first render wrote the file: the actions ran once.
+    // The first render replaced the file: the actions ran once.
     eventually(Duration::from_secs(5), "the command", || {
         std::fs::read_to_string(d.join("ran")).unwrap_or_default() == "reloaded\n"
     });
@@ -492,10 +495,13 @@ fn processes_are_found_by_name_and_sighup_reloads_the_configuration() {
         d.cmd(&["watch", "--signal", "SIGHUP", "--process-name", &name]),
         &d,
     );
-    // The first render wrote a file: the app was told.
-    eventually(Duration::from_secs(5), "the first signal", || {
-        App::hups(&d) == 1
+    // The first render created the file: no app has read an older one, so
+    // nobody is told.
+    eventually(Duration::from_secs(5), "the first render", || {
+        w.ready().0 == 200
     });
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(App::hups(&d), 0);
     d.write(
         "envrender.toml",
         "[[template]]\nsource = \"a.hbs\"\ndestination = \"out/a.conf\"\n\n[[template]]\nsource = \"b.hbs\"\ndestination = \"out/b.conf\"\n",
@@ -508,9 +514,7 @@ fn processes_are_found_by_name_and_sighup_reloads_the_configuration() {
     eventually(Duration::from_secs(5), "the new template", || {
         d.join("out/b.conf").exists() && d.read("out/b.conf") == "b=a\n"
     });
-    eventually(Duration::from_secs(5), "the second signal", || {
-        App::hups(&d) == 2
-    });
+    eventually(Duration::from_secs(5), "the signal", || App::hups(&d) == 1);
     // A broken configuration on SIGHUP keeps the running one.
     d.write("envrender.toml", "[[template]]\nsourc = 1\n");
     nix::sys::signal::kill(
@@ -546,18 +550,23 @@ fn each_template_runs_its_own_actions_when_its_output_changes() {
          [[template]]\nsource = \"b.hbs\"\ndestination = \"out/b\"\non_change = { exec = \"sh -c 'echo b >> ran'\", timeout = \"5s\" }\n",
     );
     let ran = || std::fs::read_to_string(d.join("ran")).unwrap_or_default();
+    // out/a is there from before (a restarted sidecar), out/b is new: the
+    // first render tells only a's reader.
+    d.write("out/a", "0\n");
     let w = Watch::start(d.cmd(&["watch"]), &d);
     eventually(Duration::from_secs(5), "the first actions", || {
-        let r = ran();
-        r.lines().count() == 2 && r.contains("a\n") && r.contains("b\n")
+        ran() == "a\n"
     });
     d.write("a.yaml", "v: 2\n");
     eventually(Duration::from_secs(5), "a's action", || {
+        ran().lines().count() == 2
+    });
+    d.write("b.yaml", "v: 2\n");
+    eventually(Duration::from_secs(5), "b's action", || {
         ran().lines().count() == 3
     });
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(ran().lines().last(), Some("a"));
-    assert_eq!(ran().lines().count(), 3);
+    assert_eq!(ran(), "a\na\nb\n");
     w.stop();
     // A signal with no one to send it to is a configuration error, with its line.
     d.write(

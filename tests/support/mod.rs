@@ -170,7 +170,7 @@ impl Run {
     }
 }
 
-/// Installs a PyPI package with its dependencies into the test scratch
+/// Installs PyPI packages (`spec`: requirements separated by spaces) with their dependencies into the test scratch
 /// directory (`pip install --target`), once: later runs reuse it. `override_var`
 /// names an environment variable that points at an existing install instead.
 pub fn pip_install(spec: &str, dir_name: &str, override_var: &str) -> PathBuf {
@@ -195,7 +195,7 @@ pub fn pip_install(spec: &str, dir_name: &str, override_var: &str) -> PathBuf {
             "--target",
         ])
         .arg(&partial)
-        .arg(spec)
+        .args(spec.split_whitespace())
         .status()
         .expect("python3 -m pip");
     assert!(status.success(), "pip install {spec} failed");
