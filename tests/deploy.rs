@@ -708,6 +708,8 @@ fn play_native_sidecar(rt: &mut dyn Runtime, pod: &Pod, backends: &Backends) {
     // new content (a signal at the first render would have made it the old).
     let logs = rt.wait_log(&app, "end 2");
     assert_rendered(&loaded(&logs, 2), "https://v2.example.com");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!rt.logs(&app).contains("load 3"), "{}", rt.logs(&app));
     let sidecar_logs = rt.logs(&sidecar);
     assert!(!sidecar_logs.contains(support::CANARY), "{sidecar_logs}");
     assert_eq!(backends.vault.count("logins"), 1);
