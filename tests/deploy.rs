@@ -30,6 +30,8 @@ use support::vault::{Role, VaultServer};
 
 const ENVRENDER_IMAGE: &str = "localhost/envrender:test";
 const APP_IMAGE: &str = "localhost/envrender-test-app:1";
+/// deploy/ecs/Containerfile built on ENVRENDER_IMAGE.
+const ECS_SIDECAR_IMAGE: &str = "localhost/envrender-ecs-sidecar:test";
 /// The service-account token Kubernetes mounts into every container.
 const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 const JWT: &str = "eyJhbGciOiJSUzI1NiJ9.deploy-test-service-account.sig";
@@ -120,9 +122,58 @@ struct Backends {
     consul: ConsulServer,
     vault: VaultServer,
     moto: String,
+    /// The AWS access key the containers use (IRSA's or the task role's).
+    aws_key: (String, String),
 }
 
+/// For the Kubernetes manifests: the shared AWS emulator, any key.
 fn backends() -> Backends {
+    let moto = support::aws::moto().url.clone();
+    support::aws::put_parameters(&moto, &[("/app/prod/smtp/password", "smtp-pw-1", true)]);
+    backends_with(moto, ("test".into(), "test".into()))
+}
+
+/// For the ECS task definitions: an AWS emulator that enforces IAM, with a
+/// user holding deploy/ecs/task-role-policy.json standing in for the task
+/// role; Vault logs in with it (AWS IAM auth). The emulator evaluates only
+/// action-level policies, so each statement's resources are widened to `*`:
+/// what is checked is that the policy's actions cover every call.
+fn ecs_backends() -> Backends {
+    // Four requests before IAM applies: the user, its policy, its key, the
+    // parameter.
+    let moto = support::aws::Moto::start(&[("INITIAL_NO_AUTH_ACTION_COUNT", "4")]);
+    let text =
+        std::fs::read_to_string(support::repo().join("deploy/ecs/task-role-policy.json")).unwrap();
+    let mut policy: Value = serde_json::from_str(&text).unwrap();
+    for statement in policy["Statement"].as_array_mut().unwrap() {
+        statement["Resource"] = json!("*");
+        statement.as_object_mut().unwrap().remove("Condition");
+    }
+    let policy = policy.to_string();
+    let key = support::aws::auth_setup(
+        &moto.url,
+        &policy,
+        &[("/app/prod/smtp/password", "smtp-pw-1")],
+    );
+    let b = backends_with(moto.url.clone(), key);
+    b.vault.aws_role(
+        "app",
+        Role {
+            policies: vec!["app".into()],
+            ttl: 3600,
+            arns: vec![format!(
+                "arn:aws:iam::{}:user/envrender-test",
+                support::aws::ACCOUNT
+            )],
+            ..Role::default()
+        },
+    );
+    // deploy/ecs/envrender.toml's header_value.
+    b.vault.aws_server_id("vault.internal.example.com");
+    b
+}
+
+fn backends_with(moto: String, aws_key: (String, String)) -> Backends {
     let consul = ConsulServer::start();
     consul.put("app/prod/public_url", "https://v1.example.com");
     consul.put("app/prod/db/host", "db.internal");
@@ -147,12 +198,11 @@ fn backends() -> Backends {
     );
     vault.database_role("app", 3600, 86400);
     vault.kv2_put("secret/", "app/api", json!({"key": support::CANARY}));
-    let moto = support::aws::moto().url.clone();
-    support::aws::put_parameters(&moto, &[("/app/prod/smtp/password", "smtp-pw-1", true)]);
     Backends {
         consul,
         vault,
         moto,
+        aws_key,
     }
 }
 
@@ -168,8 +218,8 @@ impl Backends {
             ("VAULT_ADDR".into(), self.vault.url.clone()),
             ("AWS_REGION".into(), support::aws::REGION.into()),
             ("AWS_ENDPOINT_URL".into(), self.moto.clone()),
-            ("AWS_ACCESS_KEY_ID".into(), "test".into()),
-            ("AWS_SECRET_ACCESS_KEY".into(), "test".into()),
+            ("AWS_ACCESS_KEY_ID".into(), self.aws_key.0.clone()),
+            ("AWS_SECRET_ACCESS_KEY".into(), self.aws_key.1.clone()),
         ]
     }
 }
@@ -209,17 +259,25 @@ struct Container {
     sidecar: bool,
     /// The startupProbe's path and port.
     startup_probe: Option<(String, u16)>,
+    /// ECS: the healthCheck command (after "CMD"), run in the container.
+    health_check: Option<Vec<String>>,
 }
 
-fn container(c: &Value) -> Container {
-    let image = c["image"].as_str().unwrap();
-    let image = if image.contains("/envrender:") {
+/// The image built here that stands in for a manifest's image.
+fn stand_in(image: &str) -> &'static str {
+    if image.contains("/envrender:") {
         ENVRENDER_IMAGE
+    } else if image.contains("/app-envrender:") {
+        ECS_SIDECAR_IMAGE
     } else if image.contains("/app:") {
         APP_IMAGE
     } else {
         panic!("no test image stands in for {image}")
-    };
+    }
+}
+
+fn container(c: &Value) -> Container {
+    let image = stand_in(c["image"].as_str().unwrap());
     let ports: BTreeMap<String, u16> = c["ports"]
         .as_array()
         .into_iter()
@@ -273,6 +331,53 @@ fn container(c: &Value) -> Container {
         no_new_privileges: sc["allowPrivilegeEscalation"].as_bool() == Some(false),
         sidecar: c["restartPolicy"].as_str() == Some("Always"),
         startup_probe,
+        health_check: None,
+    }
+}
+
+/// An ECS container definition, as the player needs it.
+fn ecs_container(c: &Value) -> Container {
+    assert_eq!(c["user"].as_str(), Some("65532:65532"), "{}", c["name"]);
+    let health = strings(&c["healthCheck"]["command"]);
+    Container {
+        name: c["name"].as_str().unwrap().to_string(),
+        image: stand_in(c["image"].as_str().unwrap()),
+        command: strings(&c["entryPoint"]),
+        args: strings(&c["command"]),
+        env: c["environment"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                (
+                    e["name"].as_str().unwrap().to_string(),
+                    e["value"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect(),
+        mounts: c["mountPoints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| {
+                (
+                    m["sourceVolume"].as_str().unwrap().to_string(),
+                    m["containerPath"].as_str().unwrap().to_string(),
+                    m["readOnly"].as_bool().unwrap_or(false),
+                )
+            })
+            .collect(),
+        read_only_root: c["readonlyRootFilesystem"].as_bool() == Some(true),
+        drop_all: strings(&c["linuxParameters"]["capabilities"]["drop"])
+            .contains(&"ALL".to_string()),
+        no_new_privileges: false,
+        sidecar: c["restartPolicy"]["enabled"].as_bool() == Some(true),
+        startup_probe: None,
+        health_check: match health.split_first() {
+            Some((cmd, argv)) if cmd == "CMD" => Some(argv.to_vec()),
+            Some((other, _)) => panic!("healthCheck {other}: the image has no shell"),
+            None => None,
+        },
     }
 }
 
@@ -282,7 +387,8 @@ struct Pod {
     app: Vec<Container>,
     share_pid: bool,
     volumes: BTreeMap<String, PathBuf>,
-    token: PathBuf,
+    /// Kubernetes: the service-account token file mounted in every container.
+    token: Option<PathBuf>,
     _scratch: tempfile::TempDir,
 }
 
@@ -330,7 +436,41 @@ impl Pod {
             app: list("containers"),
             share_pid: spec["shareProcessNamespace"].as_bool() == Some(true),
             volumes,
-            token,
+            token: Some(token),
+            _scratch: scratch,
+        }
+    }
+
+    /// An ECS task definition as a pod: the containers that others wait
+    /// for (`dependsOn`) start first; `pidMode: task` shares the PID
+    /// namespace. Task volumes are directories owned by the task's user.
+    fn from_ecs(file: &str) -> Pod {
+        let path = support::repo().join("deploy/ecs").join(file);
+        let task: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let mut volumes = BTreeMap::new();
+        for v in task["volumes"].as_array().unwrap() {
+            let name = v["name"].as_str().unwrap();
+            let dir = scratch.path().join(name);
+            std::fs::create_dir(&dir).unwrap();
+            std::os::unix::fs::chown(&dir, Some(UID), Some(UID)).unwrap();
+            volumes.insert(name.to_string(), dir);
+        }
+        let defs = task["containerDefinitions"].as_array().unwrap();
+        let awaited: Vec<&str> = defs
+            .iter()
+            .flat_map(|c| c["dependsOn"].as_array().into_iter().flatten())
+            .map(|d| d["containerName"].as_str().unwrap())
+            .collect();
+        let (init, app): (Vec<_>, Vec<_>) = defs
+            .iter()
+            .partition(|c| awaited.contains(&c["name"].as_str().unwrap()));
+        Pod {
+            init: init.into_iter().map(ecs_container).collect(),
+            app: app.into_iter().map(ecs_container).collect(),
+            share_pid: task["pidMode"].as_str() == Some("task"),
+            volumes,
+            token: None,
             _scratch: scratch,
         }
     }
@@ -422,6 +562,16 @@ fn images() -> bool {
         )
         .expect("the CA bundle (Debian: ca-certificates)");
         podman_ok(&["build", "--quiet", "-t", APP_IMAGE, ctx.to_str().unwrap()]);
+        let ecs = support::repo().join("deploy/ecs");
+        podman_ok(&[
+            "build",
+            "--quiet",
+            "--pull=never",
+            &format!("--build-arg=ENVRENDER_IMAGE={ENVRENDER_IMAGE}"),
+            "-t",
+            ECS_SIDECAR_IMAGE,
+            ecs.to_str().unwrap(),
+        ]);
         true
     })
 }
@@ -485,10 +635,12 @@ impl<'p> Podman<'p> {
                 if *ro { ":ro" } else { "" }
             ));
         }
-        a.push(format!(
-            "--volume={}:{SERVICE_ACCOUNT_TOKEN}:ro",
-            self.pod.token.display()
-        ));
+        if let Some(token) = &self.pod.token {
+            a.push(format!(
+                "--volume={}:{SERVICE_ACCOUNT_TOKEN}:ro",
+                token.display()
+            ));
+        }
         // The manifest's values, with the cluster's addresses replaced by
         // the test servers' and IRSA's credentials added.
         let mut env = c.env.clone();
@@ -524,11 +676,26 @@ trait Runtime {
     fn pid_1(&self, name: &str) -> String;
     /// SIGTERM, then SIGKILL after `grace` seconds; the exit code.
     fn stop(&mut self, name: &str, grace: u32) -> i32;
+    /// Runs a command in the running container (an ECS health check);
+    /// whether it exited 0.
+    fn exec_ok(&self, name: &str, argv: &[String]) -> bool;
 
     /// Starts a container; a native sidecar must then pass its startupProbe
     /// before the next one starts, as the kubelet has it.
     fn start_ready(&mut self, c: &Container) -> String {
         let name = self.start(c);
+        if let Some(check) = &c.health_check {
+            let started = Instant::now();
+            while !self.exec_ok(&name, check) {
+                assert!(
+                    started.elapsed() < Duration::from_secs(60) && self.running(&name),
+                    "{} never passed its healthCheck {check:?}:\n{}",
+                    c.name,
+                    self.logs(&name)
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
         if let Some((path, port)) = &c.startup_probe {
             let url = format!("http://127.0.0.1:{port}{path}");
             let started = Instant::now();
@@ -614,6 +781,12 @@ impl Runtime for Podman<'_> {
         podman_ok(&["exec", name, "cat", "/proc/1/comm"])
             .trim()
             .to_string()
+    }
+
+    fn exec_ok(&self, name: &str, argv: &[String]) -> bool {
+        let mut args = vec!["exec", name];
+        args.extend(argv.iter().map(String::as_str));
+        podman(&args).status.success()
     }
 
     fn stop(&mut self, name: &str, grace: u32) -> i32 {
@@ -779,6 +952,22 @@ fn wrapper_in_containers() {
     in_containers("wrapper.yaml", play_wrapper);
 }
 
+/// The ECS sidecar task definition, in containers: the configuration baked
+/// into the sidecar's image by deploy/ecs/Containerfile, Vault's AWS IAM
+/// login and SSM under the task role's policy, the app started once the
+/// sidecar's healthCheck (`envrender probe`, run in its container) passes.
+#[test]
+fn ecs_sidecar_in_containers() {
+    let _one = ONE_POD.lock().unwrap_or_else(|e| e.into_inner());
+    if !images() {
+        return;
+    }
+    let backends = ecs_backends();
+    let pod = Pod::from_ecs("sidecar-task-definition.json");
+    assert!(pod.init[0].health_check.is_some());
+    play_native_sidecar(&mut Podman::new(&pod, &backends), &pod, &backends);
+}
+
 #[test]
 fn init_container_as_processes() {
     in_namespaces("init-container.yaml", play_init_container);
@@ -852,6 +1041,15 @@ impl<'p> Namespaces<'p> {
         text
     }
 
+    /// An argument, with the images' programs and the mounts outside /run
+    /// replaced by where they are on the host.
+    fn program(&self, arg: &str) -> String {
+        match arg {
+            "/envrender" | "/app/server" => images_as_files().join(&arg[1..]).display().to_string(),
+            a => self.host_paths(a),
+        }
+    }
+
     /// The shell script that sets the container's mounts up and execs its
     /// process as the pod's user.
     fn script(&self, c: &Container, new_mounts: bool) -> String {
@@ -859,9 +1057,11 @@ impl<'p> Namespaces<'p> {
         let mut lines = vec!["set -e".to_string()];
         if new_mounts {
             lines.push("mount -t tmpfs -o mode=755 tmpfs /run".into());
+        }
+        if let Some(token) = self.pod.token.as_ref().filter(|_| new_mounts) {
             lines.push(format!(
                 "mkdir -p {dir} && touch {SERVICE_ACCOUNT_TOKEN} && mount --bind {} {SERVICE_ACCOUNT_TOKEN}",
-                quote(&self.pod.token.display().to_string()),
+                quote(&token.display().to_string()),
                 dir = Path::new(SERVICE_ACCOUNT_TOKEN).parent().unwrap().display()
             ));
         }
@@ -1038,6 +1238,21 @@ impl Runtime for Namespaces<'_> {
             }
         }
         zombies
+    }
+
+    fn exec_ok(&self, name: &str, argv: &[String]) -> bool {
+        let argv: Vec<String> = argv.iter().map(|a| self.program(a)).collect();
+        Command::new("nsenter")
+            .args([
+                "--target",
+                &self.running[name].1.to_string(),
+                "--pid",
+                "--mount",
+                "--",
+            ])
+            .args(argv)
+            .output()
+            .is_ok_and(|o| o.status.success())
     }
 
     fn pid_1(&self, name: &str) -> String {
