@@ -62,16 +62,17 @@ def flag(args, name):
 
 
 def envrender_argv(container):
-    """envrender's own arguments when this container runs envrender, else None."""
-    argv = list(container.get("command") or container.get("entryPoint") or []) + list(
-        container.get("args") or []
-    )
-    if container.get("entryPoint"):
-        argv += list(container.get("command") or [])
-    image = container.get("image", "")
+    """envrender's own arguments when this container runs envrender, else None.
+    Kubernetes: command + args; ECS: entryPoint + command."""
+    if "entryPoint" in container:
+        argv = list(container["entryPoint"]) + list(container.get("command") or [])
+    else:
+        argv = list(container.get("command") or []) + list(container.get("args") or [])
     if argv and argv[0].endswith("/envrender"):
         return argv[1:]
-    if "envrender" in image.rsplit("/", 1)[-1] and not container.get("command", [""])[0].startswith("/"):
+    image = container.get("image", "").rsplit("/", 1)[-1]
+    if "envrender" in image and not (container.get("command") or [""])[0].startswith("/"):
+        # The image's entrypoint is envrender; these are its arguments.
         return argv
     return None
 

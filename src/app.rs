@@ -40,6 +40,12 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<(), Error> {
     }
     let config = load_config(cli.config.as_deref())?;
     init_logs(&cli, Some(&config));
+    if matches!(
+        cli.command,
+        Some(Command::Watch(_) | Command::Run(_)) | None
+    ) {
+        keep_private();
+    }
     if let Some(file) = &config.file {
         tracing::debug!(config = %file.display(), "configuration loaded");
     }
@@ -186,6 +192,17 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<(), Error> {
             print!("{report}");
             result
         }
+    }
+}
+
+/// `watch` and `run` hold tokens and values for as long as they run. Not
+/// dumpable, their /proc entries (environ, memory, root) are root's, so
+/// another process of the same user — the app, in a shared PID namespace —
+/// cannot read them; and they leave no core dump. (The app itself, once
+/// exec'd, is dumpable again.)
+fn keep_private() {
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!(error = %e, "cannot make this process undumpable; /proc/<pid>/environ stays readable by the same user");
     }
 }
 

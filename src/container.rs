@@ -82,7 +82,9 @@ pub fn probe_url(target: &str) -> Result<String, Error> {
 pub async fn probe(url: &str, timeout: Duration) -> Result<(), Error> {
     let unhealthy = |why: String| Error::Unhealthy(format!("{url}: {why}"));
     let client = crate::backend::http_client(None, "probe")
-        .and_then(|b| crate::backend::build_client(b.timeout(timeout)))
+        // A proxy from the environment must not stand between a health
+        // check and the process next to it.
+        .and_then(|b| crate::backend::build_client(b.timeout(timeout).no_proxy()))
         .map_err(unhealthy)?;
     let response = client
         .get(url)

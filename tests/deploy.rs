@@ -110,7 +110,7 @@ fn deploy_configurations_pass_envrender_check_syntax() {
             conf.contains("public_url = \"https://app.example.com\""),
             "{conf}"
         );
-        assert!(conf.contains("beta = true"), "{conf}");
+        assert!(conf.contains("\"beta\" = true"), "{conf}");
         assert_eq!(d.mode(&format!("{dir}/out/run/app/app.conf")), 0o600);
     }
 }
@@ -389,6 +389,9 @@ struct Pod {
     volumes: BTreeMap<String, PathBuf>,
     /// Kubernetes: the service-account token file mounted in every container.
     token: Option<PathBuf>,
+    /// ECS: volume → the podman named volume standing in for the task
+    /// volume (both start empty and take their owner from the image).
+    named: BTreeMap<String, String>,
     _scratch: tempfile::TempDir,
 }
 
@@ -437,6 +440,7 @@ impl Pod {
             share_pid: spec["shareProcessNamespace"].as_bool() == Some(true),
             volumes,
             token: Some(token),
+            named: BTreeMap::new(),
             _scratch: scratch,
         }
     }
@@ -448,13 +452,15 @@ impl Pod {
         let path = support::repo().join("deploy/ecs").join(file);
         let task: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         let scratch = tempfile::tempdir().unwrap();
-        let mut volumes = BTreeMap::new();
+        let (mut volumes, mut named) = (BTreeMap::new(), BTreeMap::new());
         for v in task["volumes"].as_array().unwrap() {
             let name = v["name"].as_str().unwrap();
-            let dir = scratch.path().join(name);
-            std::fs::create_dir(&dir).unwrap();
-            std::os::unix::fs::chown(&dir, Some(UID), Some(UID)).unwrap();
-            volumes.insert(name.to_string(), dir);
+            let volume = format!("envrender-test-{}-{name}", std::process::id());
+            let _ = podman(&["volume", "rm", "--force", &volume]);
+            podman_ok(&["volume", "create", &volume]);
+            let dir = podman_ok(&["volume", "inspect", "--format", "{{.Mountpoint}}", &volume]);
+            volumes.insert(name.to_string(), PathBuf::from(dir.trim()));
+            named.insert(name.to_string(), volume);
         }
         let defs = task["containerDefinitions"].as_array().unwrap();
         let awaited: Vec<&str> = defs
@@ -471,12 +477,21 @@ impl Pod {
             share_pid: task["pidMode"].as_str() == Some("task"),
             volumes,
             token: None,
+            named,
             _scratch: scratch,
         }
     }
 
     fn volume(&self, name: &str) -> &Path {
         &self.volumes[name]
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        for volume in self.named.values() {
+            let _ = podman(&["volume", "rm", "--force", volume]);
+        }
     }
 }
 
@@ -629,7 +644,10 @@ impl<'p> Podman<'p> {
             a.push(format!("--pid=container:{first}"));
         }
         for (volume, path, ro) in &c.mounts {
-            let host = self.pod.volume(volume).display();
+            let host = match self.pod.named.get(volume) {
+                Some(named) => named.clone(),
+                None => self.pod.volume(volume).display().to_string(),
+            };
             a.push(format!(
                 "--volume={host}:{path}{}",
                 if *ro { ":ro" } else { "" }
@@ -832,7 +850,7 @@ fn assert_rendered(conf: &str, public_url: &str) {
         "host = \"db.internal\"".to_string(),
         format!("key = \"{}\"", support::CANARY),
         "password = \"smtp-pw-1\"".to_string(),
-        "beta = true".to_string(),
+        "\"beta\" = \"true\"".to_string(),
     ] {
         assert!(conf.contains(&expected), "{expected:?} not in:\n{conf}");
     }
@@ -885,6 +903,20 @@ fn play_native_sidecar(rt: &mut dyn Runtime, pod: &Pod, backends: &Backends) {
     assert!(!rt.logs(&app).contains("load 3"), "{}", rt.logs(&app));
     let sidecar_logs = rt.logs(&sidecar);
     assert!(!sidecar_logs.contains(support::CANARY), "{sidecar_logs}");
+    // One action in all: none at the first render, when the app was not
+    // there yet, one for the change.
+    assert_eq!(
+        sidecar_logs.matches("action done").count(),
+        1,
+        "{sidecar_logs}"
+    );
+    // The app sees envrender's process but cannot read its environment
+    // (tokens, AWS keys) or its files through /proc.
+    let read_environ = "found=; for p in /proc/[0-9]*; do \
+        if [ \"$(cat $p/comm 2>/dev/null)\" = envrender ]; then found=1; \
+        cat $p/environ >/dev/null 2>&1 && exit 1; ls $p/root/ >/dev/null 2>&1 && exit 1; fi; done; \
+        [ -n \"$found\" ]";
+    assert!(rt.exec_ok(&app, &["sh".into(), "-c".into(), read_environ.into()]));
     assert_eq!(backends.vault.count("logins"), 1);
     assert_eq!(backends.vault.count("leases_issued"), 1);
     // Pod shutdown: the app first, then the sidecar, which exits 0.
@@ -920,9 +952,22 @@ fn play_wrapper(rt: &mut dyn Runtime, pod: &Pod, backends: &Backends) {
 
 type Play = fn(&mut dyn Runtime, &Pod, &Backends);
 
+/// The patterns need root (containers, mount namespaces, file owners).
+fn as_root() -> bool {
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    if !root {
+        assert!(
+            std::env::var_os("ENVRENDER_REQUIRE_PODMAN").is_none(),
+            "ENVRENDER_REQUIRE_PODMAN is set but the tests do not run as root"
+        );
+        eprintln!("not root: the deployment patterns are not played");
+    }
+    root
+}
+
 fn in_containers(manifest: &str, play: Play) {
     let _one = ONE_POD.lock().unwrap_or_else(|e| e.into_inner());
-    if !images() {
+    if !as_root() || !images() {
         return;
     }
     let backends = backends();
@@ -932,6 +977,9 @@ fn in_containers(manifest: &str, play: Play) {
 
 fn in_namespaces(manifest: &str, play: Play) {
     let _one = ONE_POD.lock().unwrap_or_else(|e| e.into_inner());
+    if !as_root() {
+        return;
+    }
     let backends = backends();
     let pod = Pod::from_manifest(manifest);
     play(&mut Namespaces::new(&pod, &backends), &pod, &backends);
@@ -959,7 +1007,7 @@ fn wrapper_in_containers() {
 #[test]
 fn ecs_sidecar_in_containers() {
     let _one = ONE_POD.lock().unwrap_or_else(|e| e.into_inner());
-    if !images() {
+    if !as_root() || !images() {
         return;
     }
     let backends = ecs_backends();
@@ -1250,6 +1298,13 @@ impl Runtime for Namespaces<'_> {
                 "--mount",
                 "--",
             ])
+            // As the container's user, as `podman exec` runs.
+            .args([
+                "setpriv",
+                &format!("--reuid={UID}"),
+                &format!("--regid={UID}"),
+            ])
+            .args(["--clear-groups", "--"])
             .args(argv)
             .output()
             .is_ok_and(|o| o.status.success())

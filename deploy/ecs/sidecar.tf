@@ -112,7 +112,7 @@ resource "aws_ecs_task_definition" "app" {
         interval    = 5
         timeout     = 3
         retries     = 3
-        startPeriod = 30
+        startPeriod = 120
       }
       mountPoints = [
         { sourceVolume = "app-config", containerPath = "/run/app", readOnly = false },

@@ -11,6 +11,6 @@ repo=$(cd "$(dirname "$0")/../.." && pwd)
 tag=${1:-localhost/envrender:dev}
 ctx=${CARGO_TARGET_DIR:-$repo/target}/image-context
 cd "$repo"
-deploy/image/rootfs.sh "$ctx/rootfs"
+deploy/image/rootfs.sh "$ctx/out"
 ${PODMAN:-podman} build --quiet --build-context build="$ctx" \
   -f deploy/image/Containerfile -t "$tag" "$ctx"
