@@ -10,8 +10,8 @@
 - ECS task definitions: botocore's RegisterTaskDefinition model (types and
   required fields, then every enum value), plus dependsOn/mount/health-check
   consistency.
-- The Terraform example: parsed with python-hcl2; the task definition's
-  settings and the policy files it reads.
+- The Terraform example: parsed with python-hcl2; its task definition is
+  the JSON one (read with jsondecode), and the files it reads exist.
 - IAM policies: JSON, no wildcard action, "Resource": "*" only for actions
   that have no resource-level permissions.
 
@@ -257,12 +257,15 @@ def check_terraform(name, text, problems):
     if not tasks:
         problems.add(name, "defines no aws_ecs_task_definition")
     for t in tasks:
-        if t.get("pid_mode", "").strip('"') != "task":
-            problems.add(name, 'aws_ecs_task_definition: pid_mode is not "task"')
-        defs = t.get("container_definitions", "")
-        for needed in ('condition = "HEALTHY"', '"probe"', "readonlyRootFilesystem = true"):
-            if needed not in defs:
-                problems.add(name, f"container_definitions lacks {needed}")
+        # Every setting of the task comes from the JSON task definition
+        # (local.task), so the two cannot drift apart.
+        for key in ("family", "network_mode", "pid_mode", "cpu", "memory", "requires_compatibilities"):
+            if "local.task." not in str(t.get(key, "")):
+                problems.add(name, f"aws_ecs_task_definition: {key} is not taken from the JSON task definition")
+        if "local.task.containerDefinitions" not in t.get("container_definitions", ""):
+            problems.add(name, "container_definitions are not the JSON task definition's")
+    if 'jsondecode(file("${path.module}/sidecar-task-definition.json"))' not in text:
+        problems.add(name, "does not read sidecar-task-definition.json")
     for f in re.findall(r'file\(\\?"\$\{path\.module\}/([^"\\]+)', text):
         if not (DEPLOY / "ecs" / f).is_file():
             problems.add(name, f"reads {f}, which is not in deploy/ecs")
@@ -366,7 +369,7 @@ def self_test(k8s, ecs, policies, tf):
         p["ecs/task-role-policy.json"]["Statement"][0]["Action"] = "ssm:*"
         yield "wildcard", (k8s, ecs, p, tf)
         t = dict(tf)
-        t["sidecar.tf"] = tf["sidecar.tf"].replace('pid_mode                 = "task"', "")
+        t["sidecar.tf"] = tf["sidecar.tf"].replace("= local.task.pidMode", '= "task"')
         yield "pid_mode", (k8s, ecs, policies, t)
         t = dict(tf)
         t["sidecar.tf"] = tf["sidecar.tf"] + "\nresource {\n"

@@ -659,14 +659,7 @@ impl<'p> Podman<'p> {
                 token.display()
             ));
         }
-        // The manifest's values, with the cluster's addresses replaced by
-        // the test servers' and IRSA's credentials added.
-        let mut env = c.env.clone();
-        for (k, v) in &self.env {
-            env.retain(|(n, _)| n != k);
-            env.push((k.clone(), v.clone()));
-        }
-        for (k, v) in env {
+        for (k, v) in with_cluster_env(&c.env, &self.env) {
             a.push(format!("--env={k}={v}"));
         }
         if !c.command.is_empty() {
@@ -702,32 +695,29 @@ trait Runtime {
     /// before the next one starts, as the kubelet has it.
     fn start_ready(&mut self, c: &Container) -> String {
         let name = self.start(c);
-        if let Some(check) = &c.health_check {
-            let started = Instant::now();
-            while !self.exec_ok(&name, check) {
-                assert!(
-                    started.elapsed() < Duration::from_secs(60) && self.running(&name),
-                    "{} never passed its healthCheck {check:?}:\n{}",
-                    c.name,
-                    self.logs(&name)
-                );
-                std::thread::sleep(Duration::from_millis(200));
+        let url = c
+            .startup_probe
+            .as_ref()
+            .map(|(path, port)| format!("http://127.0.0.1:{port}{path}"));
+        let started = Instant::now();
+        loop {
+            let passed = match (&c.health_check, &url) {
+                (Some(check), _) => self.exec_ok(&name, check),
+                (None, Some(url)) => probe(url),
+                (None, None) => true,
+            };
+            if passed {
+                return name;
             }
+            assert!(
+                started.elapsed() < Duration::from_secs(60) && self.running(&name),
+                "{} never passed its {:?}:\n{}",
+                c.name,
+                c.health_check.as_ref().map(|h| h.join(" ")).or(url.clone()),
+                self.logs(&name)
+            );
+            std::thread::sleep(Duration::from_millis(100));
         }
-        if let Some((path, port)) = &c.startup_probe {
-            let url = format!("http://127.0.0.1:{port}{path}");
-            let started = Instant::now();
-            while !probe(&url) {
-                assert!(
-                    started.elapsed() < Duration::from_secs(60) && self.running(&name),
-                    "{} never passed its startupProbe {url}:\n{}",
-                    c.name,
-                    self.logs(&name)
-                );
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-        name
     }
 
     /// Waits until the container's log shows `needle`.
@@ -822,6 +812,21 @@ impl Drop for Podman<'_> {
             let _ = podman(&["rm", "--force", "--time", "0", name]);
         }
     }
+}
+
+/// A container's environment: the manifest's values, with what the cluster
+/// provides (addresses, here the test servers'; IRSA's or the task role's
+/// credentials) replacing or adding to them.
+fn with_cluster_env(
+    manifest: &[(String, String)],
+    cluster: &[(String, String)],
+) -> Vec<(String, String)> {
+    let mut env = manifest.to_vec();
+    for (k, v) in cluster {
+        env.retain(|(n, _)| n != k);
+        env.push((k.clone(), v.clone()));
+    }
+    env
 }
 
 /// Whether `url` answers 2xx (asked with `envrender probe`).
@@ -1133,12 +1138,7 @@ impl<'p> Namespaces<'p> {
         let argv: Vec<String> = entrypoint
             .iter()
             .chain(&c.args)
-            .map(|a| match a.as_str() {
-                "/envrender" | "/app/server" => {
-                    images_as_files().join(&a[1..]).display().to_string()
-                }
-                a => self.host_paths(a),
-            })
+            .map(|a| self.program(a))
             .collect();
         lines.push(format!(
             "exec setpriv --reuid={UID} --regid={UID} --clear-groups --no-new-privs -- {}",
@@ -1163,11 +1163,7 @@ impl<'p> Namespaces<'p> {
             }
         };
         cmd.args(["sh", "-c", &self.script(c, join.is_none())]);
-        let mut env = c.env.clone();
-        for (k, v) in &self.env {
-            env.retain(|(n, _)| n != k);
-            env.push((k.clone(), v.clone()));
-        }
+        let env = with_cluster_env(&c.env, &self.env);
         let log = std::fs::File::create(self.logs.path().join(&name)).unwrap();
         let child = cmd
             .env_clear()

@@ -1,10 +1,7 @@
 # The sidecar task definition of sidecar-task-definition.json, in Terraform
-# (AWS provider 5 or later), with its task and execution roles.
-
-variable "region" {
-  type    = string
-  default = "eu-west-1"
-}
+# (AWS provider 5 or later), with its task and execution roles and log group.
+# The policies and the awslogs settings name eu-west-1 and account
+# 111122223333 as the JSON files do: replace them in those files.
 
 variable "app_image" {
   type        = string
@@ -16,14 +13,11 @@ variable "envrender_image" {
   description = "envrender's image with this folder's envrender.toml and app.conf.hbs (Containerfile)"
 }
 
-variable "consul_http_addr" {
-  type    = string
-  default = "consul.internal.example.com:8500"
-}
-
-variable "vault_addr" {
-  type    = string
-  default = "https://vault.internal.example.com:8200"
+locals {
+  # The task definition is sidecar-task-definition.json itself (edit it there),
+  # with this module's images and roles.
+  task   = jsondecode(file("${path.module}/sidecar-task-definition.json"))
+  images = { envrender = var.envrender_image, app = var.app_image }
 }
 
 data "aws_iam_policy_document" "ecs_tasks_assume" {
@@ -64,96 +58,30 @@ resource "aws_cloudwatch_log_group" "app" {
 }
 
 resource "aws_ecs_task_definition" "app" {
-  family                   = "app"
-  requires_compatibilities = ["FARGATE"]
-  network_mode             = "awsvpc"
-  pid_mode                 = "task"
-  cpu                      = "512"
-  memory                   = "1024"
+  family                   = local.task.family
+  requires_compatibilities = local.task.requiresCompatibilities
+  network_mode             = local.task.networkMode
+  pid_mode                 = local.task.pidMode
+  cpu                      = local.task.cpu
+  memory                   = local.task.memory
   task_role_arn            = aws_iam_role.task.arn
   execution_role_arn       = aws_iam_role.execution.arn
 
   runtime_platform {
-    operating_system_family = "LINUX"
-    cpu_architecture        = "X86_64"
+    operating_system_family = local.task.runtimePlatform.operatingSystemFamily
+    cpu_architecture        = local.task.runtimePlatform.cpuArchitecture
   }
 
-  volume {
-    name = "app-config"
-  }
-
-  volume {
-    name = "envrender-state"
+  dynamic "volume" {
+    for_each = local.task.volumes
+    content {
+      name = volume.value.name
+    }
   }
 
   container_definitions = jsonencode([
-    {
-      name      = "envrender"
-      image     = var.envrender_image
-      essential = false
-      restartPolicy = {
-        enabled              = true
-        restartAttemptPeriod = 60
-      }
-      command = [
-        "watch",
-        "--config", "/etc/envrender/envrender.toml",
-        "--signal", "SIGHUP",
-        "--process-name", "server",
-        "--wait", "2s:10s",
-        "--listen", "127.0.0.1:9102",
-      ]
-      environment = [
-        { name = "CONSUL_HTTP_ADDR", value = var.consul_http_addr },
-        { name = "VAULT_ADDR", value = var.vault_addr },
-      ]
-      healthCheck = {
-        command     = ["CMD", "/envrender", "probe", "127.0.0.1:9102"]
-        interval    = 5
-        timeout     = 3
-        retries     = 3
-        startPeriod = 120
-      }
-      mountPoints = [
-        { sourceVolume = "app-config", containerPath = "/run/app", readOnly = false },
-        { sourceVolume = "envrender-state", containerPath = "/run/envrender", readOnly = false },
-      ]
-      user                   = "65532:65532"
-      readonlyRootFilesystem = true
-      cpu                    = 32
-      memoryReservation      = 32
-      memory                 = 64
-      linuxParameters        = { capabilities = { drop = ["ALL"] } }
-      logConfiguration = {
-        logDriver = "awslogs"
-        options = {
-          awslogs-group         = aws_cloudwatch_log_group.app.name
-          awslogs-region        = var.region
-          awslogs-stream-prefix = "envrender"
-        }
-      }
-    },
-    {
-      name         = "app"
-      image        = var.app_image
-      essential    = true
-      command      = ["/app/server", "--config", "/run/app/app.conf"]
-      dependsOn    = [{ containerName = "envrender", condition = "HEALTHY" }]
-      portMappings = [{ containerPort = 8080, protocol = "tcp" }]
-      mountPoints = [
-        { sourceVolume = "app-config", containerPath = "/run/app", readOnly = true },
-      ]
-      user                   = "65532:65532"
-      readonlyRootFilesystem = true
-      linuxParameters        = { capabilities = { drop = ["ALL"] } }
-      logConfiguration = {
-        logDriver = "awslogs"
-        options = {
-          awslogs-group         = aws_cloudwatch_log_group.app.name
-          awslogs-region        = var.region
-          awslogs-stream-prefix = "app"
-        }
-      }
-    },
+    for c in local.task.containerDefinitions : merge(c, { image = local.images[c.name] })
   ])
+
+  depends_on = [aws_cloudwatch_log_group.app]
 }
