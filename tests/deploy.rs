@@ -302,30 +302,8 @@ fn container(c: &Value) -> Container {
         image,
         command: strings(&c["command"]),
         args: strings(&c["args"]),
-        // valueFrom entries (optional Secrets) have no stand-in here.
-        env: c["env"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|e| {
-                Some((
-                    e["name"].as_str()?.to_string(),
-                    e["value"].as_str()?.to_string(),
-                ))
-            })
-            .collect(),
-        mounts: c["volumeMounts"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|m| {
-                (
-                    m["name"].as_str().unwrap().to_string(),
-                    m["mountPath"].as_str().unwrap().to_string(),
-                    m["readOnly"].as_bool().unwrap_or(false),
-                )
-            })
-            .collect(),
+        env: name_values(&c["env"]),
+        mounts: mounts(&c["volumeMounts"], "name", "mountPath"),
         read_only_root: sc["readOnlyRootFilesystem"].as_bool() == Some(true),
         drop_all: strings(&sc["capabilities"]["drop"]).contains(&"ALL".to_string()),
         no_new_privileges: sc["allowPrivilegeEscalation"].as_bool() == Some(false),
@@ -333,6 +311,31 @@ fn container(c: &Value) -> Container {
         startup_probe,
         health_check: None,
     }
+}
+
+/// `[{name, value}]` entries with a literal value (Kubernetes `valueFrom`
+/// entries, optional Secrets here, have no stand-in).
+fn name_values(list: &Value) -> Vec<(String, String)> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| Some((e["name"].as_str()?.into(), e["value"].as_str()?.into())))
+        .collect()
+}
+
+/// (volume, path, read-only) of each mount, under the platform's key names.
+fn mounts(list: &Value, volume: &str, path: &str) -> Vec<(String, String, bool)> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            (
+                m[volume].as_str().unwrap().to_string(),
+                m[path].as_str().unwrap().to_string(),
+                m["readOnly"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect()
 }
 
 /// An ECS container definition, as the player needs it.
@@ -344,29 +347,8 @@ fn ecs_container(c: &Value) -> Container {
         image: stand_in(c["image"].as_str().unwrap()),
         command: strings(&c["entryPoint"]),
         args: strings(&c["command"]),
-        env: c["environment"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|e| {
-                (
-                    e["name"].as_str().unwrap().to_string(),
-                    e["value"].as_str().unwrap().to_string(),
-                )
-            })
-            .collect(),
-        mounts: c["mountPoints"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|m| {
-                (
-                    m["sourceVolume"].as_str().unwrap().to_string(),
-                    m["containerPath"].as_str().unwrap().to_string(),
-                    m["readOnly"].as_bool().unwrap_or(false),
-                )
-            })
-            .collect(),
+        env: name_values(&c["environment"]),
+        mounts: mounts(&c["mountPoints"], "sourceVolume", "containerPath"),
         read_only_root: c["readonlyRootFilesystem"].as_bool() == Some(true),
         drop_all: strings(&c["linuxParameters"]["capabilities"]["drop"])
             .contains(&"ALL".to_string()),
