@@ -79,26 +79,24 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<(), Error> {
     }
     let command = match (cli.command, cli.exec) {
         (Some(c), exec) if exec.is_empty() => c,
-        (None, exec) if !exec.is_empty() => Command::Run(crate::cli::RunArgs {
-            outputs: OutputArgs {
-                templates: Vec::new(),
-                output_root: None,
-            },
-            timeout: None,
-            stop_signal: nix::sys::signal::Signal::SIGTERM,
-            grace: Duration::from_secs(10),
-            subreaper: false,
-            supervise: false,
-            reload_signal: None,
-            restart: false,
-            wait: None,
-            restart_on_exit: false,
-            splay: Duration::ZERO,
-            listen: None,
-            keep_env: Vec::new(),
-            secrets_dir: None,
-            command: exec,
-        }),
+        // `envrender -- CMD` is `envrender run -- CMD`: parsed as such, so it
+        // gets run's defaults and its ENVRENDER_* variables.
+        (None, exec) if !exec.is_empty() => {
+            let argv = ["envrender", "run", "--"].map(String::from).into_iter();
+            match <Cli as clap::Parser>::try_parse_from(argv.chain(exec)) {
+                Ok(Cli {
+                    command: Some(run @ Command::Run(_)),
+                    ..
+                }) => run,
+                Ok(_) => unreachable!("`run --` parses as the run command"),
+                Err(e) => {
+                    return Err(Error::Config(vec![ConfigError::new(
+                        "envrender -- CMD",
+                        e.to_string().trim().to_string(),
+                    )]));
+                }
+            }
+        }
         _ => {
             return Err(Error::Config(vec![
                 ConfigError::new("envrender", "no command given").hint(

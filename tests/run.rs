@@ -63,6 +63,17 @@ fn exit_codes_are_the_commands() {
         .stderr_has("cannot start /nonexistent/app");
 }
 
+/// `envrender -- CMD` reads run's ENVRENDER_* variables as `run -- CMD` does.
+#[test]
+fn the_short_form_takes_runs_variables() {
+    let d = Dir::new();
+    d.cmd(&["--", "true"])
+        .env("ENVRENDER_WAIT", "bogus")
+        .run()
+        .code(2)
+        .stderr_has("--wait");
+}
+
 #[test]
 fn exec_mode_leaves_no_envrender_process() {
     let d = Dir::new();
