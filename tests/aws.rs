@@ -619,15 +619,16 @@ fn a_client_side_rate_limit_spaces_requests() {
     let d = Dir::new();
     let template = template_reading(&params, "");
     d.write("t.hbs", &template);
-    // 10 calls at 4 per second, after a one-second burst of 4, take 1.25 s.
-    d.write("envrender.toml", "[aws]\nrate_limit = 4\n");
+    // 10 calls at 2 per second: 5 at once (the first and a two-second
+    // burst of 4), then one every 0.5 s: the last leaves after 2.5 s.
+    d.write("envrender.toml", "[aws]\nrate_limit = 2\n");
     let start = Instant::now();
     d.cmd(&["render", "--template", "t.hbs:t.out"])
         .aws(&moto.url)
         .run()
         .success();
     assert!(
-        start.elapsed() >= Duration::from_millis(1200),
+        start.elapsed() >= Duration::from_millis(2400),
         "{:?}",
         start.elapsed()
     );

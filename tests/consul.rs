@@ -216,7 +216,7 @@ fn check_reports_the_watches_it_would_open() {
         .env("CONSUL_HTTP_ADDR", &server.url)
         .run()
         .success()
-        .stdout_has("consul: 100 × GET /v1/kv")
+        .stdout_has("consul: 5 × GET /v1/kv ?recurse")
         .stdout_has("watches (in watch mode):\n  consul: blocking query: kv cfg/p0/* (recurse) (20 references)");
     assert_eq!(
         run.stdout.matches("blocking query:").count(),
@@ -224,6 +224,56 @@ fn check_reports_the_watches_it_would_open() {
         "{}",
         run.stdout
     );
+}
+
+#[test]
+fn keys_sharing_a_prefix_are_read_with_one_request() {
+    let server = ConsulServer::start();
+    let d = Dir::new();
+    let mut template = String::new();
+    for k in 0..20 {
+        server.put(&format!("cfg/k{k:02}"), &format!("v{k}"));
+        template.push_str(&format!("{{{{consul \"cfg/k{k:02}\"}}}},"));
+    }
+    server.put("solo/one", "1");
+    server.put("cfg/hidden", "h");
+    template.push_str("{{consul \"solo/one\"}}");
+    d.write("t.hbs", &template);
+    d.cmd(&["render", "--template", "t.hbs:t.out"])
+        .env("CONSUL_HTTP_ADDR", &server.url)
+        .run()
+        .success();
+    let expected: Vec<String> = (0..20).map(|k| format!("v{k},")).collect();
+    assert_eq!(d.read("t.out"), format!("{}1", expected.concat()));
+    // One recursive read for the twenty, one plain read for the key alone.
+    let requests = server.kv_requests();
+    assert_eq!(requests.values().sum::<usize>(), 2, "{requests:?}");
+    assert_eq!(requests.get("cfg/?recurse"), Some(&1), "{requests:?}");
+    assert_eq!(requests.get("solo/one"), Some(&1), "{requests:?}");
+
+    // A key the token may not read is filtered out of the recursive answer;
+    // it is then asked for on its own, so the error is Consul's exact one.
+    server.acl_token("narrow", "acc-0003", &["cfg/k"]);
+    d.write("t.hbs", "{{consul \"cfg/k01\"}}{{consul \"cfg/k02\"}}{{consul \"cfg/hidden\"}}{{consul \"cfg/k99|default=d\"}}");
+    d.cmd(&["render", "--template", "t.hbs:t2.out"])
+        .env("CONSUL_HTTP_ADDR", &server.url)
+        .env("CONSUL_HTTP_TOKEN", "narrow")
+        .run()
+        .code(1)
+        .stderr_has("consul:cfg/hidden  (used by t.hbs)")
+        .stderr_has("lacks permission 'key:read' on \"cfg/hidden\"")
+        .stderr_has("hint: give the token read access");
+    assert!(!d.join("t2.out").exists());
+    d.write(
+        "t.hbs",
+        "{{consul \"cfg/k01\"}}{{consul \"cfg/k02\"}}{{consul \"cfg/k99|default=d\"}}",
+    );
+    d.cmd(&["render", "--template", "t.hbs:t2.out"])
+        .env("CONSUL_HTTP_ADDR", &server.url)
+        .env("CONSUL_HTTP_TOKEN", "narrow")
+        .run()
+        .success();
+    assert_eq!(d.read("t2.out"), "v1v2d");
 }
 
 #[test]

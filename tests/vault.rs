@@ -94,6 +94,39 @@ fn the_test_server_satisfies_hvac() {
 }
 
 #[test]
+fn a_start_makes_one_login_one_mount_lookup_and_one_read_per_path() {
+    let (server, role_id, secret_id) = app_server();
+    let d = Dir::new();
+    d.write("role-id", &role_id);
+    d.write("secret-id", &secret_id);
+    let mut template = String::new();
+    for i in 0..20 {
+        server.kv2_put(
+            "secret/",
+            &format!("app/s{i}"),
+            json!({"v": format!("{i}")}),
+        );
+        template.push_str(&format!("{{{{vault \"secret/app/s{i}#v\"}}}},"));
+    }
+    d.write("t.hbs", &template);
+    d.write(
+        "envrender.toml",
+        "[vault]\nauth = { method = \"approle\", role_id_file = \"role-id\", secret_id_file = \"secret-id\" }\n",
+    );
+    let before = server.count("requests");
+    d.cmd(&["render", "--template", "t.hbs:t.out"])
+        .env("VAULT_ADDR", &server.url)
+        .run()
+        .success();
+    let expected: Vec<String> = (0..20).map(|i| format!("{i},")).collect();
+    assert_eq!(d.read("t.out"), expected.concat());
+    // The twenty reads start together; they wait for one login and one
+    // lookup of the mount (KV v1 or v2) instead of each making its own.
+    assert_eq!(server.count("logins"), 1);
+    assert_eq!(server.count("requests") - before, 1 + 1 + 20);
+}
+
+#[test]
 fn envelopes_and_errors_are_vaults() {
     let server = VaultServer::start();
     let root = server.root_token.clone();

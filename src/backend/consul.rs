@@ -1,8 +1,13 @@
 //! `consul:` and `service:` — Consul KV and the health of catalog services.
 //!
-//! Reads: `consul:key` is one `GET /v1/kv/key` (keys of a run are fetched
-//! concurrently, a bounded number at a time), `consul:prefix/` one recursive
-//! read, `service:name` one `GET /v1/health/service/name?passing`. Values are
+//! Reads: keys are read through the recursive query their watch would use
+//! (below), so keys sharing a parent prefix cost one request: `consul:app/a`
+//! and `consul:app/b` are one `GET /v1/kv/app/?recurse`. A key alone under
+//! its prefix (or every key, with `watch = "key"`) is one `GET /v1/kv/key`;
+//! a key missing from a recursive answer (absent, or filtered out by the
+//! token's ACL) is asked for on its own, so its error is exact. Requests run
+//! concurrently, a bounded number at a time. `consul:prefix/` is one
+//! recursive read, `service:name` one `GET /v1/health/service/name?passing`. Values are
 //! UTF-8 text; `#field` selects inside JSON values. With `max_stale` set,
 //! reads may be answered by any server, and are repeated against the leader
 //! when that server's last contact with it is older than the bound.
@@ -478,6 +483,59 @@ impl Client {
         }
     }
 
+    /// The requests of one fetch: the sources that share a recursive query
+    /// (two or more under one watched prefix), and each other source alone.
+    fn read_groups(&self, sources: &[Source]) -> Vec<(Option<Watch>, Vec<usize>)> {
+        let mut groups = Vec::new();
+        for (watch, served) in self.watches_for(sources) {
+            if matches!(watch, Watch::Prefix { .. }) && served.len() > 1 {
+                groups.push((Some(watch), served));
+            } else {
+                groups.extend(served.into_iter().map(|i| (None, vec![i])));
+            }
+        }
+        groups
+    }
+
+    /// Fetches one group of [`Client::read_groups`]: one recursive read for
+    /// all of them, then each key the answer lacks on its own (for the exact
+    /// error: absent, or hidden by the token's ACL). A recursive read the
+    /// token may not make falls back to reading each source on its own.
+    async fn fetch_group(
+        self: Arc<Self>,
+        watch: Option<Watch>,
+        sources: Vec<Source>,
+    ) -> Vec<Result<Fetched, FetchError>> {
+        let Some(watch) = watch else {
+            let mut out = Vec::with_capacity(sources.len());
+            for s in &sources {
+                out.push(self.fetch_one(s).await);
+            }
+            return out;
+        };
+        let refs: Vec<&Source> = sources.iter().collect();
+        let answer = {
+            let _permit = self.reads.acquire().await.expect("never closed");
+            self.poll(&watch, &refs, 0).await
+        };
+        match answer {
+            Ok((values, _)) => {
+                let mut out = Vec::with_capacity(values.len());
+                for (s, v) in sources.iter().zip(values) {
+                    out.push(match v {
+                        Err(e) if e.kind == ErrorKind::NotFound => self.fetch_one(s).await,
+                        v => v,
+                    });
+                }
+                out
+            }
+            Err(e) if e.kind == ErrorKind::Denied => {
+                Box::pin(self.clone().fetch_group(None, sources)).await
+            }
+            Err(e) => vec![Err(e); sources.len()],
+        }
+    }
+
     /// The blocking queries that watch these sources, and which sources each
     /// one serves.
     fn watches_for(&self, sources: &[Source]) -> BTreeMap<Watch, Vec<usize>> {
@@ -722,16 +780,27 @@ impl Backend for Consul {
     }
 
     fn plan(&self, sources: &[Source]) -> Vec<PlannedCall> {
-        sources
-            .iter()
-            .map(|s| PlannedCall {
-                target: self.client.dc(s).map(str::to_string),
-                action: match s.scheme {
-                    Scheme::Service => "GET /v1/health/service".to_string(),
-                    _ if s.is_prefix() => "GET /v1/kv ?recurse".to_string(),
-                    _ => "GET /v1/kv".to_string(),
+        self.client
+            .read_groups(sources)
+            .into_iter()
+            .map(|(watch, served)| match watch {
+                Some(Watch::Prefix { prefix, dc }) => PlannedCall {
+                    target: dc,
+                    action: "GET /v1/kv ?recurse".to_string(),
+                    detail: format!("{prefix} ({} keys)", served.len()),
                 },
-                detail: s.path.clone(),
+                _ => {
+                    let s = &sources[served[0]];
+                    PlannedCall {
+                        target: self.client.dc(s).map(str::to_string),
+                        action: match s.scheme {
+                            Scheme::Service => "GET /v1/health/service".to_string(),
+                            _ if s.is_prefix() => "GET /v1/kv ?recurse".to_string(),
+                            _ => "GET /v1/kv".to_string(),
+                        },
+                        detail: s.path.clone(),
+                    }
+                }
             })
             .collect()
     }
@@ -754,10 +823,17 @@ impl Backend for Consul {
         &'a self,
         sources: &'a [Source],
     ) -> BoxFuture<'a, Vec<Result<Fetched, FetchError>>> {
-        Box::pin(super::fetch_each("consul", sources, |s| {
-            let client = self.client.clone();
-            async move { client.fetch_one(&s).await }
-        }))
+        Box::pin(async move {
+            let (watches, groups): (Vec<_>, Vec<_>) =
+                self.client.read_groups(sources).into_iter().unzip();
+            let mut watches = watches.into_iter();
+            super::fetch_groups("consul", sources, groups, |members| {
+                self.client
+                    .clone()
+                    .fetch_group(watches.next().flatten(), members)
+            })
+            .await
+        })
     }
 
     fn blocks(&self) -> bool {

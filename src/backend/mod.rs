@@ -266,15 +266,38 @@ where
     F: Fn(Source) -> Fut,
     Fut: Future<Output = Result<Fetched, FetchError>> + Send + 'static,
 {
+    let groups = (0..sources.len()).map(|i| vec![i]).collect();
+    fetch_groups(name, sources, groups, |mut group| {
+        let fetch = fetch_one(group.remove(0));
+        async move { vec![fetch.await] }
+    })
+    .await
+}
+
+/// Fetches groups of sources (indexes into `sources`), each group as a task
+/// of its own that answers for its members in order, and answers in the
+/// sources' order. For backends where one request serves several sources.
+pub async fn fetch_groups<F, Fut>(
+    name: &'static str,
+    sources: &[Source],
+    groups: Vec<Vec<usize>>,
+    mut fetch_group: F,
+) -> Vec<Result<Fetched, FetchError>>
+where
+    F: FnMut(Vec<Source>) -> Fut,
+    Fut: Future<Output = Vec<Result<Fetched, FetchError>>> + Send + 'static,
+{
     let mut tasks = tokio::task::JoinSet::new();
-    for (i, s) in sources.iter().enumerate() {
-        let fetch = fetch_one(s.clone());
-        tasks.spawn(async move { (i, fetch.await) });
+    for members in groups {
+        let fetch = fetch_group(members.iter().map(|&i| sources[i].clone()).collect());
+        tasks.spawn(async move { (members, fetch.await) });
     }
     let mut out: Vec<Option<Result<Fetched, FetchError>>> = vec![None; sources.len()];
     while let Some(done) = tasks.join_next().await {
-        if let Ok((i, r)) = done {
-            out[i] = Some(r);
+        if let Ok((members, results)) = done {
+            for (i, r) in members.into_iter().zip(results) {
+                out[i] = Some(r);
+            }
         }
     }
     out.into_iter()

@@ -131,6 +131,9 @@ struct Inner {
     /// login instead of each logging in.
     token: tokio::sync::Mutex<Option<Token>>,
     mounts: Mutex<Vec<Mount>>,
+    /// Held while a mount is looked up: concurrent reads under one mount
+    /// wait for one lookup instead of each making it.
+    mount_lookup: tokio::sync::Mutex<()>,
     ledger: Mutex<lease::Ledger>,
     /// Held while the state file is written, so writes land in order.
     saving: Mutex<()>,
@@ -272,6 +275,7 @@ impl Vault {
                 auth,
                 token: tokio::sync::Mutex::new(None),
                 mounts: Mutex::new(Vec::new()),
+                mount_lookup: tokio::sync::Mutex::new(()),
                 ledger: Mutex::new(ledger),
                 saving: Mutex::new(()),
                 config,
@@ -541,17 +545,22 @@ impl Inner {
         e
     }
 
+    fn known_mount(&self, logical: &str) -> Option<Mount> {
+        let mounts = self.mounts.lock().unwrap();
+        mounts
+            .iter()
+            .filter(|m| logical.starts_with(&m.path) || format!("{logical}/") == m.path)
+            .max_by_key(|m| m.path.len())
+            .cloned()
+    }
+
     /// The mount a logical path is under; looked up once per mount.
     async fn mount(&self, logical: &str) -> Result<Mount, FetchError> {
-        let cached = {
-            let mounts = self.mounts.lock().unwrap();
-            mounts
-                .iter()
-                .filter(|m| logical.starts_with(&m.path) || format!("{logical}/") == m.path)
-                .max_by_key(|m| m.path.len())
-                .cloned()
-        };
-        if let Some(m) = cached {
+        if let Some(m) = self.known_mount(logical) {
+            return Ok(m);
+        }
+        let _one_at_a_time = self.mount_lookup.lock().await;
+        if let Some(m) = self.known_mount(logical) {
             return Ok(m);
         }
         let path = format!("sys/internal/ui/mounts/{}", logical.trim_end_matches('/'));
