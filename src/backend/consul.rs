@@ -38,7 +38,8 @@ use crate::environment::Environment;
 use crate::reference::{Scheme, Source};
 use crate::secret::Secret;
 
-/// How watches group keys into blocking queries.
+/// How reads and watches group keys into requests (recursive reads and
+/// blocking queries).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum WatchPolicy {
     /// One blocking query per key.
@@ -507,11 +508,7 @@ impl Client {
         sources: Vec<Source>,
     ) -> Vec<Result<Fetched, FetchError>> {
         let Some(watch) = watch else {
-            let mut out = Vec::with_capacity(sources.len());
-            for s in &sources {
-                out.push(self.fetch_one(s).await);
-            }
-            return out;
+            return self.each_alone(&sources).await;
         };
         let refs: Vec<&Source> = sources.iter().collect();
         let answer = {
@@ -519,21 +516,28 @@ impl Client {
             self.poll(&watch, &refs, 0).await
         };
         match answer {
-            Ok((values, _)) => {
-                let mut out = Vec::with_capacity(values.len());
-                for (s, v) in sources.iter().zip(values) {
-                    out.push(match v {
-                        Err(e) if e.kind == ErrorKind::NotFound => self.fetch_one(s).await,
-                        v => v,
-                    });
+            Ok((mut values, _)) => {
+                let missing: Vec<usize> = (0..values.len())
+                    .filter(|&i| matches!(&values[i], Err(e) if e.kind == ErrorKind::NotFound))
+                    .collect();
+                let alone: Vec<Source> = missing.iter().map(|&i| sources[i].clone()).collect();
+                for (i, v) in missing.into_iter().zip(self.each_alone(&alone).await) {
+                    values[i] = v;
                 }
-                out
+                values
             }
-            Err(e) if e.kind == ErrorKind::Denied => {
-                Box::pin(self.clone().fetch_group(None, sources)).await
-            }
+            Err(e) if e.kind == ErrorKind::Denied => self.each_alone(&sources).await,
             Err(e) => vec![Err(e); sources.len()],
         }
+    }
+
+    /// Reads each source with a request of its own, concurrently.
+    async fn each_alone(self: &Arc<Self>, sources: &[Source]) -> Vec<Result<Fetched, FetchError>> {
+        super::fetch_each("consul", sources, |s| {
+            let client = self.clone();
+            async move { client.fetch_one(&s).await }
+        })
+        .await
     }
 
     /// The blocking queries that watch these sources, and which sources each
