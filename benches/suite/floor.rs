@@ -209,6 +209,9 @@ async fn consul(http: &reqwest::Client, plan: &Plan) -> BTreeMap<String, String>
 }
 
 async fn vault(http: &reqwest::Client, plan: &Plan) -> BTreeMap<String, String> {
+    if plan.vault_paths.is_empty() {
+        return BTreeMap::new();
+    }
     let login = json_of(
         http.post(format!("{}/v1/auth/approle/login", plan.vault_url))
             .body(json!({"role_id": plan.role_id, "secret_id": plan.secret_id}).to_string()),
