@@ -7,10 +7,11 @@
 //! a key missing from a recursive answer (absent, or filtered out by the
 //! token's ACL) is asked for on its own, so its error is exact. Requests run
 //! concurrently, a bounded number at a time. `consul:prefix/` is one
-//! recursive read, `service:name` one `GET /v1/health/service/name?passing`. Values are
-//! UTF-8 text; `#field` selects inside JSON values. With `max_stale` set,
-//! reads may be answered by any server, and are repeated against the leader
-//! when that server's last contact with it is older than the bound.
+//! recursive read, `service:name` one `GET /v1/health/service/name?passing`.
+//! Values are UTF-8 text; `#field` selects inside JSON values. With
+//! `max_stale` set, reads may be answered by any server, and are repeated
+//! against the leader when that server's last contact with it is older than
+//! the bound.
 //!
 //! Watches ([`Backend::observe`]) use blocking queries, shared: under the
 //! default policy every key is watched through the recursive query of its
