@@ -473,29 +473,20 @@ fn init_render(bin: &Path, sizes: &Sizes, w: &Workload, table: &mut Table) -> St
     let mut ssm_names = Vec::new();
     let mut ssm_floor = Vec::new();
     let mut script = Vec::new();
+    // One timed run into an empty output folder.
+    let timed = |samples: &mut Vec<Sample>, mut cmd: Command| {
+        w.fresh_out();
+        samples.push(measure::run(&mut cmd, &log));
+    };
+    let render = |config: &str| w.envrender(bin, aws, &["render", "--config", config]);
     for r in 0..sizes.runs {
-        w.fresh_out();
-        envrender.push(measure::run(
-            &mut w.envrender(bin, aws, &["render", "--config", "envrender.toml"]),
-            &log,
-        ));
-        w.fresh_out();
-        floor.push(measure::run(&mut w.floor("floor.json"), &log));
-        w.fresh_out();
-        ssm.push(measure::run(
-            &mut w.envrender(bin, aws, &["render", "--config", "ssm.toml"]),
-            &log,
-        ));
-        w.fresh_out();
-        ssm_floor.push(measure::run(&mut w.floor("floor-ssm.json"), &log));
-        w.fresh_out();
-        ssm_names.push(measure::run(
-            &mut w.envrender(bin, aws, &["render", "--config", "ssm-names.toml"]),
-            &log,
-        ));
+        timed(&mut envrender, render("envrender.toml"));
+        timed(&mut floor, w.floor("floor.json"));
+        timed(&mut ssm, render("ssm.toml"));
+        timed(&mut ssm_floor, w.floor("floor-ssm.json"));
+        timed(&mut ssm_names, render("ssm-names.toml"));
         if r < sizes.cli_runs {
-            w.fresh_out();
-            script.push(measure::run(&mut cli.command(d.path(), aws), &log));
+            timed(&mut script, cli.command(d.path(), aws));
             let lines = d.read("out/ssm.env").lines().count();
             assert_eq!(
                 lines,
