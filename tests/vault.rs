@@ -1113,3 +1113,28 @@ fn namespaces_go_in_every_request() {
         .code(1)
         .stderr_has("invalid token");
 }
+
+#[test]
+fn plain_http_across_the_network_warns_and_loopback_does_not() {
+    let d = Dir::new();
+    d.write("t.hbs", "{{vault \"secret/x#a\"}}{{consul \"k\"}}");
+    d.cmd(&["render", "--timeout", "1s", "--template", "t.hbs:o"])
+        .env("VAULT_ADDR", "http://vault.invalid:8200")
+        .env("VAULT_TOKEN", "t")
+        .env("CONSUL_HTTP_ADDR", "consul.invalid:8500")
+        .run()
+        .code(1)
+        .stderr_has("Vault at http://vault.invalid:8200/ is plain HTTP: the token and every value it answers cross the network unencrypted; use an https:// address")
+        .stderr_has("Consul at http://consul.invalid:8500/ is plain HTTP");
+    // A local agent on loopback is not warned about.
+    let server = VaultServer::start();
+    server.kv2_put("secret/", "x", json!({"a": "1"}));
+    let run = d
+        .cmd(&["render", "--timeout", "1s", "--template", "t.hbs:o"])
+        .env("VAULT_ADDR", &server.url)
+        .env("VAULT_TOKEN", &server.root_token)
+        .env("CONSUL_HTTP_ADDR", "localhost:1")
+        .run()
+        .code(1);
+    assert!(!run.stderr.contains("plain HTTP"), "{}", run.stderr);
+}

@@ -161,6 +161,7 @@ impl Consul {
             .var("CONSUL_HTTP_SSL")
             .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true"));
         let base = base_url(&address, ssl)?;
+        super::warn_if_plain_http("Consul", &base);
         let (token, token_source) = match (&config.token, &config.token_file) {
             (Some(t), _) => (Some(t.clone()), "token from [consul] token".to_string()),
             (None, Some(f)) => (Some(read_token(f)?), format!("token from {}", f.display())),

@@ -314,6 +314,23 @@ where
         .collect()
 }
 
+/// Warns when a secret store is reached over plain HTTP across a network:
+/// its token and every value it answers travel unencrypted. A loopback
+/// address (a local agent) is not warned about.
+pub fn warn_if_plain_http(what: &str, url: &reqwest::Url) {
+    let host = url.host_str().unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if url.scheme() == "http" && !loopback {
+        tracing::warn!(
+            "{what} at {url} is plain HTTP: the token and every value it answers cross the network unencrypted; use an https:// address"
+        );
+    }
+}
+
 /// An HTTP client builder for a backend: envrender's user agent, a connect
 /// timeout, and the CA bundle in `ca` (if any) trusted in addition to the
 /// system's roots. `what` names the backend in errors.

@@ -214,6 +214,7 @@ impl Vault {
                     "Vault address \"{address}\" is not an http(s) URL such as https://vault:8200"
                 )
             })?;
+        super::warn_if_plain_http("Vault", &base);
         let namespace = config
             .namespace
             .clone()
