@@ -338,15 +338,18 @@ async fn supervise(
     };
     let mut debounce = Debounce::new(run.wait).with_splay(run.splay);
 
+    let terminal = Terminal::detect();
     let spawn = |env: &ChildEnv| -> Result<Pid, Error> {
         let mut c = command(&run.argv, env);
         c.process_group(0);
+        terminal.hand_over_in(&mut c);
         let child = c.spawn().map_err(|e| start_error(&run.argv[0], &e))?;
         tracing::info!(pid = child.id(), "supervising {}", run.argv[0]);
-        Ok(Pid::from_raw(child.id() as i32))
+        let pid = Pid::from_raw(child.id() as i32);
+        terminal.give(pid);
+        Ok(pid)
     };
     let mut pid = spawn(&state.env)?;
-    let terminal = Terminal::take(pid);
     health.set_ready();
     let mut kill_at: Option<Instant> = None;
     // Stopping the command to start it again, not to exit.
@@ -403,7 +406,6 @@ async fn supervise(
                 kill_at = None;
                 tracing::info!(code = exited, "{} stopped; starting it again", run.argv[0]);
                 pid = spawn(&state.env)?;
-                terminal.give(pid);
                 since = Instant::now();
                 continue;
             }
@@ -433,7 +435,6 @@ async fn supervise(
                     return Ok(exited);
                 }
                 pid = spawn(&state.env)?;
-                terminal.give(pid);
                 since = Instant::now();
                 continue;
             }
@@ -454,16 +455,40 @@ struct Terminal {
 }
 
 impl Terminal {
-    fn take(child: Pid) -> Terminal {
+    fn detect() -> Terminal {
         use std::io::IsTerminal as _;
         let stdin = std::io::stdin();
         if !stdin.is_terminal() {
             return Terminal { own: None };
         }
-        let own = nix::unistd::tcgetpgrp(&stdin).ok();
-        let t = Terminal { own };
-        t.give(child);
-        t
+        Terminal {
+            own: nix::unistd::tcgetpgrp(&stdin).ok(),
+        }
+    }
+
+    /// The command takes the terminal itself, between entering its own
+    /// process group and exec, as job-control shells do: were only
+    /// envrender to hand it over after the spawn, a command that reads at
+    /// once could be stopped by SIGTTIN first.
+    fn hand_over_in(&self, command: &mut std::process::Command) {
+        use std::os::unix::process::CommandExt as _;
+        if self.own.is_none() {
+            return;
+        }
+        // SAFETY: the closure runs in the forked child before exec and makes
+        // only async-signal-safe system calls (sigprocmask, getpgrp,
+        // tcsetpgrp); it allocates nothing and takes no locks.
+        unsafe {
+            command.pre_exec(|| {
+                with_ttou_blocked(|| {
+                    let _ = nix::unistd::tcsetpgrp(
+                        std::os::fd::BorrowedFd::borrow_raw(0),
+                        nix::unistd::getpgrp(),
+                    );
+                });
+                Ok(())
+            });
+        }
     }
 
     fn give(&self, pgrp: Pid) {
