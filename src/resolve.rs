@@ -49,6 +49,19 @@ impl Backoff {
     }
 }
 
+/// How long one attempt may take: a third of the time left, at least 5 s
+/// (and never past the deadline), so an answer that never comes still
+/// leaves time to ask again. Returns the cut-off and the patience.
+fn attempt_cutoff(now: Instant, deadline: Instant) -> (Instant, Duration) {
+    let left = deadline.saturating_duration_since(now);
+    let patience = (left / 3).max(Duration::from_secs(5));
+    if patience >= left {
+        (deadline, left)
+    } else {
+        (now + patience, Duration::from_secs(patience.as_secs()))
+    }
+}
+
 /// A reference that could not be resolved.
 #[derive(Clone, Debug)]
 pub struct Failure {
@@ -181,16 +194,30 @@ impl Resolver {
             groups.entry(s.scheme).or_default().push(s);
         }
         let mut tasks = JoinSet::new();
+        let (cutoff, patience) = attempt_cutoff(Instant::now(), deadline);
         for (scheme, group) in groups {
             match self.backends.get(scheme) {
                 Ok(backend) => {
                     tasks.spawn(async move {
                         // No backend call outlives the deadline, whatever
-                        // retries the backend does inside.
-                        match tokio::time::timeout_at(deadline, backend.fetch(&group)).await {
+                        // retries the backend does inside; and a call that
+                        // hangs is given up early enough to be asked again.
+                        match tokio::time::timeout_at(cutoff, backend.fetch(&group)).await {
                             Ok(results) => {
                                 debug_assert_eq!(results.len(), group.len());
                                 group.into_iter().zip(results).collect::<Vec<_>>()
+                            }
+                            Err(_) if cutoff < deadline => {
+                                let e = FetchError::new(
+                                    ErrorKind::Transient,
+                                    backend.name(),
+                                    "fetch",
+                                    format!(
+                                        "no answer within {}",
+                                        humantime::format_duration(patience)
+                                    ),
+                                );
+                                group.into_iter().map(|s| (s, Err(e.clone()))).collect()
                             }
                             Err(_) => {
                                 let e = FetchError::deadline(backend.name());
@@ -561,6 +588,17 @@ mod tests {
             .find(|f| f.reference.source.scheme == Scheme::Vault)
             .unwrap();
         assert_eq!(vault.error.kind, ErrorKind::Unsupported);
+    }
+
+    #[test]
+    fn an_attempt_gets_a_third_of_the_time_left_but_at_least_five_seconds() {
+        let now = Instant::now();
+        let s = Duration::from_secs;
+        assert_eq!(attempt_cutoff(now, now + s(30)), (now + s(10), s(10)));
+        assert_eq!(attempt_cutoff(now, now + s(9)), (now + s(5), s(5)));
+        // Less than five seconds left: the deadline is the cut-off.
+        assert_eq!(attempt_cutoff(now, now + s(4)), (now + s(4), s(4)));
+        assert_eq!(attempt_cutoff(now, now), (now, s(0)));
     }
 
     #[test]

@@ -230,31 +230,7 @@ async fn forward(
         )
             .into_response();
     }
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let mut request = st
-        .client
-        .request(method, format!("{}{path}", st.target))
-        .body(body);
-    for (k, v) in headers.iter() {
-        if k != "host" && k != "content-length" {
-            request = request.header(k, v);
-        }
-    }
-    match request.send().await {
-        Ok(r) => {
-            let status = r.status();
-            let headers = r.headers().clone();
-            let body = r.bytes().await.unwrap_or_default();
-            let mut response = (status, body).into_response();
-            for (k, v) in headers.iter() {
-                if k != "content-length" && k != "transfer-encoding" {
-                    response.headers_mut().insert(k, v.clone());
-                }
-            }
-            response
-        }
-        Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
-    }
+    super::fault::forward(&st.client, &st.target, method, &uri, &headers, body).await
 }
 
 impl Proxy {

@@ -5,6 +5,7 @@
 
 pub mod aws;
 pub mod consul;
+pub mod fault;
 pub mod vault;
 
 use std::os::unix::fs::PermissionsExt as _;
@@ -329,5 +330,14 @@ impl Gate {
             let _ = tx.send(true);
             thread.join().unwrap();
         }
+    }
+}
+
+/// Polls `cond` every 20 ms for up to `within`.
+pub fn eventually(within: std::time::Duration, what: &str, cond: impl Fn() -> bool) {
+    let start = std::time::Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < within, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }

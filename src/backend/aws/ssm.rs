@@ -133,7 +133,17 @@ impl Ssm {
                             version: Some(p.version().to_string()),
                             lease: None,
                         }),
-                        None => Err(not_found(&name)),
+                        // SSM names every name it has no value for; an
+                        // answer that names it nowhere is cut short.
+                        None if out.invalid_parameters().contains(&name) => Err(not_found(&name)),
+                        None => Err(FetchError::new(
+                            ErrorKind::Transient,
+                            "ssm",
+                            "ssm:GetParameters",
+                            format!(
+                                "the answer lists {name} neither among the parameters nor among the invalid ones (incomplete answer)"
+                            ),
+                        )),
                     };
                     (name, result)
                 })

@@ -474,6 +474,13 @@ fn client_error(action: &str, e: ClientError, hint: &str, method: &str) -> Fetch
             format!("unexpected answer: {}", crate::backend::error_chain(other)),
         ),
     };
+    // The caller's hint is about the credentials; a server that is busy,
+    // sealed or failing says nothing about them.
+    let hint = if kind == ErrorKind::Transient {
+        "Vault is unavailable, sealed or overloaded; retried with backoff until the deadline"
+    } else {
+        hint
+    };
     let mut err = FetchError::new(kind, "vault", action, message).hint(hint);
     err.identity = Some(method.to_string());
     err

@@ -87,6 +87,10 @@ pub struct Held {
     pub verified: bool,
     #[serde(skip)]
     failures: u32,
+    /// Why the last renewal or re-issue failed, until one succeeds: watch
+    /// mode reports it in readiness.
+    #[serde(skip)]
+    pub trouble: Option<String>,
 }
 
 impl std::fmt::Debug for Held {
@@ -145,6 +149,7 @@ impl Held {
             generation: 0,
             verified: true,
             failures: 0,
+            trouble: None,
         };
         held.schedule(now, config.pki_reissue_at);
         Some(held)
@@ -382,6 +387,10 @@ impl Inner {
                     h.failures = 0;
                     h.schedule(now, self.config.pki_reissue_at);
                     tracing::debug!(request = %h.key, lease = %h.lease_id, ttl_s = got, capped = h.capped, "Vault lease renewed");
+                    if h.trouble.take().is_some() {
+                        tracing::info!(request = %h.key, lease = %h.lease_id, "Vault lease renewed again after failures");
+                        self.changes.send_modify(|n| *n += 1);
+                    }
                 }
             }
             Ok((answer, _)) if matches!(answer.status, 400 | 403 | 404) => {
@@ -467,16 +476,38 @@ impl Inner {
     }
 
     /// Backs off after a failure, exponentially from 1 s up to a minute,
-    /// but always inside what is left of the lease.
+    /// but always inside what is left of the lease. Once the lease has run
+    /// out, the wait grows with how long ago that was (half of it, from
+    /// 1 s up to 30 s): a value that no longer works is recovered quickly
+    /// after a short outage, and a long one is not hammered. The first
+    /// failure is announced so that watch mode reports it.
     fn retry_later(&self, held: &Held, why: &str) {
         let now = now();
         let mut ledger = self.ledger.lock().unwrap();
         if let Some(h) = ledger.held.get_mut(&held.key) {
             h.failures += 1;
-            let backoff = (2f64.powi(h.failures.min(6) as i32 - 1)).min(60.0) * jitter(0.8, 1.2);
-            let left = (h.expires - now).max(0.0);
-            h.due = now + backoff.min((left / 2.0).max(0.5));
+            let left = h.expires - now;
+            let wait = if left > 0.0 {
+                let backoff = (2f64.powi(h.failures.min(6) as i32 - 1)).min(60.0);
+                backoff.min((left / 2.0).max(0.5))
+            } else {
+                (-left / 2.0).clamp(1.0, 30.0)
+            };
+            h.due = now + wait * jitter(0.8, 1.2);
             tracing::warn!(request = %h.key, lease = %h.lease_id, error = %why, retry_in_s = h.due - now, "cannot renew or re-issue a Vault secret; will retry");
+            let first = h.trouble.is_none();
+            h.trouble = Some(format!(
+                "cannot renew or re-issue {} (lease {}): {why}",
+                h.key,
+                if left > 0.0 {
+                    format!("ends in {left:.0}s")
+                } else {
+                    format!("ended {:.0}s ago", -left)
+                }
+            ));
+            if first {
+                self.changes.send_modify(|n| *n += 1);
+            }
         }
     }
 }

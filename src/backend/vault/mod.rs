@@ -974,7 +974,19 @@ impl Backend for Vault {
             let mut out = Vec::with_capacity(known.len());
             for ((_, old), held) in known.iter().zip(held) {
                 let fresh = match held {
-                    Some(h) => Ok(h.fetched()),
+                    Some(h) => match &h.trouble {
+                        Some(why) => Err(FetchError::new(
+                            ErrorKind::Transient,
+                            "vault",
+                            if h.lease_id.is_empty() {
+                                "re-issue"
+                            } else {
+                                "PUT /v1/sys/leases/renew"
+                            },
+                            why.clone(),
+                        )),
+                        None => Ok(h.fetched()),
+                    },
                     None => fresh_reads.next().unwrap_or_else(|| {
                         Err(FetchError::new(
                             ErrorKind::Transient,

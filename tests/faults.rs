@@ -1,0 +1,484 @@
+//! Faults between envrender and its backends: a fault-injecting proxy
+//! (`support::fault`) in front of the Consul and Vault test servers and the
+//! AWS emulator adds latency, cuts answers off, answers 429/500/503 or an
+//! empty 200, or never answers. `render` rides out transient faults within
+//! its deadline and names every reference when they persist; `watch` and
+//! `run` keep the last good outputs through an outage of each backend,
+//! report it in readiness, and recover by themselves.
+
+mod support;
+
+use std::os::unix::fs::MetadataExt as _;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::aws::block_on;
+use support::consul::ConsulServer;
+use support::fault::{Fault, FaultProxy};
+use support::vault::{Role, VaultServer};
+use support::{Dir, eventually};
+
+/// The three backends, each behind its own fault proxy, with one value in
+/// each: `app/<name>/host` in Consul, `secret/<name>#password` in Vault,
+/// `/t/faults/<name>/level` in SSM.
+struct Backends {
+    name: String,
+    consul: ConsulServer,
+    vault: VaultServer,
+    moto: &'static str,
+    consul_proxy: FaultProxy,
+    vault_proxy: FaultProxy,
+    aws_proxy: FaultProxy,
+}
+
+impl Backends {
+    fn start(name: &str) -> Backends {
+        let consul = ConsulServer::start();
+        let vault = VaultServer::start();
+        let moto = &support::aws::moto().url;
+        let b = Backends {
+            name: name.to_string(),
+            consul_proxy: FaultProxy::start(&consul.url),
+            vault_proxy: FaultProxy::start(&vault.url),
+            aws_proxy: FaultProxy::start(moto),
+            consul,
+            vault,
+            moto,
+        };
+        b.set("one");
+        b
+    }
+
+    /// Sets all three values to `<backend>-<v>`.
+    fn set(&self, v: &str) {
+        for backend in ["consul", "vault", "ssm"] {
+            self.set_one(backend, v);
+        }
+    }
+
+    /// Sets one backend's value to `<backend>-<v>`.
+    fn set_one(&self, backend: &str, v: &str) {
+        let value = format!("{backend}-{v}");
+        match backend {
+            "consul" => {
+                self.consul.put(&format!("app/{}/host", self.name), &value);
+            }
+            "vault" => {
+                self.vault
+                    .kv2_put("secret/", &self.name, json!({ "password": value }));
+            }
+            _ => {
+                let client = aws_sdk_ssm::Client::new(&support::aws::sdk(self.moto));
+                let name = format!("/t/faults/{}/level", self.name);
+                block_on(async {
+                    client
+                        .put_parameter()
+                        .name(name)
+                        .value(value)
+                        .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+                        .overwrite(true)
+                        .send()
+                        .await
+                        .unwrap();
+                });
+            }
+        }
+    }
+
+    fn references(&self) -> [String; 3] {
+        [
+            format!("consul:app/{}/host", self.name),
+            format!("vault:secret/{}#password", self.name),
+            format!("ssm:/t/faults/{}/level", self.name),
+        ]
+    }
+
+    /// A template using all three values.
+    fn template(&self, d: &Dir) {
+        d.write(
+            "t.hbs",
+            &format!(
+                "host={{{{consul \"app/{n}/host\"}}}}\npassword={{{{vault \"secret/{n}#password\"}}}}\nlevel={{{{ssm \"/t/faults/{n}/level\"}}}}\n",
+                n = self.name
+            ),
+        );
+    }
+
+    fn expected(v: &str) -> String {
+        Backends::expected_each([v, v, v])
+    }
+
+    /// The output for the Consul, Vault and SSM values' versions.
+    fn expected_each([c, v, s]: [&str; 3]) -> String {
+        format!("host=consul-{c}\npassword=vault-{v}\nlevel=ssm-{s}\n")
+    }
+
+    /// envrender with the three backends behind their proxies.
+    fn cmd(&self, d: &Dir, args: &[&str]) -> support::Cmd {
+        d.cmd(args)
+            .env("CONSUL_HTTP_ADDR", self.consul_proxy.addr())
+            .env("VAULT_ADDR", &self.vault_proxy.url)
+            .env("VAULT_TOKEN", &self.vault.root_token)
+            .aws(&self.aws_proxy.url)
+    }
+
+    fn proxies(&self) -> [(&'static str, &FaultProxy); 3] {
+        [
+            ("consul", &self.consul_proxy),
+            ("vault", &self.vault_proxy),
+            ("ssm", &self.aws_proxy),
+        ]
+    }
+
+    fn clear(&self) {
+        for (_, p) in self.proxies() {
+            p.clear();
+        }
+    }
+}
+
+/// The file's identity and modification time: unchanged when not rewritten.
+fn stamp(d: &Dir, rel: &str) -> (u64, i64, i64) {
+    let m = std::fs::metadata(d.join(rel)).unwrap();
+    (m.ino(), m.mtime(), m.mtime_nsec())
+}
+
+fn transient_faults() -> Vec<(Fault, usize)> {
+    vec![
+        (Fault::Latency(Duration::from_millis(300)), 2),
+        (Fault::Reset, 2),
+        (Fault::Truncate, 2),
+        (Fault::Status(429), 2),
+        (Fault::Status(500), 2),
+        (Fault::Status(503), 2),
+        (Fault::Empty, 1),
+        (Fault::Hang, 1),
+    ]
+}
+
+#[test]
+fn render_rides_out_transient_faults_of_every_backend() {
+    let b = Backends::start("transient");
+    let d = Dir::new();
+    b.template(&d);
+    for (fault, times) in transient_faults() {
+        for (backend, proxy) in b.proxies() {
+            let _ = std::fs::remove_file(d.join("out.conf"));
+            let faulted = proxy.faulted();
+            proxy.inject(fault.clone(), Some(times));
+            let start = Instant::now();
+            let run = b
+                .cmd(
+                    &d,
+                    &["render", "--timeout", "20s", "--template", "t.hbs:out.conf"],
+                )
+                .run();
+            let took = start.elapsed();
+            assert_eq!(
+                run.code, 0,
+                "{fault:?} on {backend}: exit {}\n{}",
+                run.code, run.stderr
+            );
+            assert_eq!(d.read("out.conf"), Backends::expected("one"));
+            assert!(
+                proxy.faulted() > faulted,
+                "{fault:?} on {backend} was never hit"
+            );
+            assert!(
+                took < Duration::from_secs(20),
+                "{fault:?} on {backend}: {took:?}"
+            );
+            eprintln!("{fault:?} x{times} on {backend}: rendered in {took:.1?}");
+            b.clear();
+        }
+    }
+}
+
+#[test]
+fn render_names_every_reference_when_faults_persist() {
+    let b = Backends::start("persistent");
+    let d = Dir::new();
+    b.template(&d);
+    for fault in [Fault::Status(503), Fault::Reset, Fault::Hang] {
+        for (_, proxy) in b.proxies() {
+            proxy.inject(fault.clone(), None);
+        }
+        let start = Instant::now();
+        let run = b
+            .cmd(
+                &d,
+                &["render", "--timeout", "4s", "--template", "t.hbs:out.conf"],
+            )
+            .run();
+        let took = start.elapsed();
+        assert_eq!(run.code, 1, "{fault:?}: {}", run.stderr);
+        for reference in b.references() {
+            assert!(
+                run.stderr.contains(&reference),
+                "{fault:?}: {reference} not named:\n{}",
+                run.stderr
+            );
+        }
+        for backend in ["consul", "vault", "ssm"] {
+            assert!(
+                run.stderr.contains(&format!("{backend}: ")),
+                "{fault:?}: {backend} not named:\n{}",
+                run.stderr
+            );
+        }
+        assert!(
+            !d.join("out.conf").exists(),
+            "{fault:?}: an output was written"
+        );
+        assert!(took < Duration::from_secs(8), "{fault:?}: {took:?}");
+        eprintln!("{fault:?} everywhere: failed in {took:.1?}\n{}", run.stderr);
+        b.clear();
+    }
+}
+
+/// A loopback address for the health listener.
+fn listen() -> String {
+    format!("127.0.0.1:{}", support::aws::free_port())
+}
+
+/// A running `watch` or `run` with a health listener; killed when dropped.
+struct Running {
+    child: Child,
+    port: u16,
+    log: std::path::PathBuf,
+}
+
+impl Running {
+    /// Starts `cmd`, which listens on `listen` (from [`listen`]).
+    fn start(cmd: support::Cmd, d: &Dir, listen: &str) -> Running {
+        let port = listen.rsplit(':').next().unwrap().parse().unwrap();
+        let log = d.join("envrender.log");
+        let mut command = cmd.command;
+        command
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let child = command.spawn().unwrap();
+        let r = Running { child, port, log };
+        eventually(Duration::from_secs(20), "readiness", || r.ready().0 == 200);
+        r
+    }
+
+    fn ready(&self) -> (u16, String) {
+        let url = format!("http://127.0.0.1:{}/readyz", self.port);
+        block_on(async {
+            match reqwest::get(&url).await {
+                Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+                Err(_) => (0, String::new()),
+            }
+        })
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Takes each backend away in turn (a persistent `fault`), changes its
+/// value meanwhile, and checks the output stays as it was, readiness names
+/// the backend, and the output catches up once it is back.
+fn outages(b: &Backends, d: &Dir, r: &Running, fault: Fault, out: &str) {
+    let mut versions = ["one", "one", "one"];
+    for (i, (backend, proxy)) in b.proxies().into_iter().enumerate() {
+        let before = stamp(d, out);
+        let was = std::fs::read_to_string(d.join(out)).unwrap();
+        proxy.inject(fault.clone(), None);
+        eventually(
+            Duration::from_secs(20),
+            &format!("degraded readiness naming {backend}"),
+            || {
+                let (status, text) = r.ready();
+                status == 503 && text.contains(backend)
+            },
+        );
+        b.set_one(backend, "two");
+        versions[i] = "two";
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(
+            stamp(d, out),
+            before,
+            "{out} rewritten during the {backend} outage\n{}",
+            r.log()
+        );
+        assert_eq!(std::fs::read_to_string(d.join(out)).unwrap(), was);
+        proxy.clear();
+        eventually(
+            Duration::from_secs(30),
+            &format!("the catch-up after the {backend} outage"),
+            || std::fs::read_to_string(d.join(out)).unwrap() == Backends::expected_each(versions),
+        );
+        eventually(Duration::from_secs(20), "readiness", || r.ready().0 == 200);
+    }
+}
+
+const QUICK_POLLS: &str =
+    "[consul]\nwait = \"2s\"\n\n[vault]\nkv_refresh = \"1s\"\n\n[aws]\npoll_interval = \"1s\"\n";
+
+#[test]
+fn watch_keeps_the_last_good_outputs_through_each_backend_outage() {
+    let b = Backends::start("watch");
+    let d = Dir::new();
+    b.template(&d);
+    d.write("envrender.toml", QUICK_POLLS);
+    let listen = listen();
+    let r = Running::start(
+        b.cmd(
+            &d,
+            &["watch", "--listen", &listen, "--template", "t.hbs:out.conf"],
+        ),
+        &d,
+        &listen,
+    );
+    assert_eq!(d.read("out.conf"), Backends::expected("one"));
+    outages(&b, &d, &r, Fault::Status(503), "out.conf");
+    let log = r.log();
+    assert!(log.contains("keeping the last good outputs"), "{log}");
+}
+
+#[test]
+fn run_keeps_the_command_and_its_files_through_each_backend_outage() {
+    let b = Backends::start("run");
+    let d = Dir::new();
+    b.template(&d);
+    d.write("envrender.toml", QUICK_POLLS);
+    let script = "echo start >> log; trap 'echo HUP >> log' HUP; \
+                  trap 'exit 0' TERM; while :; do sleep 0.05; done";
+    let listen = listen();
+    let r = Running::start(
+        b.cmd(
+            &d,
+            &[
+                "run",
+                "--listen",
+                &listen,
+                "--reload-signal",
+                "SIGHUP",
+                "--template",
+                "t.hbs:out.conf",
+                "--",
+                "sh",
+                "-c",
+                script,
+            ],
+        ),
+        &d,
+        &listen,
+    );
+    assert_eq!(d.read("out.conf"), Backends::expected("one"));
+    outages(&b, &d, &r, Fault::Reset, "out.conf");
+    // Never restarted; told once per catch-up.
+    let log = std::fs::read_to_string(d.join("log")).unwrap();
+    assert_eq!(log.lines().filter(|l| *l == "start").count(), 1, "{log}");
+    assert_eq!(log.lines().filter(|l| *l == "HUP").count(), 3, "{log}");
+}
+
+#[test]
+fn a_vault_outage_longer_than_a_lease_reissues_once_on_recovery() {
+    let server = VaultServer::start();
+    server.policy("app", &[("database/creds/app", &["read"])]);
+    // Leases of 2 s, renewable for up to a minute.
+    server.database_role("app", 2, 60);
+    let role_id = server.approle(
+        "app",
+        Role {
+            policies: vec!["app".into()],
+            ttl: 600,
+            ..Role::default()
+        },
+    );
+    let secret_id = server.secret_id("app", 0);
+    let proxy = FaultProxy::start(&server.url);
+    let d = Dir::new();
+    d.write("role-id", &role_id);
+    d.write("secret-id", &secret_id);
+    d.write(
+        "envrender.toml",
+        "[vault]\nauth = { method = \"approle\", role_id_file = \"role-id\", secret_id_file = \"secret-id\" }\n",
+    );
+    d.write("db.hbs", "user={{vault \"database/creds/app#username\"}}\n");
+    let listen = listen();
+    let r = Running::start(
+        d.cmd(&["watch", "--listen", &listen, "--template", "db.hbs:db.conf"])
+            .env("VAULT_ADDR", &proxy.url),
+        &d,
+        &listen,
+    );
+    let first = d.read("db.conf");
+    assert_eq!(server.count("leases_issued"), 1);
+    // Vault is away for twice the lease's TTL: the lease runs out.
+    proxy.inject(Fault::Status(503), None);
+    eventually(Duration::from_secs(10), "degraded readiness", || {
+        let (status, text) = r.ready();
+        status == 503 && text.contains("database/creds/app")
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(d.read("db.conf"), first, "rewritten during the outage");
+    let user = first.trim().trim_start_matches("user=").to_string();
+    assert!(!server.valid_credentials().contains(&user));
+    proxy.clear();
+    eventually(Duration::from_secs(20), "a new credential", || {
+        d.read("db.conf") != first
+    });
+    eventually(Duration::from_secs(10), "readiness", || r.ready().0 == 200);
+    // Renewals carry the new lease on; exactly one re-issue.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(server.count("leases_issued"), 2);
+    let now = d.read("db.conf");
+    let user = now.trim().trim_start_matches("user=").to_string();
+    assert!(server.valid_credentials().contains(&user));
+    assert_eq!(server.count("logins"), 1);
+}
+
+#[test]
+fn consul_empty_answers_and_index_regressions_never_wipe_outputs() {
+    let server = ConsulServer::start();
+    server.put("lb/backends/a", "10.0.0.1");
+    server.put("lb/backends/b", "10.0.0.2");
+    let proxy = FaultProxy::start(&server.url);
+    let d = Dir::new();
+    d.write("envrender.toml", "[consul]\nwait = \"1s\"\n");
+    d.write(
+        "t.hbs",
+        "{{#each (consul \"lb/backends/\")}}server {{this}}\n{{/each}}",
+    );
+    let listen = listen();
+    let r = Running::start(
+        d.cmd(&["watch", "--listen", &listen, "--template", "t.hbs:lb.conf"])
+            .env("CONSUL_HTTP_ADDR", proxy.addr()),
+        &d,
+        &listen,
+    );
+    let good = "server 10.0.0.1\nserver 10.0.0.2\n";
+    assert_eq!(d.read("lb.conf"), good);
+    let before = stamp(&d, "lb.conf");
+    // 200 OK with nothing in it, again and again.
+    proxy.inject(Fault::Empty, None);
+    eventually(Duration::from_secs(10), "degraded readiness", || {
+        r.ready().0 == 503
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    proxy.clear();
+    eventually(Duration::from_secs(10), "readiness", || r.ready().0 == 200);
+    // The index goes back (a restored snapshot): read again, same data.
+    server.regress_index(1);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(stamp(&d, "lb.conf"), before, "rewritten without a change");
+    assert_eq!(d.read("lb.conf"), good);
+    // A real change still comes through.
+    server.put("lb/backends/c", "10.0.0.3");
+    eventually(Duration::from_secs(10), "the change", || {
+        d.read("lb.conf").contains("server 10.0.0.3")
+    });
+}
