@@ -341,6 +341,7 @@ pub async fn get(resolver: &Resolver, text: &str, timeout: Duration) -> Result<S
 pub async fn render(resolver: &Resolver, settings: &Settings) -> Result<(), Error> {
     let started = Instant::now();
     let plan = Plan::new(settings)?;
+    plan.remove_interrupted_writes();
     let resolution = plan.resolve(resolver, started + settings.timeout).await?;
     let writes = plan
         .outputs(&resolution)

@@ -212,6 +212,19 @@ impl Plan {
         })
     }
 
+    /// Removes what an interrupted earlier run left of staged writes
+    /// beside this plan's destinations.
+    pub fn remove_interrupted_writes(&self) -> usize {
+        let destinations: Vec<PathBuf> = self
+            .template_outputs
+            .iter()
+            .map(|t| &t.destination)
+            .chain(self.env_files.iter().map(|f| &f.destination))
+            .map(|d| self.destination(d))
+            .collect();
+        crate::output::remove_interrupted_writes(destinations.iter().map(PathBuf::as_path))
+    }
+
     /// Where a destination is written, under `--output-root` if given.
     pub fn destination(&self, path: &Path) -> PathBuf {
         match &self.output_root {

@@ -2,7 +2,7 @@
 //!
 //! Each changed file is staged as a temporary file in its destination's
 //! directory (created with mode 0600, so a secret is never readable by others
-//! even for an instant), written, given its mode and owner, and fsynced. Only
+//! even for an instant), given its owner and mode, written, and fsynced. Only
 //! when every file of the run is staged are they renamed into place, and the
 //! directories fsynced. If a rename fails part way, the files already renamed
 //! are put back as they were, so a run never leaves some outputs new and some
@@ -255,20 +255,75 @@ fn stage(w: &FileWrite) -> Result<tempfile::TempPath, OutputError> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    // tempfile creates the file with mode 0600.
+    // Created with mode 0600, then given its owner and final mode before
+    // the first byte: the secret is never in a file more open than asked.
     let mut temp = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".envrender-tmp")
+        .prefix(&temp_prefix(&name))
+        .suffix(TEMP_SUFFIX)
         .tempfile_in(dir)
         .map_err(err(&w.path, "create a temporary file beside"))?;
-    temp.write_all(&w.contents).map_err(err(&w.path, "write"))?;
     set_owner(temp.as_file(), &w.path, w.owner)?;
     // After chown, which clears set-id bits.
     temp.as_file()
         .set_permissions(std::fs::Permissions::from_mode(w.mode))
         .map_err(err(&w.path, "set the mode"))?;
+    temp.write_all(&w.contents).map_err(err(&w.path, "write"))?;
     temp.as_file().sync_all().map_err(err(&w.path, "sync"))?;
     Ok(temp.into_temp_path())
+}
+
+const TEMP_SUFFIX: &str = ".envrender-tmp";
+
+/// Staged files of `name` are `.NAME.XXXXXX.envrender-tmp`, beside it.
+fn temp_prefix(name: &str) -> String {
+    format!(".{name}.")
+}
+
+/// Removes the staged files an interrupted earlier run (killed between
+/// staging and rename) left beside these destinations. Only names of the
+/// staging pattern for these destinations are touched. Returns how many
+/// were removed.
+pub fn remove_interrupted_writes<'p>(destinations: impl IntoIterator<Item = &'p Path>) -> usize {
+    let mut removed = 0;
+    for path in destinations {
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            continue;
+        };
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        let prefix = temp_prefix(&name.to_string_lossy());
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let file = entry.file_name();
+            let file = file.to_string_lossy();
+            let Some(middle) = file
+                .strip_prefix(prefix.as_str())
+                .and_then(|rest| rest.strip_suffix(TEMP_SUFFIX))
+            else {
+                continue;
+            };
+            // tempfile's random part: letters and digits, no dots.
+            if middle.is_empty() || !middle.chars().all(|c| c.is_ascii_alphanumeric()) {
+                continue;
+            }
+            let stale = entry.path();
+            match std::fs::remove_file(&stale) {
+                Ok(()) => {
+                    removed += 1;
+                    tracing::info!(path = %stale.display(), "removed a temporary file left by an interrupted write");
+                }
+                Err(e) => {
+                    tracing::warn!(path = %stale.display(), error = %e, "cannot remove a temporary file left by an interrupted write");
+                }
+            }
+        }
+    }
+    removed
 }
 
 fn fix_attributes(w: &FileWrite) -> Result<(), OutputError> {
@@ -392,6 +447,34 @@ mod tests {
         assert_eq!(mode(&p), 0o640);
         // No temporary files are left behind.
         assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn only_staged_files_of_the_given_destinations_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = [
+            ".a.conf.AbC123.envrender-tmp",
+            ".a.conf.envrender-tmp",
+            ".a.conf.x.y.envrender-tmp",
+            ".b.conf.XyZ789.envrender-tmp",
+            "a.conf",
+        ];
+        for n in names {
+            std::fs::write(dir.path().join(n), "x").unwrap();
+        }
+        let dest = dir.path().join("a.conf");
+        assert_eq!(remove_interrupted_writes([dest.as_path()]), 1);
+        let mut left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, names[1..].to_vec());
+        // A destination whose directory does not exist yet.
+        assert_eq!(
+            remove_interrupted_writes([dir.path().join("new/x").as_path()]),
+            0
+        );
     }
 
     #[test]

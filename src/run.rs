@@ -126,6 +126,7 @@ pub async fn run(
 ) -> Result<u8, Error> {
     let started = Instant::now();
     let plan = Plan::new(settings)?;
+    plan.remove_interrupted_writes();
     let mut resolution = plan.resolve(resolver, started + settings.timeout).await?;
     if let Some(e) = resolution.failure_error() {
         tracing::error!("not starting {}: values are missing", run.argv[0]);

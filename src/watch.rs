@@ -317,6 +317,7 @@ pub async fn watch(
 ) -> Result<(), Error> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut plan = Plan::new(&settings)?;
+    plan.remove_interrupted_writes();
     let health = Arc::new(Health::default());
     if let Some(addr) = options.listen {
         serve(addr, health.clone()).await?;
