@@ -298,7 +298,7 @@ async fn supervise(
     };
     let mut chld = signal(SignalKind::child()).map_err(signal_error)?;
     // Every signal to forward comes through one channel.
-    let (signals_tx, mut signals) = tokio::sync::mpsc::unbounded_channel::<Signal>();
+    let (signals_tx, mut signals) = tokio::sync::mpsc::channel::<Signal>(16);
     for (kind, sig) in [
         (SignalKind::terminate(), Signal::SIGTERM),
         (SignalKind::interrupt(), Signal::SIGINT),
@@ -310,14 +310,16 @@ async fn supervise(
     ] {
         let mut stream = signal(kind).map_err(signal_error)?;
         let tx = signals_tx.clone();
-        tokio::spawn(async move { while stream.recv().await.is_some() && tx.send(sig).is_ok() {} });
+        tokio::spawn(async move {
+            while stream.recv().await.is_some() && tx.send(sig).await.is_ok() {}
+        });
     }
     // Keep leases alive, and watch for changes when asked to.
     let health = std::sync::Arc::new(Health::default());
     if let Some(addr) = run.listen {
         watch::serve(addr, health.clone()).await?;
     }
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(watch::EVENT_QUEUE);
     let mut watchers = tokio::task::JoinSet::new();
     let mut background = tokio::task::JoinSet::new();
     let mut started = std::collections::BTreeSet::new();

@@ -147,6 +147,10 @@ impl std::fmt::Display for Action {
     }
 }
 
+/// How many events may wait for the main loop. Watchers wait for room, so a
+/// burst of changes slows the looks at backends rather than growing a queue.
+pub(crate) const EVENT_QUEUE: usize = 64;
+
 /// What `/readyz` and `/metrics` report.
 #[derive(Default)]
 pub struct Health {
@@ -193,6 +197,7 @@ impl Health {
         } else {
             let mut text = String::from("degraded (serving the last good outputs):\n");
             for (what, why) in p.iter() {
+                let what = what.split_once('#').map_or(what.as_str(), |(w, _)| w);
                 text.push_str(&format!("  {what}: {}\n", why.replace('\n', "; ")));
             }
             (false, text)
@@ -293,6 +298,8 @@ pub(crate) enum Event {
     /// A backend looked at its sources.
     Observed {
         backend: &'static str,
+        /// Which of the backend's watchers looked (see [`Backend::watch_groups`]).
+        watcher: usize,
         changed: Vec<(Source, Fetched)>,
         failed: Vec<(Source, FetchError)>,
     },
@@ -330,7 +337,7 @@ pub async fn watch(
     let mut background = JoinSet::new();
     let mut started: BTreeSet<&'static str> = BTreeSet::new();
 
-    let (tx, mut rx) = mpsc::unbounded_channel::<Event>();
+    let (tx, mut rx) = mpsc::channel::<Event>(EVENT_QUEUE);
     let mut cache = FetchResults::new();
     let mut watchers = JoinSet::new();
     let mut watching: BTreeSet<Source> = BTreeSet::new();
@@ -517,9 +524,13 @@ pub(crate) fn apply(
     match event {
         Event::Observed {
             backend,
+            watcher,
             changed,
             failed,
         } => {
+            // Each watcher's trouble is its own: one that is fine does not
+            // clear another's. Readiness shows the part before '#'.
+            let key = format!("{backend}#{watcher}");
             let result = if failed.is_empty() { "ok" } else { "error" };
             *health
                 .observations
@@ -529,9 +540,9 @@ pub(crate) fn apply(
                 .or_default() += 1;
             if let Some((source, e)) = failed.first() {
                 tracing::warn!(backend, reference = %source, error = %e, "cannot look for changes; keeping the last good outputs");
-                health.problem(backend, Some(format!("{source}: {e}")));
+                health.problem(&key, Some(format!("{source}: {e}")));
             } else {
-                health.problem(backend, None);
+                health.problem(&key, None);
             }
             if !changed.is_empty() {
                 debounce.changed();
@@ -573,7 +584,7 @@ pub(crate) fn start_watches(
     watchers: &mut JoinSet<()>,
     background: &mut JoinSet<()>,
     started: &mut BTreeSet<&'static str>,
-    tx: &mpsc::UnboundedSender<Event>,
+    tx: &mpsc::Sender<Event>,
 ) {
     watchers.abort_all();
     for (backend, sources) in known {
@@ -582,7 +593,18 @@ pub(crate) fn start_watches(
         {
             background.spawn(work);
         }
-        watchers.spawn(watch_backend(backend, sources, tx.clone()));
+        let groups =
+            backend.watch_groups(&sources.iter().map(|(s, _)| s.clone()).collect::<Vec<_>>());
+        let mut sources: Vec<Option<(Source, Fetched)>> = sources.into_iter().map(Some).collect();
+        for (watcher, group) in groups.into_iter().enumerate() {
+            let known: Vec<(Source, Fetched)> = group
+                .iter()
+                .filter_map(|&i| sources.get_mut(i)?.take())
+                .collect();
+            if !known.is_empty() {
+                watchers.spawn(watch_backend(backend.clone(), watcher, known, tx.clone()));
+            }
+        }
     }
 }
 
@@ -753,8 +775,9 @@ pub(crate) fn watched(resolver: &Resolver, cache: &FetchResults) -> Vec<(Arc<dyn
 /// exponential backoff.
 async fn watch_backend(
     backend: Arc<dyn Backend>,
+    watcher: usize,
     mut known: Vec<(Source, Fetched)>,
-    tx: mpsc::UnboundedSender<Event>,
+    tx: mpsc::Sender<Event>,
 ) {
     let mut changes = backend.changes();
     let mut errors = 0u32;
@@ -791,10 +814,11 @@ async fn watch_backend(
         errors = if failed.is_empty() { 0 } else { errors + 1 };
         let event = Event::Observed {
             backend: backend.name(),
+            watcher,
             changed,
             failed,
         };
-        if tx.send(event).is_err() {
+        if tx.send(event).await.is_err() {
             return;
         }
     }
@@ -855,7 +879,7 @@ impl WatchedFiles {
 /// is an [`Event::Files`].
 pub(crate) fn watch_files(
     watched: &WatchedFiles,
-    tx: mpsc::UnboundedSender<Event>,
+    tx: mpsc::Sender<Event>,
 ) -> Option<notify::RecommendedWatcher> {
     use notify::{RecursiveMode, Watcher as _};
     let filter = watched.clone();
@@ -866,7 +890,8 @@ pub(crate) fn watch_files(
                 return;
             }
             tracing::debug!(kind = ?event.kind, paths = ?event.paths, "file event");
-            let _ = tx.send(Event::Files);
+            // notify's own thread: waiting for room is fine here.
+            let _ = tx.blocking_send(Event::Files);
         },
     ) {
         Ok(w) => w,

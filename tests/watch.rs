@@ -192,6 +192,41 @@ fn a_consul_change_rewrites_the_file_and_signals_the_app_once() {
 }
 
 #[test]
+fn a_change_under_one_prefix_leaves_the_other_long_polls_open() {
+    let server = ConsulServer::start();
+    let mut template = String::new();
+    for p in 0..20 {
+        server.put(&format!("p{p}/k"), "0");
+        template.push_str(&format!("{{{{consul \"p{p}/k\"}}}}\n"));
+    }
+    let d = Dir::new();
+    d.write("t.hbs", &template);
+    let w = Watch::start(
+        d.cmd(&["watch", "--template", "t.hbs:out.conf"])
+            .env("CONSUL_HTTP_ADDR", &consul_addr(&server)),
+        &d,
+    );
+    eventually(Duration::from_secs(10), "20 long polls", || {
+        server.blocking_now() == 20
+    });
+    let before = server.requests();
+    for i in 1..=10 {
+        server.put("p0/k", &i.to_string());
+        eventually(Duration::from_secs(10), "the change", || {
+            d.read("out.conf").starts_with(&format!("{i}\n"))
+        });
+    }
+    eventually(Duration::from_secs(10), "20 long polls again", || {
+        server.blocking_now() == 20
+    });
+    // One re-armed query per change; the 19 others stayed open (before,
+    // every change cut and re-opened all 20: about 200 requests).
+    let made = server.requests() - before;
+    assert!(made <= 15, "{made} requests for 10 changes");
+    w.stop();
+}
+
+#[test]
 fn a_burst_of_changes_within_the_wait_is_one_render_and_one_signal() {
     let server = ConsulServer::start();
     server.put("cfg/n", "0");

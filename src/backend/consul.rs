@@ -851,6 +851,20 @@ impl Backend for Consul {
         Duration::from_secs(1)
     }
 
+    /// One watcher per blocking query (a key, a prefix, a service).
+    fn watch_groups(&self, sources: &[Source]) -> Vec<Vec<usize>> {
+        let mut groups: Vec<Vec<usize>> = self.client.watches_for(sources).into_values().collect();
+        let mut seen = vec![false; sources.len()];
+        for &i in groups.iter().flatten() {
+            seen[i] = true;
+        }
+        let rest: Vec<usize> = (0..sources.len()).filter(|&i| !seen[i]).collect();
+        if !rest.is_empty() {
+            groups.push(rest);
+        }
+        groups
+    }
+
     fn observe<'a>(&'a self, known: &'a [(Source, Fetched)]) -> BoxFuture<'a, Vec<Observation>> {
         Box::pin(async move {
             let sources: Vec<Source> = known.iter().map(|(s, _)| s.clone()).collect();

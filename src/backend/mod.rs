@@ -224,6 +224,13 @@ pub trait Backend: Send + Sync {
         false
     }
 
+    /// The sources watch mode looks at together, as groups of indices into
+    /// `sources`: one watcher per group, so that a change one group sees
+    /// does not cut and re-open the long polls of the others.
+    fn watch_groups(&self, sources: &[Source]) -> Vec<Vec<usize>> {
+        vec![(0..sources.len()).collect()]
+    }
+
     /// A channel that moves when the backend's values change on their own
     /// (Vault re-issuing a lease); watch mode observes again when it does.
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
@@ -490,6 +497,10 @@ impl Backend for OnFirstUse {
 
     fn blocks(&self) -> bool {
         self.get().blocks()
+    }
+
+    fn watch_groups(&self, sources: &[Source]) -> Vec<Vec<usize>> {
+        self.get().watch_groups(sources)
     }
 
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {

@@ -58,7 +58,13 @@ impl Dir {
     /// The envrender binary, run in this directory with no `ENVRENDER_*`
     /// variables inherited.
     pub fn cmd(&self, args: &[&str]) -> Cmd {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_envrender"));
+        self.cmd_of(Path::new(env!("CARGO_BIN_EXE_envrender")), args)
+    }
+
+    /// Like [`cmd`](Self::cmd), for another build of envrender (a release
+    /// binary, for figures).
+    pub fn cmd_of(&self, program: &Path, args: &[&str]) -> Cmd {
+        let mut command = Command::new(program);
         command.current_dir(self.path()).args(args);
         for (k, _) in std::env::vars_os() {
             let name = k.to_string_lossy();
