@@ -9,6 +9,14 @@ use std::sync::Arc;
 use envrender::{config, reference, template::Templates};
 use proptest::prelude::*;
 
+/// Cases per property: 2,000, or `PROPTEST_CASES` for a longer run.
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000)
+}
+
 /// Strings made of a reference's pieces, so most cases get past the scheme.
 fn reference_like() -> impl Strategy<Value = String> {
     let scheme = prop::sample::select(vec![
@@ -31,7 +39,7 @@ fn reference_like() -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(2000))]
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
 
     #[test]
     fn the_reference_parser_takes_any_text(input in any::<String>()) {
@@ -95,7 +103,7 @@ fn config_like() -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(2000))]
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
 
     #[test]
     fn the_configuration_loader_takes_any_text(text in any::<String>()) {
@@ -156,7 +164,7 @@ fn template_like() -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(2000))]
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
 
     #[test]
     fn templates_compile_and_render_any_text(text in prop_oneof![any::<String>(), template_like()]) {
