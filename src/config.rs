@@ -128,6 +128,8 @@ struct RawConsul {
     token_file: Option<Spanned<String>>,
     datacenter: Option<Spanned<String>>,
     ca_file: Option<Spanned<String>>,
+    client_cert: Option<Spanned<String>>,
+    client_key: Option<Spanned<String>>,
     max_stale: Option<Spanned<String>>,
     wait: Option<Spanned<String>>,
     watch: Option<Spanned<String>>,
@@ -491,6 +493,8 @@ impl Validator<'_> {
                 .map(|p| self.path(p, "consul.token_file")),
             datacenter: raw.datacenter.as_ref().map(|d| d.get_ref().clone()),
             ca_file: raw.ca_file.as_ref().map(|p| self.path(p, "consul.ca_file")),
+            client_cert: self.client_pair(&raw.client_cert, &raw.client_key, "consul", true),
+            client_key: self.client_pair(&raw.client_key, &raw.client_cert, "consul", false),
             max_stale: self
                 .duration(raw.max_stale.as_ref(), "consul.max_stale")
                 .unwrap_or(defaults.max_stale),
@@ -551,6 +555,33 @@ impl Validator<'_> {
         actions
     }
 
+    /// One of `client_cert` / `client_key` under `[section]`, resolved
+    /// against the configuration's folder; one without the other is an
+    /// error (reported once, at the certificate).
+    fn client_pair(
+        &mut self,
+        this: &Option<Spanned<String>>,
+        other: &Option<Spanned<String>>,
+        section: &str,
+        is_cert: bool,
+    ) -> Option<PathBuf> {
+        let (name, other_name) = if is_cert {
+            ("client_cert", "client_key")
+        } else {
+            ("client_key", "client_cert")
+        };
+        let path = this.as_ref()?;
+        if other.is_none() {
+            self.error(
+                path,
+                format!("{section}.{name} is set but {section}.{other_name} is not: a client certificate needs both"),
+                format!("set {other_name} = \"path/to/{}.pem\" under [{section}], or remove {name}", if is_cert { "client-key" } else { "client" }),
+            );
+            return None;
+        }
+        Some(self.path(path, &format!("{section}.{name}")))
+    }
+
     fn vault(&mut self, raw: &RawVault) -> VaultConfig {
         let defaults = VaultConfig::default();
         let text = |s: &Option<Spanned<String>>| s.as_ref().map(|s| s.get_ref().clone());
@@ -573,14 +604,8 @@ impl Validator<'_> {
             address: text(&raw.address),
             namespace: text(&raw.namespace),
             ca_file: raw.ca_file.as_ref().map(|p| self.path(p, "vault.ca_file")),
-            client_cert: raw
-                .client_cert
-                .as_ref()
-                .map(|p| self.path(p, "vault.client_cert")),
-            client_key: raw
-                .client_key
-                .as_ref()
-                .map(|p| self.path(p, "vault.client_key")),
+            client_cert: self.client_pair(&raw.client_cert, &raw.client_key, "vault", true),
+            client_key: self.client_pair(&raw.client_key, &raw.client_cert, "vault", false),
             state_file: raw
                 .state_file
                 .as_ref()

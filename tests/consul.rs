@@ -687,6 +687,63 @@ fn a_broken_consul_configuration_fails_only_what_uses_consul() {
 }
 
 #[test]
+fn consul_over_mutual_tls() {
+    let server = ConsulServer::start();
+    server.put("app/x", "over-mtls");
+    let front = support::mtls_front(&host_port(&server));
+    let d = Dir::new();
+    d.write("ca.pem", &front.ca_pem);
+    d.write("client.pem", &front.client_cert_pem);
+    d.write("client-key.pem", &front.client_key_pem);
+    d.write("stranger.pem", &front.stranger_cert_pem);
+    d.write("stranger-key.pem", &front.stranger_key_pem);
+    let get = || {
+        d.cmd(&["get", "--timeout", "2s", "consul:app/x"])
+            .env("CONSUL_HTTP_ADDR", &front.url)
+            .env("CONSUL_CACERT", "ca.pem")
+    };
+    get()
+        .env("CONSUL_CLIENT_CERT", "client.pem")
+        .env("CONSUL_CLIENT_KEY", "client-key.pem")
+        .run()
+        .success()
+        .stdout_has("over-mtls");
+    for (cert, key) in [
+        (None, None),
+        (Some("stranger.pem"), Some("stranger-key.pem")),
+    ] {
+        let mut cmd = get();
+        if let (Some(cert), Some(key)) = (cert, key) {
+            cmd = cmd
+                .env("CONSUL_CLIENT_CERT", cert)
+                .env("CONSUL_CLIENT_KEY", key);
+        }
+        cmd.run().code(1).stderr_has("cannot reach Consul");
+    }
+    d.write(
+        "conf/envrender.toml",
+        "[consul]\nca_file = \"ca.pem\"\nclient_cert = \"client.pem\"\nclient_key = \"client-key.pem\"\n",
+    );
+    d.cmd(&["get", "--config", "conf/envrender.toml", "consul:app/x"])
+        .env("CONSUL_HTTP_ADDR", &front.url)
+        .run()
+        .success()
+        .stdout_has("over-mtls");
+    d.write("half.toml", "[consul]\nclient_key = \"client-key.pem\"\n");
+    d.cmd(&["get", "--config", "half.toml", "consul:app/x"])
+        .env("CONSUL_HTTP_ADDR", &front.url)
+        .run()
+        .code(2)
+        .stderr_has("half.toml")
+        .stderr_has("consul.client_key is set but consul.client_cert is not");
+    get()
+        .env("CONSUL_CLIENT_KEY", "client-key.pem")
+        .run()
+        .code(1)
+        .stderr_has("CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY");
+}
+
+#[test]
 fn consul_over_tls_with_a_private_ca() {
     let server = ConsulServer::start();
     server.put("app/x", "over-tls");

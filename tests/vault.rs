@@ -1033,6 +1033,83 @@ fn vault_over_tls_with_a_private_ca() {
     get().run().code(1).stderr_has("VAULT_CACERT");
 }
 
+#[test]
+fn vault_over_mutual_tls() {
+    let server = VaultServer::start();
+    server.kv2_put("secret/", "app", json!({"password": "over-mtls"}));
+    let front = support::mtls_front(server.url.trim_start_matches("http://"));
+    let d = Dir::new();
+    d.write("ca.pem", &front.ca_pem);
+    d.write("client.pem", &front.client_cert_pem);
+    d.write("client-key.pem", &front.client_key_pem);
+    d.write("stranger.pem", &front.stranger_cert_pem);
+    d.write("stranger-key.pem", &front.stranger_key_pem);
+    let get = || {
+        d.cmd(&["get", "--timeout", "2s", "vault:secret/app#password"])
+            .env("VAULT_ADDR", &front.url)
+            .env("VAULT_TOKEN", &server.root_token)
+            .env("VAULT_CACERT", "ca.pem")
+    };
+    get()
+        .env("VAULT_CLIENT_CERT", "client.pem")
+        .env("VAULT_CLIENT_KEY", "client-key.pem")
+        .run()
+        .success()
+        .stdout_has("over-mtls");
+    // Without a client certificate, or with one from another CA, the
+    // server ends the handshake.
+    for (cert, key) in [
+        (None, None),
+        (Some("stranger.pem"), Some("stranger-key.pem")),
+    ] {
+        let mut cmd = get();
+        if let (Some(cert), Some(key)) = (cert, key) {
+            cmd = cmd
+                .env("VAULT_CLIENT_CERT", cert)
+                .env("VAULT_CLIENT_KEY", key);
+        }
+        cmd.run().code(1).stderr_has("cannot reach Vault");
+    }
+    // From the configuration (paths, as everywhere, from the working directory).
+    d.write(
+        "conf/envrender.toml",
+        "[vault]\nca_file = \"ca.pem\"\nclient_cert = \"client.pem\"\nclient_key = \"client-key.pem\"\n",
+    );
+    d.cmd(&[
+        "get",
+        "--config",
+        "conf/envrender.toml",
+        "vault:secret/app#password",
+    ])
+    .env("VAULT_ADDR", &front.url)
+    .env("VAULT_TOKEN", &server.root_token)
+    .run()
+    .success()
+    .stdout_has("over-mtls");
+    // One without the other is a configuration error, before any request.
+    d.write("half.toml", "[vault]\nclient_cert = \"client.pem\"\n");
+    d.cmd(&["get", "--config", "half.toml", "vault:secret/app#password"])
+        .env("VAULT_ADDR", &front.url)
+        .run()
+        .code(2)
+        .stderr_has("half.toml")
+        .stderr_has("vault.client_cert is set but vault.client_key is not");
+    get()
+        .env("VAULT_CLIENT_CERT", "client.pem")
+        .run()
+        .code(1)
+        .stderr_has("VAULT_CLIENT_CERT and VAULT_CLIENT_KEY");
+    // A key that is not PEM is named, its content never printed.
+    d.write("bad-key.pem", support::CANARY);
+    let run = get()
+        .env("VAULT_CLIENT_CERT", "client.pem")
+        .env("VAULT_CLIENT_KEY", "bad-key.pem")
+        .run()
+        .code(1)
+        .stderr_has("bad-key.pem");
+    assert!(!run.stderr.contains(support::CANARY), "{}", run.stderr);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_secrets_are_looked_at_again_by_version() {
     let server = VaultServer::start();

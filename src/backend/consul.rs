@@ -59,6 +59,10 @@ pub struct ConsulConfig {
     pub token_file: Option<PathBuf>,
     pub datacenter: Option<String>,
     pub ca_file: Option<PathBuf>,
+    /// A client certificate and its key (PEM), for agents that verify
+    /// incoming TLS connections (`verify_incoming`).
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
     /// Allow reads from any server when its data is at most this old.
     pub max_stale: Duration,
     /// How long one blocking query waits for a change.
@@ -74,6 +78,8 @@ impl Default for ConsulConfig {
             token_file: None,
             datacenter: None,
             ca_file: None,
+            client_cert: None,
+            client_key: None,
             max_stale: Duration::from_secs(2),
             wait: Duration::from_secs(60),
             watch: WatchPolicy::Prefix,
@@ -187,6 +193,19 @@ impl Consul {
             .clone()
             .or_else(|| env.var("CONSUL_CACERT").map(PathBuf::from));
         let http = super::http_client(ca.as_deref(), "Consul")?;
+        let http = super::client_identity(
+            http,
+            config
+                .client_cert
+                .clone()
+                .or_else(|| env.var("CONSUL_CLIENT_CERT").map(PathBuf::from)),
+            config
+                .client_key
+                .clone()
+                .or_else(|| env.var("CONSUL_CLIENT_KEY").map(PathBuf::from)),
+            "Consul",
+            "client_cert and client_key under [consul], or CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY",
+        )?;
         let http = super::build_client(http)?;
         Ok(Consul {
             client: Arc::new(Client {

@@ -16,6 +16,7 @@ pub mod vault;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -356,6 +357,44 @@ pub fn http_client(
         http = http.tls_certs_merge(certs);
     }
     Ok(http)
+}
+
+/// Adds a client certificate (mutual TLS) to a backend's client builder.
+/// `names` says where the two settings come from, for the error when only
+/// one is given. Errors name the files, never their content.
+pub fn client_identity(
+    http: reqwest::ClientBuilder,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    what: &str,
+    names: &str,
+) -> Result<reqwest::ClientBuilder, String> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => {
+            let mut pem = std::fs::read(&cert).map_err(|e| {
+                format!(
+                    "cannot read the {what} client certificate {}: {e}",
+                    cert.display()
+                )
+            })?;
+            pem.push(b'\n');
+            pem.extend(std::fs::read(&key).map_err(|e| {
+                format!("cannot read the {what} client key {}: {e}", key.display())
+            })?);
+            let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+                format!(
+                    "{} and {} are not a PEM certificate and key: {e}",
+                    cert.display(),
+                    key.display()
+                )
+            })?;
+            Ok(http.identity(identity))
+        }
+        (None, None) => Ok(http),
+        _ => Err(format!(
+            "a {what} client certificate needs both a certificate and a key ({names})"
+        )),
+    }
 }
 
 /// Builds a client from [`http_client`]'s builder; the error says why (most

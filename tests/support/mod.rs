@@ -219,32 +219,36 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A TLS front for a plain loopback server: terminates TLS with a
-/// certificate for `localhost` signed by a fresh CA, and passes the bytes on.
-/// Returns the `https://localhost:PORT` address and the CA in PEM.
-pub fn tls_front(backend: &str) -> (String, String) {
-    use std::sync::Arc;
-
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "envrender test TLS CA");
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let ca_pem = ca_cert.pem();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+/// A fresh CA named `name`: its issuer and its certificate in PEM.
+fn test_ca(name: &str) -> (rcgen::Issuer<'static, rcgen::KeyPair>, String) {
     let key = rcgen::KeyPair::generate().unwrap();
-    let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    let config = tokio_rustls::rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            tokio_rustls::rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
-        )
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let pem = params.self_signed(&key).unwrap().pem();
+    (rcgen::Issuer::new(params, key), pem)
+}
+
+/// A certificate for `sans` signed by `issuer`, with its key.
+fn issue(
+    issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+    sans: &[&str],
+    usage: rcgen::ExtendedKeyUsagePurpose,
+) -> (rcgen::Certificate, rcgen::KeyPair) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    params.extended_key_usages = vec![usage];
+    (params.signed_by(&key, issuer).unwrap(), key)
+}
+
+/// Terminates TLS with `config` on a loopback port and passes the bytes on
+/// to `backend`. Returns the `https://localhost:PORT` address.
+fn serve_tls(backend: &str, config: tokio_rustls::rustls::ServerConfig) -> String {
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -269,7 +273,84 @@ pub fn tls_front(backend: &str) -> (String, String) {
             }
         })
     });
-    (format!("https://localhost:{port}"), ca_pem)
+    format!("https://localhost:{port}")
+}
+
+fn server_key(key: &rcgen::KeyPair) -> tokio_rustls::rustls::pki_types::PrivateKeyDer<'static> {
+    tokio_rustls::rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap()
+}
+
+/// A TLS front for a plain loopback server: terminates TLS with a
+/// certificate for `localhost` signed by a fresh CA, and passes the bytes on.
+/// Returns the `https://localhost:PORT` address and the CA in PEM.
+pub fn tls_front(backend: &str) -> (String, String) {
+    let (issuer, ca_pem) = test_ca("envrender test TLS CA");
+    let (cert, key) = issue(
+        &issuer,
+        &["localhost"],
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let config = tokio_rustls::rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], server_key(&key))
+        .unwrap();
+    (serve_tls(backend, config), ca_pem)
+}
+
+/// A TLS front that also requires a client certificate (mutual TLS) signed
+/// by a client CA of its own.
+pub struct MtlsFront {
+    /// `https://localhost:PORT`.
+    pub url: String,
+    /// The CA of the server's certificate.
+    pub ca_pem: String,
+    /// A client certificate the front accepts, and its key.
+    pub client_cert_pem: String,
+    pub client_key_pem: String,
+    /// A client certificate from another CA, which it refuses, and its key.
+    pub stranger_cert_pem: String,
+    pub stranger_key_pem: String,
+}
+
+pub fn mtls_front(backend: &str) -> MtlsFront {
+    use tokio_rustls::rustls;
+    let (server_issuer, ca_pem) = test_ca("envrender test TLS CA");
+    let (client_issuer, client_ca_pem) = test_ca("envrender test client CA");
+    let (stranger_issuer, _) = test_ca("envrender test unknown CA");
+    let (cert, key) = issue(
+        &server_issuer,
+        &["localhost"],
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let (client, client_key) = issue(
+        &client_issuer,
+        &[],
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    let (stranger, stranger_key) = issue(
+        &stranger_issuer,
+        &[],
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    for der in rustls::pki_types::pem::PemObject::pem_slice_iter(client_ca_pem.as_bytes()) {
+        roots.add(der.unwrap()).unwrap();
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder(std::sync::Arc::new(roots))
+        .build()
+        .unwrap();
+    let config = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![cert.der().clone()], server_key(&key))
+        .unwrap();
+    MtlsFront {
+        url: serve_tls(backend, config),
+        ca_pem,
+        client_cert_pem: client.pem(),
+        client_key_pem: client_key.serialize_pem(),
+        stranger_cert_pem: stranger.pem(),
+        stranger_key_pem: stranger_key.serialize_pem(),
+    }
 }
 
 /// A TCP forwarder to `backend` on a loopback port of its own, which can be

@@ -225,7 +225,7 @@ impl Vault {
             .ca_file
             .clone()
             .or_else(|| env.var("VAULT_CACERT").map(PathBuf::from));
-        let mut http = super::http_client(ca.as_deref(), "Vault")?.timeout(Duration::from_secs(60));
+        let http = super::http_client(ca.as_deref(), "Vault")?.timeout(Duration::from_secs(60));
         let cert = config
             .client_cert
             .clone()
@@ -234,34 +234,13 @@ impl Vault {
             .client_key
             .clone()
             .or_else(|| env.var("VAULT_CLIENT_KEY").map(PathBuf::from));
-        match (cert, key) {
-            (Some(cert), Some(key)) => {
-                let mut pem = std::fs::read(&cert).map_err(|e| {
-                    format!(
-                        "cannot read the Vault client certificate {}: {e}",
-                        cert.display()
-                    )
-                })?;
-                pem.extend(std::fs::read(&key).map_err(|e| {
-                    format!("cannot read the Vault client key {}: {e}", key.display())
-                })?);
-                let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
-                    format!(
-                        "{} and {} are not a PEM certificate and key: {e}",
-                        cert.display(),
-                        key.display()
-                    )
-                })?;
-                http = http.identity(identity);
-            }
-            (None, None) => {}
-            _ => {
-                return Err(
-                    "a Vault client certificate needs both a certificate and a key (client_cert and client_key, or VAULT_CLIENT_CERT and VAULT_CLIENT_KEY)"
-                        .to_string(),
-                );
-            }
-        }
+        let http = super::client_identity(
+            http,
+            cert,
+            key,
+            "Vault",
+            "client_cert and client_key under [vault], or VAULT_CLIENT_CERT and VAULT_CLIENT_KEY",
+        )?;
         let http = super::build_client(http)?;
         let auth = auth::Auth::new(config.auth.clone(), env, aws);
         let ledger = match &config.state_file {
