@@ -314,13 +314,15 @@ pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
     let origin = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| {
         vec![
-            ConfigError::new(&origin, format!("cannot read the configuration: {e}")).hint(
-                if e.kind() == std::io::ErrorKind::NotFound {
+            ConfigError::new(&origin, format!("cannot read the configuration: {e}")).hint(match e
+                .kind()
+            {
+                std::io::ErrorKind::NotFound => {
                     "give an existing file with --config or ENVRENDER_CONFIG"
-                } else {
-                    "check the file's permissions"
-                },
-            ),
+                }
+                std::io::ErrorKind::InvalidData => "the file is not UTF-8 text; save it as UTF-8",
+                _ => "check the file's permissions",
+            }),
         ]
     })?;
     parse(&origin, &text).map(|mut c| {
@@ -519,9 +521,12 @@ impl Validator<'_> {
             .pid_file
             .as_ref()
             .map(|p| self.path(p, "template.on_change.pid_file"));
+        // A signal that did not parse is reported once, above.
+        let signal_given = raw.signal.is_some();
         match watch::signal_action(signal, pid_file, text(&raw.process_name)) {
             Ok(Some(a)) => actions.push(a),
             Ok(None) => {}
+            Err(_) if signal_given && signal.is_none() => {}
             Err(e) => self.error(
                 at,
                 format!("template.on_change: {e}"),

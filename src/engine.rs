@@ -91,8 +91,14 @@ impl Plan {
             match std::fs::read_to_string(&t.source) {
                 Ok(text) => sources.push((name, text)),
                 Err(e) => errors.push(
-                    ConfigError::new(&name, format!("cannot read the template: {e}"))
-                        .hint("template paths are relative to the working directory"),
+                    ConfigError::new(&name, format!("cannot read the template: {e}")).hint(match e
+                        .kind()
+                    {
+                        std::io::ErrorKind::InvalidData => {
+                            "the template is not UTF-8 text; save it as UTF-8"
+                        }
+                        _ => "template paths are relative to the working directory",
+                    }),
                 ),
             }
         }

@@ -251,8 +251,42 @@ impl std::str::FromStr for Reference {
     }
 }
 
+/// The longest reference accepted, in characters: far above any backend's
+/// own limit on names (SSM: 2,048), low enough that a value pasted where a
+/// reference belongs is caught.
+pub const MAX_LEN: usize = 4096;
+
 /// Parses one reference.
 pub fn parse(input: &str) -> Result<Reference, ParseError> {
+    let len = input.chars().count();
+    if len > MAX_LEN {
+        const SHOWN: usize = 60;
+        return Err(ParseError {
+            input: format!("{}…", input.chars().take(SHOWN).collect::<String>()),
+            at: SHOWN,
+            message: format!("the reference is {len} characters long; the limit is {MAX_LEN}"),
+            hint: Some(
+                "a reference names a value (consul:app/key); check that a value was not pasted in its place"
+                    .to_string(),
+            ),
+        });
+    }
+    if let Some((at, c)) = input.chars().enumerate().find(|(_, c)| c.is_control()) {
+        return Err(ParseError {
+            // Shown with each control character replaced, so the line stays
+            // on one line and the caret under it.
+            input: input
+                .chars()
+                .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+                .collect(),
+            at,
+            message: format!("control character U+{:04X} in the reference", c as u32),
+            hint: Some(
+                "remove it; a newline or tab at the end often comes from a file or a variable read with its line ending"
+                    .to_string(),
+            ),
+        });
+    }
     Parser::new(input).reference()
 }
 
@@ -1023,6 +1057,21 @@ mod tests {
 
     fn ok(s: &str) -> Reference {
         parse(s).unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn control_characters_and_overlong_references_are_refused() {
+        let e = err("consul:app\u{1}x");
+        assert_eq!(e.at, 10);
+        assert!(e.message.contains("U+0001"), "{e}");
+        assert!(!e.to_string().contains('\u{1}'));
+        let e = err("ssm:/app/x\n");
+        assert!(e.message.contains("U+000A"), "{e}");
+        let long = format!("consul:{}", "a".repeat(MAX_LEN));
+        let e = err(&long);
+        assert!(e.message.contains("the limit is 4096"), "{e}");
+        assert!(e.to_string().len() < 400, "{e}");
+        assert!(parse(&format!("consul:{}", "a".repeat(MAX_LEN - 7))).is_ok());
     }
 
     fn err(s: &str) -> ParseError {

@@ -358,6 +358,15 @@ impl ReferenceHelper {
                 self.name
             ));
         };
+        let most = if self.scheme.is_some() { 2 } else { 1 };
+        if h.params().len() > most {
+            return Err(format!(
+                "{}: takes at most {most} argument{}, got {}; as in {usage}",
+                self.name,
+                if most == 1 { "" } else { "s" },
+                h.params().len()
+            ));
+        }
         let mut text = match self.scheme {
             None => arg.clone(),
             Some(s) => format!("{}:{arg}", s.prefix()),
