@@ -19,7 +19,7 @@ use support::aws::{block_on, sdk};
 use support::consul::ConsulServer;
 use support::fault::{Fault, FaultProxy};
 use support::vault::VaultServer;
-use support::{CANARY, Dir, eventually};
+use support::{CANARY, Dir, KillOnDrop, eventually};
 
 struct Fixture {
     consul: ConsulServer,
@@ -264,8 +264,8 @@ fn no_secret_reaches_logs_errors_metrics_check_or_argv() {
     let port = support::aws::free_port();
     let listen = format!("127.0.0.1:{port}");
     let log = d.join("watch.log");
-    let mut watch = f
-        .cmd(&[
+    let mut watch = KillOnDrop(
+        f.cmd(&[
             "watch",
             "--listen",
             &listen,
@@ -277,7 +277,8 @@ fn no_secret_reaches_logs_errors_metrics_check_or_argv() {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
-        .unwrap();
+        .unwrap(),
+    );
     let get = |path: &str| {
         block_on(async {
             match reqwest::get(format!("http://{listen}{path}")).await {
@@ -301,8 +302,8 @@ fn no_secret_reaches_logs_errors_metrics_check_or_argv() {
     emitted.add("watch /readyz (degraded)", get("/readyz").1);
     emitted.add("watch /metrics (degraded)", get("/metrics").1);
     f.consul_proxy.clear();
-    let _ = watch.kill();
-    let _ = watch.wait();
+    let _ = watch.0.kill();
+    let _ = watch.0.wait();
     emitted.add("watch (json logs)", std::fs::read_to_string(&log).unwrap());
 
     // run: the command gets the values in its environment, never in argv;
@@ -311,8 +312,8 @@ fn no_secret_reaches_logs_errors_metrics_check_or_argv() {
                   tr '\\0' ' ' < /proc/$$/cmdline >> argv.txt; echo >> argv.txt; \
                   tr '\\0' '\\n' < /proc/$PPID/environ > parent-env.txt; \
                   env > child-env.txt; exec sleep 30";
-    let mut run = f
-        .cmd(&[
+    let mut run = KillOnDrop(
+        f.cmd(&[
             "run",
             "--supervise",
             "--template",
@@ -328,7 +329,8 @@ fn no_secret_reaches_logs_errors_metrics_check_or_argv() {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(d.join("run.log")).unwrap())
         .spawn()
-        .unwrap();
+        .unwrap(),
+    );
     eventually(Duration::from_secs(20), "the command", || {
         d.join("child-env.txt").exists() && d.join("parent-env.txt").exists()
     });
@@ -340,11 +342,11 @@ fn no_secret_reaches_logs_errors_metrics_check_or_argv() {
     );
     assert!(child_env.contains(&format!("LEVEL={}", canary("ssm"))));
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(run.id() as i32),
+        nix::unistd::Pid::from_raw(run.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let _ = run.wait();
+    let _ = run.0.wait();
     emitted.add(
         "run: argv of envrender and of the command",
         d.read("argv.txt"),

@@ -692,11 +692,7 @@ fn consul_over_mutual_tls() {
     server.put("app/x", "over-mtls");
     let front = support::mtls_front(&host_port(&server));
     let d = Dir::new();
-    d.write("ca.pem", &front.ca_pem);
-    d.write("client.pem", &front.client_cert_pem);
-    d.write("client-key.pem", &front.client_key_pem);
-    d.write("stranger.pem", &front.stranger_cert_pem);
-    d.write("stranger-key.pem", &front.stranger_key_pem);
+    front.write_files(&d);
     let get = || {
         d.cmd(&["get", "--timeout", "2s", "consul:app/x"])
             .env("CONSUL_HTTP_ADDR", &front.url)

@@ -9,12 +9,12 @@
 
 mod support;
 
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use support::consul::ConsulServer;
 use support::fault::{Fault, FaultProxy};
-use support::{Dir, eventually};
+use support::{Dir, KillOnDrop, eventually};
 
 fn cycles() -> usize {
     std::env::var("ENVRENDER_HYGIENE_CYCLES")
@@ -58,21 +58,12 @@ fn lines(d: &Dir, file: &str) -> usize {
         .unwrap_or(0)
 }
 
-struct Stopped(Child);
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(cmd: support::Cmd, d: &Dir) -> Stopped {
+fn spawn(cmd: support::Cmd, d: &Dir) -> KillOnDrop {
     let mut command = cmd.command;
     command
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(d.join("envrender.log")).unwrap());
-    Stopped(command.spawn().unwrap())
+    KillOnDrop(command.spawn().unwrap())
 }
 
 /// What [`churn`] saw.

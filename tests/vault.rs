@@ -1039,11 +1039,7 @@ fn vault_over_mutual_tls() {
     server.kv2_put("secret/", "app", json!({"password": "over-mtls"}));
     let front = support::mtls_front(server.url.trim_start_matches("http://"));
     let d = Dir::new();
-    d.write("ca.pem", &front.ca_pem);
-    d.write("client.pem", &front.client_cert_pem);
-    d.write("client-key.pem", &front.client_key_pem);
-    d.write("stranger.pem", &front.stranger_cert_pem);
-    d.write("stranger-key.pem", &front.stranger_key_pem);
+    front.write_files(&d);
     let get = || {
         d.cmd(&["get", "--timeout", "2s", "vault:secret/app#password"])
             .env("VAULT_ADDR", &front.url)

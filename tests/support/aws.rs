@@ -241,18 +241,11 @@ impl Proxy {
             counts: Mutex::new(BTreeMap::new()),
             faults: Mutex::new(Vec::new()),
         });
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let app = axum::Router::new()
-            .fallback(forward)
-            .with_state(state.clone());
-        std::thread::spawn(move || {
-            block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                axum::serve(listener, app).await.unwrap();
-            })
-        });
+        let url = super::serve_loopback(
+            axum::Router::new()
+                .fallback(forward)
+                .with_state(state.clone()),
+        );
         Proxy { url, state }
     }
 
@@ -324,9 +317,6 @@ pub struct CredentialsServer {
 impl CredentialsServer {
     pub fn start() -> CredentialsServer {
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let url = format!("http://{}/v1/credentials", listener.local_addr().unwrap());
         let state = seen.clone();
         let app = axum::Router::new()
             .fallback(
@@ -347,14 +337,8 @@ impl CredentialsServer {
                 },
             )
             .with_state(state);
-        std::thread::spawn(move || {
-            block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                axum::serve(listener, app).await.unwrap();
-            })
-        });
         CredentialsServer {
-            url,
+            url: format!("{}/v1/credentials", super::serve_loopback(app)),
             seen_tokens: seen,
         }
     }

@@ -12,8 +12,6 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 
-use super::aws::block_on;
-
 /// What the proxy does to a request.
 #[derive(Clone, Debug)]
 pub enum Fault {
@@ -66,18 +64,11 @@ impl FaultProxy {
             requests: AtomicUsize::new(0),
             faulted: AtomicUsize::new(0),
         });
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let app = axum::Router::new()
-            .fallback(handle)
-            .with_state(state.clone());
-        std::thread::spawn(move || {
-            block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                axum::serve(listener, app).await.unwrap();
-            })
-        });
+        let url = super::serve_loopback(
+            axum::Router::new()
+                .fallback(handle)
+                .with_state(state.clone()),
+        );
         FaultProxy { url, state }
     }
 

@@ -312,6 +312,18 @@ pub struct MtlsFront {
     pub stranger_key_pem: String,
 }
 
+impl MtlsFront {
+    /// Writes `ca.pem`, `client.pem`, `client-key.pem`, `stranger.pem` and
+    /// `stranger-key.pem` into `d`.
+    pub fn write_files(&self, d: &Dir) {
+        d.write("ca.pem", &self.ca_pem);
+        d.write("client.pem", &self.client_cert_pem);
+        d.write("client-key.pem", &self.client_key_pem);
+        d.write("stranger.pem", &self.stranger_cert_pem);
+        d.write("stranger-key.pem", &self.stranger_key_pem);
+    }
+}
+
 pub fn mtls_front(backend: &str) -> MtlsFront {
     use tokio_rustls::rustls;
     let (server_issuer, ca_pem) = test_ca("envrender test TLS CA");
@@ -417,6 +429,32 @@ impl Gate {
             let _ = tx.send(true);
             thread.join().unwrap();
         }
+    }
+}
+
+/// Serves `app` on a loopback port of its own, on a thread of its own, for
+/// the rest of the test; returns `http://127.0.0.1:PORT`.
+pub fn serve_loopback(app: axum::Router) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        aws::block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        })
+    });
+    url
+}
+
+/// A child process killed and reaped when dropped, so a failing test leaves
+/// nothing running.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
