@@ -714,7 +714,10 @@ fn consul_over_mutual_tls() {
                 .env("CONSUL_CLIENT_CERT", cert)
                 .env("CONSUL_CLIENT_KEY", key);
         }
-        cmd.run().code(1).stderr_has("cannot reach Consul");
+        cmd.run()
+            .code(1)
+            .stderr_has(&format!("cannot reach Consul at {}", front.url))
+            .stderr_has("give one with CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY");
     }
     d.write(
         "conf/envrender.toml",
@@ -737,6 +740,28 @@ fn consul_over_mutual_tls() {
         .run()
         .code(1)
         .stderr_has("CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY");
+    // Files that are not there, or not PEM, or not a pair, are named; their
+    // content is never printed.
+    get()
+        .env("CONSUL_CLIENT_CERT", "missing.pem")
+        .env("CONSUL_CLIENT_KEY", "client-key.pem")
+        .run()
+        .code(1)
+        .stderr_has("cannot read the Consul client certificate missing.pem");
+    d.write("bad-key.pem", support::CANARY);
+    let run = get()
+        .env("CONSUL_CLIENT_CERT", "client.pem")
+        .env("CONSUL_CLIENT_KEY", "bad-key.pem")
+        .run()
+        .code(1)
+        .stderr_has("bad-key.pem");
+    assert!(!run.stderr.contains(support::CANARY), "{}", run.stderr);
+    get()
+        .env("CONSUL_CLIENT_CERT", "client.pem")
+        .env("CONSUL_CLIENT_KEY", "stranger-key.pem")
+        .run()
+        .code(1)
+        .stderr_has("client certificate client.pem, key stranger-key.pem");
 }
 
 #[test]

@@ -1064,7 +1064,11 @@ fn vault_over_mutual_tls() {
                 .env("VAULT_CLIENT_CERT", cert)
                 .env("VAULT_CLIENT_KEY", key);
         }
-        cmd.run().code(1).stderr_has("cannot reach Vault");
+        cmd.run()
+            .code(1)
+            .stderr_has("cannot reach Vault")
+            .stderr_has(&front.url)
+            .stderr_has("give one with VAULT_CLIENT_CERT and VAULT_CLIENT_KEY");
     }
     // From the configuration (paths, as everywhere, from the working directory).
     d.write(
@@ -1104,6 +1108,19 @@ fn vault_over_mutual_tls() {
         .code(1)
         .stderr_has("bad-key.pem");
     assert!(!run.stderr.contains(support::CANARY), "{}", run.stderr);
+    // A file that is not there, and a key that is not the certificate's.
+    get()
+        .env("VAULT_CLIENT_CERT", "client.pem")
+        .env("VAULT_CLIENT_KEY", "missing-key.pem")
+        .run()
+        .code(1)
+        .stderr_has("cannot read the Vault client key missing-key.pem");
+    get()
+        .env("VAULT_CLIENT_CERT", "client.pem")
+        .env("VAULT_CLIENT_KEY", "stranger-key.pem")
+        .run()
+        .code(1)
+        .stderr_has("client certificate client.pem, key stranger-key.pem");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -156,7 +156,8 @@ struct Answer {
 
 impl Consul {
     /// The backend, from `[consul]` and `CONSUL_HTTP_ADDR`, `CONSUL_HTTP_SSL`,
-    /// `CONSUL_HTTP_TOKEN`, `CONSUL_HTTP_TOKEN_FILE` and `CONSUL_CACERT`.
+    /// `CONSUL_HTTP_TOKEN`, `CONSUL_HTTP_TOKEN_FILE`, `CONSUL_CACERT` and
+    /// `CONSUL_CLIENT_CERT`/`CONSUL_CLIENT_KEY`.
     pub fn new(config: ConsulConfig, env: &dyn Environment) -> Result<Consul, String> {
         let address = config
             .address
@@ -193,20 +194,27 @@ impl Consul {
             .clone()
             .or_else(|| env.var("CONSUL_CACERT").map(PathBuf::from));
         let http = super::http_client(ca.as_deref(), "Consul")?;
+        let cert = config
+            .client_cert
+            .clone()
+            .or_else(|| env.var("CONSUL_CLIENT_CERT").map(PathBuf::from));
+        let key = config
+            .client_key
+            .clone()
+            .or_else(|| env.var("CONSUL_CLIENT_KEY").map(PathBuf::from));
+        // A key that is not the certificate's is found when the client is built.
+        let pair = cert
+            .as_ref()
+            .zip(key.as_ref())
+            .map(|(c, k)| format!(" (client certificate {}, key {})", c.display(), k.display()));
         let http = super::client_identity(
             http,
-            config
-                .client_cert
-                .clone()
-                .or_else(|| env.var("CONSUL_CLIENT_CERT").map(PathBuf::from)),
-            config
-                .client_key
-                .clone()
-                .or_else(|| env.var("CONSUL_CLIENT_KEY").map(PathBuf::from)),
+            cert,
+            key,
             "Consul",
             "client_cert and client_key under [consul], or CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY",
         )?;
-        let http = super::build_client(http)?;
+        let http = super::build_client(http).map_err(|e| e + pair.as_deref().unwrap_or(""))?;
         Ok(Consul {
             client: Arc::new(Client {
                 http,
@@ -308,13 +316,19 @@ impl Client {
             request = request.timeout(Duration::from_secs(30));
         }
         let response = request.send().await.map_err(|e| {
+            let why = error_chain(&e);
+            let hint = if super::client_certificate_refused(&why) {
+                "Consul refused the TLS handshake for want of a client certificate it trusts (mutual TLS): give one with CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY, or client_cert and client_key under [consul]"
+            } else {
+                "check CONSUL_HTTP_ADDR (host:port or URL) and that the agent is running"
+            };
             FetchError::new(
                 ErrorKind::Transient,
                 "consul",
                 format!("GET {}", url.path()),
-                format!("cannot reach Consul at {}: {}", self.base, error_chain(&e)),
+                format!("cannot reach Consul at {}: {why}", self.base),
             )
-            .hint("check CONSUL_HTTP_ADDR (host:port or URL) and that the agent is running")
+            .hint(hint)
         })?;
         let status = response.status();
         let header = |name: &str| {

@@ -397,6 +397,24 @@ pub fn client_identity(
     }
 }
 
+/// Whether `detail` says the server ended the handshake over our client
+/// certificate (mutual TLS): none given, or one it does not trust.
+pub fn client_certificate_refused(detail: &str) -> bool {
+    const ALERTS: [&str; 7] = [
+        "CertificateRequired",
+        "BadCertificate",
+        "UnknownCA",
+        "CertificateUnknown",
+        "CertificateExpired",
+        "CertificateRevoked",
+        "UnsupportedCertificate",
+    ];
+    detail
+        .split("received fatal alert: ")
+        .skip(1)
+        .any(|rest| ALERTS.iter().any(|a| rest.starts_with(a)))
+}
+
 /// Builds a client from [`http_client`]'s builder; the error says why (most
 /// often: no CA certificates where the system keeps them).
 pub fn build_client(http: reqwest::ClientBuilder) -> Result<reqwest::Client, String> {
@@ -600,6 +618,23 @@ impl Backends {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_certificate_refusals_are_told_from_other_tls_failures() {
+        let sent = "error sending request: client error (SendRequest): connection error: ";
+        for alert in ["CertificateRequired", "UnknownCA", "BadCertificate"] {
+            assert!(client_certificate_refused(&format!(
+                "{sent}received fatal alert: {alert}"
+            )));
+        }
+        for other in [
+            "received fatal alert: HandshakeFailure",
+            "invalid peer certificate: UnknownIssuer",
+            "Connection refused (os error 111)",
+        ] {
+            assert!(!client_certificate_refused(&format!("{sent}{other}")));
+        }
+    }
 
     #[test]
     fn poll_delays_spread_around_the_interval() {

@@ -234,6 +234,11 @@ impl Vault {
             .client_key
             .clone()
             .or_else(|| env.var("VAULT_CLIENT_KEY").map(PathBuf::from));
+        // A key that is not the certificate's is found when the client is built.
+        let pair = cert
+            .as_ref()
+            .zip(key.as_ref())
+            .map(|(c, k)| format!(" (client certificate {}, key {})", c.display(), k.display()));
         let http = super::client_identity(
             http,
             cert,
@@ -241,7 +246,7 @@ impl Vault {
             "Vault",
             "client_cert and client_key under [vault], or VAULT_CLIENT_CERT and VAULT_CLIENT_KEY",
         )?;
-        let http = super::build_client(http)?;
+        let http = super::build_client(http).map_err(|e| e + pair.as_deref().unwrap_or(""))?;
         let auth = auth::Auth::new(config.auth.clone(), env, aws);
         let ledger = match &config.state_file {
             Some(path) => lease::Ledger::load(path, base.as_str(), namespace.as_deref()),
@@ -326,12 +331,14 @@ fn request_key(source: &Source) -> String {
 }
 
 /// The error of a request that got no answer from Vault (`detail`, after
-/// "cannot reach Vault": where, and why). A certificate Vault's CA does not vouch for is not transient:
-/// retrying cannot make it trusted.
+/// "cannot reach Vault": where, and why). A certificate Vault's CA does not
+/// vouch for, or a client certificate Vault refuses, is not transient:
+/// retrying cannot change it.
 fn unreachable(action: impl Into<String>, detail: &str) -> FetchError {
+    let refused = super::client_certificate_refused(detail);
     let untrusted = detail.contains("certificate");
     let mut err = FetchError::new(
-        if untrusted {
+        if untrusted || refused {
             ErrorKind::Invalid
         } else {
             ErrorKind::Transient
@@ -340,7 +347,9 @@ fn unreachable(action: impl Into<String>, detail: &str) -> FetchError {
         action,
         format!("cannot reach Vault{detail}"),
     );
-    err.hint = Some(if untrusted {
+    err.hint = Some(if refused {
+        "Vault refused the TLS handshake for want of a client certificate it trusts (mutual TLS): give one with VAULT_CLIENT_CERT and VAULT_CLIENT_KEY, or client_cert and client_key under [vault]".into()
+    } else if untrusted {
         "Vault's TLS certificate is not trusted: give its CA with VAULT_CACERT or [vault] ca_file"
             .into()
     } else {
