@@ -194,27 +194,19 @@ impl Consul {
             .clone()
             .or_else(|| env.var("CONSUL_CACERT").map(PathBuf::from));
         let http = super::http_client(ca.as_deref(), "Consul")?;
-        let cert = config
-            .client_cert
-            .clone()
-            .or_else(|| env.var("CONSUL_CLIENT_CERT").map(PathBuf::from));
-        let key = config
-            .client_key
-            .clone()
-            .or_else(|| env.var("CONSUL_CLIENT_KEY").map(PathBuf::from));
-        // A key that is not the certificate's is found when the client is built.
-        let pair = cert
-            .as_ref()
-            .zip(key.as_ref())
-            .map(|(c, k)| format!(" (client certificate {}, key {})", c.display(), k.display()));
-        let http = super::client_identity(
+        let http = super::with_client_certificate(
             http,
-            cert,
-            key,
+            config
+                .client_cert
+                .clone()
+                .or_else(|| env.var("CONSUL_CLIENT_CERT").map(PathBuf::from)),
+            config
+                .client_key
+                .clone()
+                .or_else(|| env.var("CONSUL_CLIENT_KEY").map(PathBuf::from)),
             "Consul",
             "client_cert and client_key under [consul], or CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY",
         )?;
-        let http = super::build_client(http).map_err(|e| e + pair.as_deref().unwrap_or(""))?;
         Ok(Consul {
             client: Arc::new(Client {
                 http,

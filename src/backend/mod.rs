@@ -359,10 +359,28 @@ pub fn http_client(
     Ok(http)
 }
 
+/// Builds a backend's client with the client certificate and key (mutual
+/// TLS), if given. A key that is not the certificate's is found only when
+/// the client is built: the error then names both files.
+pub fn with_client_certificate(
+    http: reqwest::ClientBuilder,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    what: &str,
+    names: &str,
+) -> Result<reqwest::Client, String> {
+    let pair = cert
+        .as_ref()
+        .zip(key.as_ref())
+        .map(|(c, k)| format!(" (client certificate {}, key {})", c.display(), k.display()));
+    let http = client_identity(http, cert, key, what, names)?;
+    build_client(http).map_err(|e| e + pair.as_deref().unwrap_or(""))
+}
+
 /// Adds a client certificate (mutual TLS) to a backend's client builder.
 /// `names` says where the two settings come from, for the error when only
 /// one is given. Errors name the files, never their content.
-pub fn client_identity(
+fn client_identity(
     http: reqwest::ClientBuilder,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,

@@ -226,27 +226,19 @@ impl Vault {
             .clone()
             .or_else(|| env.var("VAULT_CACERT").map(PathBuf::from));
         let http = super::http_client(ca.as_deref(), "Vault")?.timeout(Duration::from_secs(60));
-        let cert = config
-            .client_cert
-            .clone()
-            .or_else(|| env.var("VAULT_CLIENT_CERT").map(PathBuf::from));
-        let key = config
-            .client_key
-            .clone()
-            .or_else(|| env.var("VAULT_CLIENT_KEY").map(PathBuf::from));
-        // A key that is not the certificate's is found when the client is built.
-        let pair = cert
-            .as_ref()
-            .zip(key.as_ref())
-            .map(|(c, k)| format!(" (client certificate {}, key {})", c.display(), k.display()));
-        let http = super::client_identity(
+        let http = super::with_client_certificate(
             http,
-            cert,
-            key,
+            config
+                .client_cert
+                .clone()
+                .or_else(|| env.var("VAULT_CLIENT_CERT").map(PathBuf::from)),
+            config
+                .client_key
+                .clone()
+                .or_else(|| env.var("VAULT_CLIENT_KEY").map(PathBuf::from)),
             "Vault",
             "client_cert and client_key under [vault], or VAULT_CLIENT_CERT and VAULT_CLIENT_KEY",
         )?;
-        let http = super::build_client(http).map_err(|e| e + pair.as_deref().unwrap_or(""))?;
         let auth = auth::Auth::new(config.auth.clone(), env, aws);
         let ledger = match &config.state_file {
             Some(path) => lease::Ledger::load(path, base.as_str(), namespace.as_deref()),
