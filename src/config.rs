@@ -146,6 +146,8 @@ struct RawVault {
     state_file: Option<Spanned<String>>,
     kv_refresh: Option<Spanned<String>>,
     pki_reissue_at: Option<Spanned<f64>>,
+    #[serde(default)]
+    kv_mounts: BTreeMap<String, Spanned<i64>>,
     auth: Option<Spanned<RawVaultAuth>>,
 }
 
@@ -605,6 +607,31 @@ impl Validator<'_> {
             Some(f) => *f.get_ref(),
             None => defaults.pki_reissue_at,
         };
+        let mut kv_mounts = Vec::new();
+        for (path, version) in &raw.kv_mounts {
+            let mount = path.trim_matches('/');
+            let kv2 = match *version.get_ref() {
+                1 => false,
+                2 => true,
+                n => {
+                    self.error(
+                        version,
+                        format!("vault.kv_mounts.{path}: KV version {n} does not exist"),
+                        "write 1 for a KV v1 mount, 2 for KV v2, e.g. kv_mounts = { secret = 2 }",
+                    );
+                    continue;
+                }
+            };
+            if mount.is_empty() {
+                self.error(
+                    version,
+                    "vault.kv_mounts: a mount path cannot be empty",
+                    "name the mount as `vault secrets list` shows it, e.g. kv_mounts = { secret = 2 }",
+                );
+                continue;
+            }
+            kv_mounts.push((format!("{mount}/"), kv2));
+        }
         VaultConfig {
             address: text(&raw.address),
             namespace: text(&raw.namespace),
@@ -617,6 +644,7 @@ impl Validator<'_> {
                 .map(|p| self.path(p, "vault.state_file")),
             kv_refresh,
             pki_reissue_at,
+            kv_mounts,
             auth: raw.auth.as_ref().and_then(|a| self.vault_auth(a)),
         }
     }
@@ -968,6 +996,34 @@ mode = "0400"
         assert_eq!(c.env_files[0].format, EnvFormat::Dotenv);
         assert_eq!(c.env_files[1].format, EnvFormat::Json);
         assert_eq!(c.env_files[1].mode, 0o400);
+    }
+
+    #[test]
+    fn declared_kv_mounts() {
+        let c = parse(
+            "envrender.toml",
+            "[vault]\nkv_mounts = { secret = 2, \"team/kv/\" = 1 }\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.vault.kv_mounts,
+            vec![
+                ("secret/".to_string(), true),
+                ("team/kv/".to_string(), false)
+            ]
+        );
+        let e = parse(
+            "envrender.toml",
+            "[vault]\nkv_mounts = { secret = 3, \"/\" = 2 }\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e.iter().all(|e| e.line == Some(2)), "{e:?}");
+        assert!(
+            e.iter()
+                .any(|e| e.message.contains("KV version 3 does not exist"))
+        );
+        assert!(e.iter().any(|e| e.message.contains("cannot be empty")));
     }
 
     #[test]

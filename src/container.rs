@@ -81,7 +81,8 @@ pub fn probe_url(target: &str) -> Result<String, Error> {
 /// platform's health-check log shows why.
 pub async fn probe(url: &str, timeout: Duration) -> Result<(), Error> {
     let unhealthy = |why: String| Error::Unhealthy(format!("{url}: {why}"));
-    let client = crate::backend::http_client(None, "probe")
+    let parsed = reqwest::Url::parse(url).map_err(|e| unhealthy(e.to_string()))?;
+    let client = crate::backend::http_client(&parsed, None, "probe")
         // A proxy from the environment must not stand between a health
         // check and the process next to it.
         .and_then(|b| crate::backend::build_client(b.timeout(timeout).no_proxy()))

@@ -7,29 +7,45 @@
 
 use std::io::IsTerminal as _;
 
-use tracing_subscriber::EnvFilter;
+use tracing::level_filters::LevelFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::config::{LogFormat, LogLevel};
 
 pub fn init(level: LogLevel, format: LogFormat) {
     let level = match level {
-        LogLevel::Error => "error",
-        LogLevel::Warn => "warn",
-        LogLevel::Info => "info",
-        LogLevel::Debug => "debug",
-        LogLevel::Trace => "trace",
+        LogLevel::Error => LevelFilter::ERROR,
+        LogLevel::Warn => LevelFilter::WARN,
+        LogLevel::Info => LevelFilter::INFO,
+        LogLevel::Debug => LevelFilter::DEBUG,
+        LogLevel::Trace => LevelFilter::TRACE,
     };
-    let filter = EnvFilter::new(format!("warn,vaultrs=off,rustify=off,envrender={level}"));
+    // By target prefix, as `warn,vaultrs=off,rustify=off,envrender=LEVEL`
+    // would be in RUST_LOG's syntax, without a directive parser.
+    let filter = Targets::new()
+        .with_default(LevelFilter::WARN)
+        .with_target("vaultrs", LevelFilter::OFF)
+        .with_target("rustify", LevelFilter::OFF)
+        .with_target("envrender", level);
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_max_level(LevelFilter::TRACE)
         .with_writer(std::io::stderr)
         .with_target(false);
     let result = match format {
         LogFormat::Text => builder
             .with_ansi(std::io::stderr().is_terminal())
             .compact()
+            .finish()
+            .with(filter)
             .try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .finish()
+            .with(filter)
+            .try_init(),
     };
     // Already initialised (tests running several commands in one process).
     let _ = result;

@@ -127,6 +127,84 @@ fn a_start_makes_one_login_one_mount_lookup_and_one_read_per_path() {
 }
 
 #[test]
+fn declared_kv_mounts_are_read_without_a_lookup() {
+    let server = VaultServer::start();
+    server.policy(
+        "app",
+        &[("secret/data/app/*", &["read"]), ("kv/app/*", &["read"])],
+    );
+    let token = server.token(&["app"], 600, 3600);
+    server.kv2_put("secret/", "app/db", json!({"password": "two"}));
+    server.kv1_put("kv/", "app/legacy", json!({"password": "one"}));
+    let d = Dir::new();
+    d.write(
+        "t.hbs",
+        "{{vault \"secret/app/db#password\"}} {{vault \"kv/app/legacy#password\"}}",
+    );
+    let requests = |config: &str| {
+        d.write("envrender.toml", config);
+        let _ = std::fs::remove_file(d.join("t.out"));
+        let before = server.count("requests");
+        with_token(
+            &d,
+            &server,
+            &token,
+            &["render", "--template", "t.hbs:t.out"],
+        )
+        .run()
+        .success();
+        assert_eq!(d.read("t.out"), "two one");
+        server.count("requests") - before
+    };
+    // The token's lookup-self, a lookup of each of the two mounts, two reads.
+    assert_eq!(requests(""), 1 + 2 + 2);
+    // Declared: no mount lookup.
+    assert_eq!(
+        requests("[vault]\nkv_mounts = { secret = 2, \"kv/\" = 1 }\n"),
+        1 + 2
+    );
+    // `check` plans no lookup for a declared mount.
+    let plan = with_token(&d, &server, &token, &["check", "--template", "t.hbs:t.out"])
+        .run()
+        .success()
+        .stdout_has("secret/app/db");
+    assert!(
+        !plan.stdout.contains("sys/internal/ui/mounts"),
+        "{}",
+        plan.stdout
+    );
+
+    // Declared with the wrong version: Vault's 404 comes with the fix.
+    d.write("envrender.toml", "[vault]\nkv_mounts = { secret = 1 }\n");
+    d.write("t.hbs", "{{vault \"secret/app/db#password\"}}");
+    with_token(
+        &d,
+        &server,
+        &token,
+        &["render", "--template", "t.hbs:t.out"],
+    )
+    .run()
+    .code(1)
+    .stderr_has("kv_mounts declares secret/ as KV v1");
+
+    // A version that does not exist is a configuration error, before any
+    // request.
+    d.write("envrender.toml", "[vault]\nkv_mounts = { secret = 3 }\n");
+    let before = server.count("requests");
+    with_token(
+        &d,
+        &server,
+        &token,
+        &["render", "--template", "t.hbs:t.out"],
+    )
+    .run()
+    .code(2)
+    .stderr_has("envrender.toml:2")
+    .stderr_has("KV version 3 does not exist");
+    assert_eq!(server.count("requests"), before);
+}
+
+#[test]
 fn envelopes_and_errors_are_vaults() {
     let server = VaultServer::start();
     let root = server.root_token.clone();

@@ -1,6 +1,6 @@
-//! Running processes and reading what they cost: wall time, CPU time and
-//! peak resident memory of a child (from `wait4`), and the memory and CPU of
-//! a running one (from `/proc`).
+//! Running processes and reading what they cost: wall time and CPU time of
+//! a child (from `wait4`), its peak resident memory (from `/proc` as it
+//! exits), and the memory and CPU of a running one (from `/proc`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,19 +16,57 @@ pub struct Sample {
 
 /// Runs `cmd` to completion with its stderr in `log`; panics, showing the
 /// log, unless it exits 0.
+///
+/// The peak memory is the child's own `VmHWM`, read as it exits (the child
+/// runs under ptrace, stopped at its exit): `wait4`'s `ru_maxrss` would
+/// also count the pages of this process, whose memory the child shares
+/// between fork and exec.
 pub fn run(cmd: &mut Command, log: &Path) -> Sample {
+    use std::os::unix::process::CommandExt as _;
     let file = std::fs::File::create(log).unwrap();
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(file));
+    // SAFETY: ptrace(PTRACE_TRACEME) is async-signal-safe; it only marks
+    // the child as traced by this process.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let start = Instant::now();
-    // Reaped by wait4 below, which also reports what the child used.
     let child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}")).id() as i32;
     let mut status = 0;
     // SAFETY: an all-zero rusage is a valid value for wait4 to fill in.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waits for our own child, into buffers that live on this stack.
-    let pid = unsafe { libc::wait4(child, &mut status, 0, &mut usage) };
+    let mut peak_kb = 0;
+    let mut options_set = false;
+    let pid = loop {
+        // SAFETY: waits for our own child, into buffers on this stack; the
+        // ptrace calls act on that child only, while it is stopped.
+        let pid = unsafe { libc::wait4(child, &mut status, 0, &mut usage) };
+        if pid != child || !libc::WIFSTOPPED(status) {
+            break pid;
+        }
+        let mut deliver = 0;
+        if !options_set {
+            // The stop after its exec: from here on, stop at its exit and
+            // at later execs (envrender run exec's its command) as events.
+            let options =
+                libc::PTRACE_O_TRACEEXIT | libc::PTRACE_O_TRACEEXEC | libc::PTRACE_O_EXITKILL;
+            unsafe { libc::ptrace(libc::PTRACE_SETOPTIONS, child, 0, options) };
+            options_set = true;
+        } else if status >> 8 == libc::SIGTRAP | (libc::PTRACE_EVENT_EXIT << 8) {
+            peak_kb = status_field(child, "VmHWM:");
+        } else if status >> 16 == 0 {
+            // A signal for the child, not a ptrace event: let it through.
+            deliver = libc::WSTOPSIG(status);
+        }
+        unsafe { libc::ptrace(libc::PTRACE_CONT, child, 0, deliver) };
+    };
     let wall = start.elapsed();
     assert_eq!(pid, child, "wait4 failed");
     let exited_ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
@@ -43,8 +81,19 @@ pub fn run(cmd: &mut Command, log: &Path) -> Sample {
     Sample {
         wall,
         cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
-        max_rss_kb: usage.ru_maxrss as u64,
+        max_rss_kb: peak_kb,
     }
+}
+
+/// A `kB` field of `/proc/PID/status`, 0 when absent.
+fn status_field(pid: i32, name: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 pub fn median(mut v: Vec<Duration>) -> Duration {
@@ -66,6 +115,18 @@ pub fn mb(kb: u64) -> String {
     format!("{:.1} MB", kb as f64 / 1024.0)
 }
 
+/// A process's memory, in kB.
+#[derive(Clone, Copy)]
+pub struct Memory {
+    /// Resident pages: its own, and file pages (the binary, libc) counted
+    /// in full even when other processes map them too.
+    pub rss_kb: u64,
+    /// Of which anonymous (heap, stacks, relocated data).
+    pub anon_kb: u64,
+    /// Pages no other process maps (USS): what one more such process adds.
+    pub uss_kb: u64,
+}
+
 /// A long-running child, killed when dropped.
 pub struct Running {
     pub child: Child,
@@ -82,18 +143,23 @@ impl Running {
         Running { child, log }
     }
 
-    /// `VmRSS` and `RssAnon` in kB.
-    pub fn rss_kb(&self) -> (u64, u64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+    /// Its memory now, from `/proc/PID/smaps_rollup`.
+    pub fn memory(&self) -> Memory {
+        let rollup =
+            std::fs::read_to_string(format!("/proc/{}/smaps_rollup", self.child.id())).unwrap();
         let field = |name: &str| {
-            status
+            rollup
                 .lines()
                 .find_map(|l| l.strip_prefix(name))
                 .and_then(|v| v.split_whitespace().next())
                 .and_then(|v| v.parse::<u64>().ok())
                 .unwrap_or(0)
         };
-        (field("VmRSS:"), field("RssAnon:"))
+        Memory {
+            rss_kb: field("Rss:"),
+            anon_kb: field("Anonymous:"),
+            uss_kb: field("Private_Clean:") + field("Private_Dirty:"),
+        }
     }
 
     /// User + system CPU time used so far.

@@ -339,24 +339,61 @@ pub fn warn_if_plain_http(what: &str, url: &reqwest::Url) {
     }
 }
 
-/// An HTTP client builder for a backend: envrender's user agent, a connect
-/// timeout, and the CA bundle in `ca` (if any) trusted in addition to the
-/// system's roots. `what` names the backend in errors.
+/// An HTTP client builder for a backend at `url`: envrender's user agent, a
+/// connect timeout, and the CA bundle in `ca` (if any) trusted in addition to
+/// the system's roots. `what` names the backend in errors.
+///
+/// The system's CA certificates are read once per process and only for an
+/// `https://` address: a backend reached over plain HTTP (a Consul agent on
+/// the node, a loopback health check) never loads or parses them.
 pub fn http_client(
+    url: &reqwest::Url,
     ca: Option<&std::path::Path>,
     what: &str,
 ) -> Result<reqwest::ClientBuilder, String> {
-    let mut http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .user_agent(concat!("envrender/", env!("CARGO_PKG_VERSION")));
+    let mut roots: Vec<reqwest::Certificate> = if url.scheme() == "https" {
+        system_roots()?.to_vec()
+    } else {
+        Vec::new()
+    };
     if let Some(ca) = ca {
         let pem = std::fs::read(ca)
             .map_err(|e| format!("cannot read the {what} CA file {}: {e}", ca.display()))?;
         let certs = reqwest::Certificate::from_pem_bundle(&pem)
             .map_err(|e| format!("{} is not a PEM certificate bundle: {e}", ca.display()))?;
-        http = http.tls_certs_merge(certs);
+        roots.extend(certs);
     }
-    Ok(http)
+    Ok(reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .user_agent(concat!("envrender/", env!("CARGO_PKG_VERSION")))
+        .tls_certs_only(roots))
+}
+
+/// The system's CA certificates (`SSL_CERT_FILE`, `SSL_CERT_DIR`, else the
+/// distribution's bundle), read and decoded on first use and shared by every
+/// client after it.
+fn system_roots() -> Result<&'static [reqwest::Certificate], String> {
+    static ROOTS: OnceLock<Vec<reqwest::Certificate>> = OnceLock::new();
+    if let Some(roots) = ROOTS.get() {
+        return Ok(roots);
+    }
+    let found = rustls_native_certs::load_native_certs();
+    let roots: Vec<reqwest::Certificate> = found
+        .certs
+        .iter()
+        .filter_map(|der| reqwest::Certificate::from_der(der).ok())
+        .collect();
+    if roots.is_empty() {
+        let why = found
+            .errors
+            .first()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default();
+        return Err(format!(
+            "cannot build the HTTP client: no CA certificates were found on this system{why} (an image needs a CA bundle at /etc/ssl/certs/ca-certificates.crt, or SSL_CERT_FILE naming one)"
+        ));
+    }
+    Ok(ROOTS.get_or_init(|| roots))
 }
 
 /// Builds a backend's client with the client certificate and key (mutual
@@ -433,18 +470,10 @@ pub fn client_certificate_refused(detail: &str) -> bool {
         .any(|rest| ALERTS.iter().any(|a| rest.starts_with(a)))
 }
 
-/// Builds a client from [`http_client`]'s builder; the error says why (most
-/// often: no CA certificates where the system keeps them).
+/// Builds a client from [`http_client`]'s builder; the error says why.
 pub fn build_client(http: reqwest::ClientBuilder) -> Result<reqwest::Client, String> {
-    http.build().map_err(|e| {
-        let why = error_chain(&e);
-        let hint = if why.contains("CA certificates") {
-            " (an image needs a CA bundle at /etc/ssl/certs/ca-certificates.crt, or SSL_CERT_FILE naming one)"
-        } else {
-            ""
-        };
-        format!("cannot build the HTTP client: {why}{hint}")
-    })
+    http.build()
+        .map_err(|e| format!("cannot build the HTTP client: {}", error_chain(&e)))
 }
 
 /// An error and its sources, by their `Display`, each once.

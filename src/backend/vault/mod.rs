@@ -60,6 +60,10 @@ pub struct VaultConfig {
     pub kv_refresh: Duration,
     /// The fraction of a certificate's lifetime after which it is re-issued.
     pub pki_reissue_at: f64,
+    /// KV mounts declared in the configuration (path with its trailing
+    /// slash, KV v2?): paths under them are read without asking Vault for
+    /// the mount's version first.
+    pub kv_mounts: Vec<(String, bool)>,
 }
 
 impl Default for VaultConfig {
@@ -74,6 +78,7 @@ impl Default for VaultConfig {
             state_file: None,
             kv_refresh: Duration::from_secs(300),
             pki_reissue_at: 0.67,
+            kv_mounts: Vec::new(),
         }
     }
 }
@@ -151,6 +156,8 @@ struct Mount {
     path: String,
     kind: String,
     kv2: bool,
+    /// From `[vault] kv_mounts`, not from Vault.
+    declared: bool,
 }
 
 /// One HTTP answer from Vault. Not `Debug`: its body holds secrets.
@@ -225,7 +232,8 @@ impl Vault {
             .ca_file
             .clone()
             .or_else(|| env.var("VAULT_CACERT").map(PathBuf::from));
-        let http = super::http_client(ca.as_deref(), "Vault")?.timeout(Duration::from_secs(60));
+        let http =
+            super::http_client(&base, ca.as_deref(), "Vault")?.timeout(Duration::from_secs(60));
         let http = super::with_client_certificate(
             http,
             config
@@ -240,6 +248,16 @@ impl Vault {
             "client_cert and client_key under [vault], or VAULT_CLIENT_CERT and VAULT_CLIENT_KEY",
         )?;
         let auth = auth::Auth::new(config.auth.clone(), env, aws);
+        let declared = config
+            .kv_mounts
+            .iter()
+            .map(|(path, kv2)| Mount {
+                path: path.clone(),
+                kind: "kv".to_string(),
+                kv2: *kv2,
+                declared: true,
+            })
+            .collect();
         let ledger = match &config.state_file {
             Some(path) => lease::Ledger::load(path, base.as_str(), namespace.as_deref()),
             None => lease::Ledger::default(),
@@ -251,7 +269,7 @@ impl Vault {
                 namespace,
                 auth,
                 token: tokio::sync::Mutex::new(None),
-                mounts: Mutex::new(Vec::new()),
+                mounts: Mutex::new(declared),
                 mount_lookup: tokio::sync::Mutex::new(()),
                 ledger: Mutex::new(ledger),
                 saving: Mutex::new(()),
@@ -566,6 +584,7 @@ impl Inner {
                     path: mount_path,
                     kind,
                     kv2,
+                    declared: false,
                 }
             }
             // Vault older than the endpoint: plain paths, as KV v1.
@@ -573,6 +592,7 @@ impl Inner {
                 path: format!("{}/", logical.split('/').next().unwrap_or(logical)),
                 kind: "kv".to_string(),
                 kv2: false,
+                declared: false,
             },
             403 if !answer.invalid_token() => {
                 let first = logical.split('/').next().unwrap_or(logical);
@@ -641,6 +661,30 @@ impl Inner {
 
     /// One KV secret: its data and, for KV v2, its version.
     async fn read_kv(
+        &self,
+        source: &Source,
+        mount: &Mount,
+    ) -> Result<(Value, Option<String>), FetchError> {
+        self.read_kv_as_declared(source, mount)
+            .await
+            .map_err(|mut e| {
+                if mount.declared && matches!(e.kind, ErrorKind::NotFound | ErrorKind::Denied) {
+                    let declared = format!(
+                        "[vault] kv_mounts declares {} as KV v{}: if the mount is KV v{}, correct it there (or remove it, and envrender asks Vault)",
+                        mount.path,
+                        if mount.kv2 { 2 } else { 1 },
+                        if mount.kv2 { 1 } else { 2 }
+                    );
+                    e.hint = Some(match e.hint.take() {
+                        Some(h) => format!("{h}; {declared}"),
+                        None => declared,
+                    });
+                }
+                e
+            })
+    }
+
+    async fn read_kv_as_declared(
         &self,
         source: &Source,
         mount: &Mount,
@@ -862,6 +906,7 @@ impl Backend for Vault {
         }];
         let mut mounts: Vec<&str> = sources
             .iter()
+            .filter(|s| self.inner.known_mount(&s.path).is_none())
             .map(|s| s.path.split('/').next().unwrap_or_default())
             .collect();
         mounts.sort();
