@@ -141,10 +141,9 @@ fn declared_kv_mounts_are_read_without_a_lookup() {
         "t.hbs",
         "{{vault \"secret/app/db#password\"}} {{vault \"kv/app/legacy#password\"}}",
     );
-    let requests = |config: &str| {
+    let render = |config: &str| {
         d.write("envrender.toml", config);
         let _ = std::fs::remove_file(d.join("t.out"));
-        let before = server.count("requests");
         with_token(
             &d,
             &server,
@@ -152,7 +151,10 @@ fn declared_kv_mounts_are_read_without_a_lookup() {
             &["render", "--template", "t.hbs:t.out"],
         )
         .run()
-        .success();
+    };
+    let requests = |config: &str| {
+        let before = server.count("requests");
+        render(config).success();
         assert_eq!(d.read("t.out"), "two one");
         server.count("requests") - before
     };
@@ -175,32 +177,18 @@ fn declared_kv_mounts_are_read_without_a_lookup() {
     );
 
     // Declared with the wrong version: Vault's 404 comes with the fix.
-    d.write("envrender.toml", "[vault]\nkv_mounts = { secret = 1 }\n");
     d.write("t.hbs", "{{vault \"secret/app/db#password\"}}");
-    with_token(
-        &d,
-        &server,
-        &token,
-        &["render", "--template", "t.hbs:t.out"],
-    )
-    .run()
-    .code(1)
-    .stderr_has("kv_mounts declares secret/ as KV v1");
+    render("[vault]\nkv_mounts = { secret = 1 }\n")
+        .code(1)
+        .stderr_has("kv_mounts declares secret/ as KV v1");
 
     // A version that does not exist is a configuration error, before any
     // request.
-    d.write("envrender.toml", "[vault]\nkv_mounts = { secret = 3 }\n");
     let before = server.count("requests");
-    with_token(
-        &d,
-        &server,
-        &token,
-        &["render", "--template", "t.hbs:t.out"],
-    )
-    .run()
-    .code(2)
-    .stderr_has("envrender.toml:2")
-    .stderr_has("KV version 3 does not exist");
+    render("[vault]\nkv_mounts = { secret = 3 }\n")
+        .code(2)
+        .stderr_has("envrender.toml:2")
+        .stderr_has("KV version 3 does not exist");
     assert_eq!(server.count("requests"), before);
 }
 
