@@ -793,4 +793,30 @@ fn consul_over_tls_with_a_private_ca() {
         .run()
         .success();
     assert_eq!(d.read("t3.out"), "over-tls");
+
+    // A system with no CA store: the private CA alone is trusted; without
+    // it the error says what the image lacks; plain HTTP needs no CA store.
+    std::fs::remove_file(d.join("envrender.toml")).unwrap();
+    let empty = d.write("no-store/empty.pem", "");
+    let no_store = |cmd: support::Cmd| {
+        cmd.env("SSL_CERT_FILE", empty.to_str().unwrap())
+            .env("SSL_CERT_DIR", d.join("no-store").to_str().unwrap())
+    };
+    no_store(d.cmd(&["render", "--template", "t.hbs:t4.out"]))
+        .env("CONSUL_HTTP_ADDR", &url)
+        .env("CONSUL_CACERT", ca_file.to_str().unwrap())
+        .run()
+        .success();
+    assert_eq!(d.read("t4.out"), "over-tls");
+    no_store(d.cmd(&["render", "--timeout", "1s", "--template", "t.hbs:t5.out"]))
+        .env("CONSUL_HTTP_ADDR", &url)
+        .run()
+        .code(1)
+        .stderr_has("no CA certificates were found on this system")
+        .stderr_has("SSL_CERT_FILE");
+    no_store(d.cmd(&["render", "--template", "t.hbs:t6.out"]))
+        .env("CONSUL_HTTP_ADDR", &server.url)
+        .run()
+        .success();
+    assert_eq!(d.read("t6.out"), "over-tls");
 }
