@@ -82,7 +82,7 @@ pub fn probe_url(target: &str) -> Result<String, Error> {
 pub async fn probe(url: &str, timeout: Duration) -> Result<(), Error> {
     let unhealthy = |why: String| Error::Unhealthy(format!("{url}: {why}"));
     let parsed = reqwest::Url::parse(url).map_err(|e| unhealthy(e.to_string()))?;
-    let client = crate::backend::http_client(&parsed, None, "probe")
+    let client = crate::backend::http_client(&parsed, false, None, "probe")
         // A proxy from the environment must not stand between a health
         // check and the process next to it.
         .and_then(|b| crate::backend::build_client(b.timeout(timeout).no_proxy()))

@@ -193,7 +193,7 @@ impl Consul {
             .ca_file
             .clone()
             .or_else(|| env.var("CONSUL_CACERT").map(PathBuf::from));
-        let http = super::http_client(&base, ca.as_deref(), "Consul")?;
+        let http = super::http_client(&base, false, ca.as_deref(), "Consul")?;
         let http = super::with_client_certificate(
             http,
             config

@@ -343,22 +343,27 @@ pub fn warn_if_plain_http(what: &str, url: &reqwest::Url) {
 /// connect timeout, and the CA bundle in `ca` (if any) trusted in addition to
 /// the system's roots. `what` names the backend in errors.
 ///
-/// The system's CA certificates are read once per process and only for an
-/// `https://` address: a backend reached over plain HTTP (a Consul agent on
-/// the node, a loopback health check) never loads or parses them.
+/// The system's CA certificates are read once per process, and only when
+/// the client may speak TLS: for an `https://` address, or when
+/// `redirected_to_https` (a Vault standby sends clients to the active
+/// node's address, which may be https). A Consul agent on the node or a
+/// loopback health check over plain HTTP never loads or parses them.
 pub fn http_client(
     url: &reqwest::Url,
+    redirected_to_https: bool,
     ca: Option<&std::path::Path>,
     what: &str,
 ) -> Result<reqwest::ClientBuilder, String> {
-    let mut roots: Vec<reqwest::Certificate> = match url.scheme() {
-        // A private CA given for the backend is enough on its own.
-        "https" => match system_roots() {
+    let mut roots: Vec<reqwest::Certificate> = if url.scheme() == "https" || redirected_to_https {
+        match system_roots() {
             Ok(roots) => roots.to_vec(),
+            // A private CA given for the backend is enough on its own.
             Err(_) if ca.is_some() => Vec::new(),
-            Err(e) => return Err(e),
-        },
-        _ => Vec::new(),
+            Err(e) if url.scheme() == "https" => return Err(e),
+            Err(_) => Vec::new(),
+        }
+    } else {
+        Vec::new()
     };
     if let Some(ca) = ca {
         let pem = std::fs::read(ca)

@@ -232,8 +232,8 @@ impl Vault {
             .ca_file
             .clone()
             .or_else(|| env.var("VAULT_CACERT").map(PathBuf::from));
-        let http =
-            super::http_client(&base, ca.as_deref(), "Vault")?.timeout(Duration::from_secs(60));
+        let http = super::http_client(&base, true, ca.as_deref(), "Vault")?
+            .timeout(Duration::from_secs(60));
         let http = super::with_client_certificate(
             http,
             config
