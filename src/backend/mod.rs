@@ -326,17 +326,21 @@ where
 /// its token and every value it answers travel unencrypted. A loopback
 /// address (a local agent) is not warned about.
 pub fn warn_if_plain_http(what: &str, url: &reqwest::Url) {
-    let host = url.host_str().unwrap_or_default();
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let loopback = host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    if url.scheme() == "http" && !loopback {
+    if url.scheme() == "http" && !is_loopback(url) {
         tracing::warn!(
             "{what} at {url} is plain HTTP: the token and every value it answers cross the network unencrypted; use an https:// address"
         );
     }
+}
+
+/// Whether `url` names this machine (`localhost`, 127.0.0.0/8, `[::1]`).
+pub fn is_loopback(url: &reqwest::Url) -> bool {
+    let host = url.host_str().unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// An HTTP client builder for a backend at `url`: envrender's user agent, a
@@ -345,9 +349,10 @@ pub fn warn_if_plain_http(what: &str, url: &reqwest::Url) {
 ///
 /// The system's CA certificates are read once per process, and only when
 /// the client may speak TLS: for an `https://` address, or when
-/// `redirected_to_https` (a Vault standby sends clients to the active
-/// node's address, which may be https). A Consul agent on the node or a
-/// loopback health check over plain HTTP never loads or parses them.
+/// `redirected_to_https` (a Vault standby across the network sends clients
+/// to the active node's address, which may be https). A Consul agent on the
+/// node, a Vault agent or dev server on loopback, or a health check over
+/// plain HTTP never loads or parses them.
 pub fn http_client(
     url: &reqwest::Url,
     redirected_to_https: bool,

@@ -232,7 +232,7 @@ impl Vault {
             .ca_file
             .clone()
             .or_else(|| env.var("VAULT_CACERT").map(PathBuf::from));
-        let http = super::http_client(&base, true, ca.as_deref(), "Vault")?
+        let http = super::http_client(&base, !super::is_loopback(&base), ca.as_deref(), "Vault")?
             .timeout(Duration::from_secs(60));
         let http = super::with_client_certificate(
             http,
