@@ -88,7 +88,7 @@ pub async fn probe(url: &str, timeout: Duration) -> Result<(), Error> {
         .and_then(|b| crate::backend::build_client(b.timeout(timeout).no_proxy()))
         .map_err(unhealthy)?;
     let response = client
-        .get(url)
+        .get(parsed)
         .send()
         .await
         .map_err(|e| unhealthy(crate::backend::error_chain(&e)))?;

@@ -158,8 +158,13 @@ fn declared_kv_mounts_are_read_without_a_lookup() {
         assert_eq!(d.read("t.out"), "two one");
         server.count("requests") - before
     };
-    // The token's lookup-self, a lookup of each of the two mounts, two reads.
+    // The token's lookup-self, a lookup of each of the two mounts, two reads;
+    // `check` plans the lookups.
     assert_eq!(requests(""), 1 + 2 + 2);
+    with_token(&d, &server, &token, &["check", "--template", "t.hbs:t.out"])
+        .run()
+        .success()
+        .stdout_has("sys/internal/ui/mounts");
     // Declared: no mount lookup.
     assert_eq!(
         requests("[vault]\nkv_mounts = { secret = 2, \"kv/\" = 1 }\n"),
@@ -176,7 +181,8 @@ fn declared_kv_mounts_are_read_without_a_lookup() {
         plan.stdout
     );
 
-    // Declared with the wrong version: Vault's 404 comes with the fix.
+    // Declared with the wrong version: Vault's refusal (a 403 here: the
+    // policy grants the KV v2 data path) comes with the fix.
     d.write("t.hbs", "{{vault \"secret/app/db#password\"}}");
     render("[vault]\nkv_mounts = { secret = 1 }\n")
         .code(1)

@@ -60,7 +60,8 @@ pub fn run(cmd: &mut Command, log: &Path) -> Sample {
             unsafe { libc::ptrace(libc::PTRACE_SETOPTIONS, child, 0, options) };
             options_set = true;
         } else if status >> 8 == libc::SIGTRAP | (libc::PTRACE_EVENT_EXIT << 8) {
-            peak_kb = status_field(child, "VmHWM:");
+            let status = std::fs::read_to_string(format!("/proc/{child}/status"));
+            peak_kb = kb_field(&status.unwrap_or_default(), "VmHWM:");
         } else if status >> 16 == 0 {
             // A signal for the child, not a ptrace event: let it through.
             deliver = libc::WSTOPSIG(status);
@@ -85,11 +86,10 @@ pub fn run(cmd: &mut Command, log: &Path) -> Sample {
     }
 }
 
-/// A `kB` field of `/proc/PID/status`, 0 when absent.
-fn status_field(pid: i32, name: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
+/// A `kB` field (`VmHWM:`, `Rss:`, …) of a `/proc/PID/…` file's text, 0
+/// when absent.
+fn kb_field(text: &str, name: &str) -> u64 {
+    text.lines()
         .find_map(|l| l.strip_prefix(name))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
@@ -147,14 +147,7 @@ impl Running {
     pub fn memory(&self) -> Memory {
         let rollup =
             std::fs::read_to_string(format!("/proc/{}/smaps_rollup", self.child.id())).unwrap();
-        let field = |name: &str| {
-            rollup
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
+        let field = |name: &str| kb_field(&rollup, name);
         Memory {
             rss_kb: field("Rss:"),
             anon_kb: field("Anonymous:"),

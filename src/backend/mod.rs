@@ -359,12 +359,13 @@ pub fn http_client(
     ca: Option<&std::path::Path>,
     what: &str,
 ) -> Result<reqwest::ClientBuilder, String> {
-    let mut roots: Vec<reqwest::Certificate> = if url.scheme() == "https" || redirected_to_https {
+    let https = url.scheme() == "https";
+    let mut roots: Vec<reqwest::Certificate> = if https || redirected_to_https {
         match system_roots() {
-            Ok(roots) => roots.to_vec(),
-            // A private CA given for the backend is enough on its own.
-            Err(_) if ca.is_some() => Vec::new(),
-            Err(e) if url.scheme() == "https" => return Err(e),
+            Ok(roots) => roots.clone(),
+            // A private CA given for the backend is enough on its own, and
+            // a plain-HTTP address works without any.
+            Err(e) if https && ca.is_none() => return Err(e.clone()),
             Err(_) => Vec::new(),
         }
     } else {
@@ -384,30 +385,29 @@ pub fn http_client(
 }
 
 /// The system's CA certificates (`SSL_CERT_FILE`, `SSL_CERT_DIR`, else the
-/// distribution's bundle), read and decoded on first use and shared by every
-/// client after it.
-fn system_roots() -> Result<&'static [reqwest::Certificate], String> {
-    static ROOTS: OnceLock<Vec<reqwest::Certificate>> = OnceLock::new();
-    if let Some(roots) = ROOTS.get() {
-        return Ok(roots);
-    }
-    let found = rustls_native_certs::load_native_certs();
-    let roots: Vec<reqwest::Certificate> = found
-        .certs
-        .iter()
-        .filter_map(|der| reqwest::Certificate::from_der(der).ok())
-        .collect();
-    if roots.is_empty() {
-        let why = found
-            .errors
-            .first()
-            .map(|e| format!(": {e}"))
-            .unwrap_or_default();
-        return Err(format!(
-            "cannot build the HTTP client: no CA certificates were found on this system{why} (an image needs a CA bundle at /etc/ssl/certs/ca-certificates.crt, or SSL_CERT_FILE naming one)"
-        ));
-    }
-    Ok(ROOTS.get_or_init(|| roots))
+/// distribution's bundle), read and decoded on first use; every client
+/// after it shares them, or the reason there are none.
+fn system_roots() -> &'static Result<Vec<reqwest::Certificate>, String> {
+    static ROOTS: OnceLock<Result<Vec<reqwest::Certificate>, String>> = OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let found = rustls_native_certs::load_native_certs();
+        let roots: Vec<reqwest::Certificate> = found
+            .certs
+            .iter()
+            .filter_map(|der| reqwest::Certificate::from_der(der).ok())
+            .collect();
+        if roots.is_empty() {
+            let why = found
+                .errors
+                .first()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default();
+            return Err(format!(
+                "cannot build the HTTP client: no CA certificates were found on this system{why} (an image needs a CA bundle at /etc/ssl/certs/ca-certificates.crt, or SSL_CERT_FILE naming one)"
+            ));
+        }
+        Ok(roots)
+    })
 }
 
 /// Builds a backend's client with the client certificate and key (mutual

@@ -160,6 +160,26 @@ struct Mount {
     declared: bool,
 }
 
+impl Mount {
+    /// `e`, with a hint at the `kv_mounts` entry when this mount's version
+    /// was declared rather than asked of Vault: a wrong declaration shows as
+    /// Vault's 404 or 403 for the path it makes.
+    fn as_declared(&self, mut e: FetchError) -> FetchError {
+        if self.declared && matches!(e.kind, ErrorKind::NotFound | ErrorKind::Denied) {
+            let (said, other) = if self.kv2 { (2, 1) } else { (1, 2) };
+            let declared = format!(
+                "[vault] kv_mounts declares {} as KV v{said}: if the mount is KV v{other}, correct it there (or remove it, and envrender asks Vault)",
+                self.path
+            );
+            e.hint = Some(match e.hint.take() {
+                Some(h) => format!("{h}; {declared}"),
+                None => declared,
+            });
+        }
+        e
+    }
+}
+
 /// One HTTP answer from Vault. Not `Debug`: its body holds secrets.
 struct Answer {
     status: u16,
@@ -622,26 +642,10 @@ impl Inner {
     async fn fetch_one(&self, source: &Source) -> Result<Fetched, FetchError> {
         let mount = self.mount(&source.path).await?;
         if mount.kind == "kv" || mount.kind == "generic" {
-            if source.is_prefix() {
-                return self.read_kv_prefix(source, &mount).await;
-            }
-            if !source.params.is_empty() {
-                return Err(FetchError::new(
-                    ErrorKind::Invalid,
-                    "vault",
-                    "read",
-                    format!("{} is a KV mount; its reads take no parameters", mount.path),
-                )
-                .hint("remove the ?parameters; use @N for a KV v2 version"));
-            }
             return self
-                .read_kv(source, &mount)
+                .fetch_kv(source, &mount)
                 .await
-                .map(|(value, version)| Fetched {
-                    value: Secret::new(value),
-                    version,
-                    lease: None,
-                });
+                .map_err(|e| mount.as_declared(e));
         }
         if source.version.is_some() {
             return Err(FetchError::new(
@@ -659,32 +663,31 @@ impl Inner {
         self.read_issued(source, &mount).await
     }
 
-    /// One KV secret: its data and, for KV v2, its version.
-    async fn read_kv(
-        &self,
-        source: &Source,
-        mount: &Mount,
-    ) -> Result<(Value, Option<String>), FetchError> {
-        self.read_kv_as_declared(source, mount)
+    /// A read under a KV mount: one secret, or a folder as a map.
+    async fn fetch_kv(&self, source: &Source, mount: &Mount) -> Result<Fetched, FetchError> {
+        if source.is_prefix() {
+            return self.read_kv_prefix(source, mount).await;
+        }
+        if !source.params.is_empty() {
+            return Err(FetchError::new(
+                ErrorKind::Invalid,
+                "vault",
+                "read",
+                format!("{} is a KV mount; its reads take no parameters", mount.path),
+            )
+            .hint("remove the ?parameters; use @N for a KV v2 version"));
+        }
+        self.read_kv(source, mount)
             .await
-            .map_err(|mut e| {
-                if mount.declared && matches!(e.kind, ErrorKind::NotFound | ErrorKind::Denied) {
-                    let declared = format!(
-                        "[vault] kv_mounts declares {} as KV v{}: if the mount is KV v{}, correct it there (or remove it, and envrender asks Vault)",
-                        mount.path,
-                        if mount.kv2 { 2 } else { 1 },
-                        if mount.kv2 { 1 } else { 2 }
-                    );
-                    e.hint = Some(match e.hint.take() {
-                        Some(h) => format!("{h}; {declared}"),
-                        None => declared,
-                    });
-                }
-                e
+            .map(|(value, version)| Fetched {
+                value: Secret::new(value),
+                version,
+                lease: None,
             })
     }
 
-    async fn read_kv_as_declared(
+    /// One KV secret: its data and, for KV v2, its version.
+    async fn read_kv(
         &self,
         source: &Source,
         mount: &Mount,
@@ -906,7 +909,9 @@ impl Backend for Vault {
         }];
         let mut mounts: Vec<&str> = sources
             .iter()
-            .filter(|s| self.inner.known_mount(&s.path).is_none())
+            // Declared mounts need no lookup; detected ones were (or will be)
+            // looked up once.
+            .filter(|s| !self.inner.known_mount(&s.path).is_some_and(|m| m.declared))
             .map(|s| s.path.split('/').next().unwrap_or_default())
             .collect();
         mounts.sort();
