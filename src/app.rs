@@ -154,14 +154,14 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<(), Error> {
         }
         Command::Get { reference, timeout } => {
             let timeout = timeout.or(config.timeout).unwrap_or(DEFAULT_TIMEOUT);
-            let text = get(&resolver, &reference, timeout).await?;
+            let text = until_stopped(get(&resolver, &reference, timeout)).await?;
             println!("{text}");
             Ok(())
         }
         Command::Render(args) => {
             let timeout = args.timeout.or(config.timeout).unwrap_or(DEFAULT_TIMEOUT);
             let settings = settings(&config, &args.outputs, timeout)?;
-            render(&resolver, &settings).await
+            until_stopped(render(&resolver, &settings)).await
         }
         Command::Watch(args) => {
             let timeout = args
@@ -186,9 +186,26 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<(), Error> {
         Command::Check(args) => {
             let timeout = config.timeout.unwrap_or(DEFAULT_TIMEOUT);
             let settings = settings(&config, &args, timeout)?;
-            let (report, result) = check(&resolver, &settings, &config).await?;
+            let (report, result) = until_stopped(check(&resolver, &settings, &config)).await?;
             print!("{report}");
             result
+        }
+    }
+}
+
+/// `work` (a one-shot command), or exit 128+N on signal N (SIGTERM,
+/// SIGINT) with nothing written: the render is dropped at an await, and
+/// outputs are committed between two awaits, whole. As PID 1 (an init
+/// container) SIGTERM would otherwise be ignored until the deadline.
+async fn until_stopped<T>(
+    work: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    let mut stop = crate::shutdown::Stop::listen()?;
+    match stop.or_stop(work).await {
+        Ok(out) => out,
+        Err(sig) => {
+            tracing::warn!(signal = %sig, "stopped; nothing was written");
+            Err(Error::Exit(crate::shutdown::exit_code(sig)))
         }
     }
 }

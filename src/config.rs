@@ -133,6 +133,15 @@ struct RawConsul {
     max_stale: Option<Spanned<String>>,
     wait: Option<Spanned<String>>,
     watch: Option<Spanned<String>>,
+    max_answer_size: Option<Spanned<SizeValue>>,
+}
+
+/// A size in the configuration: bytes, or text such as "64MiB".
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Bytes(i64),
+    Text(String),
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -148,6 +157,8 @@ struct RawVault {
     pki_reissue_at: Option<Spanned<f64>>,
     #[serde(default)]
     kv_mounts: BTreeMap<String, Spanned<i64>>,
+    max_answer_size: Option<Spanned<SizeValue>>,
+    redirect_origins: Option<Spanned<Vec<String>>>,
     auth: Option<Spanned<RawVaultAuth>>,
 }
 
@@ -506,6 +517,9 @@ impl Validator<'_> {
             watch: self
                 .choice(raw.watch.as_ref(), "consul.watch")
                 .unwrap_or(defaults.watch),
+            max_answer_size: self
+                .size(raw.max_answer_size.as_ref(), "consul.max_answer_size")
+                .unwrap_or(defaults.max_answer_size),
         }
     }
 
@@ -632,6 +646,19 @@ impl Validator<'_> {
             }
             kv_mounts.push((format!("{mount}/"), kv2));
         }
+        let mut redirect_origins = Vec::new();
+        if let Some(list) = &raw.redirect_origins {
+            for origin in list.get_ref() {
+                match crate::backend::http::parse_origin(origin) {
+                    Ok(o) => redirect_origins.push(o),
+                    Err(e) => self.error(
+                        list,
+                        format!("vault.redirect_origins: {e}"),
+                        "list the other nodes of this Vault cluster, e.g. redirect_origins = [\"https://vault-1:8200\", \"https://vault-2:8200\"]",
+                    ),
+                }
+            }
+        }
         VaultConfig {
             address: text(&raw.address),
             namespace: text(&raw.namespace),
@@ -645,6 +672,10 @@ impl Validator<'_> {
             kv_refresh,
             pki_reissue_at,
             kv_mounts,
+            max_answer_size: self
+                .size(raw.max_answer_size.as_ref(), "vault.max_answer_size")
+                .unwrap_or(defaults.max_answer_size),
+            redirect_origins,
             auth: raw.auth.as_ref().and_then(|a| self.vault_auth(a)),
         }
     }
@@ -764,6 +795,25 @@ impl Validator<'_> {
                     s,
                     format!("{key}: {e}"),
                     "write a duration such as \"30s\", \"2m\" or \"1m30s\"",
+                )
+            })
+            .ok()
+    }
+
+    /// A size: a number of bytes, or text such as "64MiB".
+    fn size(&mut self, s: Option<&Spanned<SizeValue>>, key: &str) -> Option<u64> {
+        let s = s?;
+        let parsed = match s.get_ref() {
+            SizeValue::Bytes(n) if *n > 0 => Ok(*n as u64),
+            SizeValue::Bytes(n) => Err(format!("{n} is not a size of at least 1 byte")),
+            SizeValue::Text(t) => crate::backend::http::parse_size(t),
+        };
+        parsed
+            .map_err(|e| {
+                self.error(
+                    s,
+                    format!("{key}: {e}"),
+                    "write a size such as \"64MiB\", \"512KiB\" or a number of bytes",
                 )
             })
             .ok()

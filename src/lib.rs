@@ -18,6 +18,7 @@
 //! - [`engine`]: plan → resolve → render, shared by every command.
 //! - [`output`]: files written atomically, all of a run or none; env files.
 //! - [`secret`]: the value type that never prints itself.
+//! - [`shutdown`]: SIGTERM and SIGINT end every mode at any moment.
 //! - [`container`]: `copy` and `probe`, for images that hold nothing else.
 //! - [`app`]: the commands; [`error`]: their errors and exit codes;
 //!   [`telemetry`]: logs.
@@ -41,6 +42,7 @@ pub mod reference;
 pub mod resolve;
 pub mod run;
 pub mod secret;
+pub mod shutdown;
 pub mod telemetry;
 pub mod template;
 pub mod watch;

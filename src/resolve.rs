@@ -158,7 +158,17 @@ impl Resolver {
             if retry.is_empty() {
                 break;
             }
-            let delay = self.backoff.delay(attempt);
+            // A server that said when to come back (`Retry-After`, clamped
+            // by the backend) is not asked sooner.
+            let asked = retry
+                .iter()
+                .filter_map(|s| match results.get(s) {
+                    Some(Err(e)) => e.retry_after,
+                    _ => None,
+                })
+                .max()
+                .unwrap_or_default();
+            let delay = self.backoff.delay(attempt).max(asked);
             if Instant::now() + delay >= deadline {
                 break;
             }

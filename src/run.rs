@@ -14,8 +14,12 @@
 //! behind. Otherwise it supervises it: the app runs in
 //! its own process group; signals are forwarded to the group; SIGTERM stops
 //! it with `--stop-signal`, then SIGKILL after `--grace`; as PID 1 (or with
-//! `--subreaper`) envrender reaps orphaned descendants; and it exits with
-//! the app's code (128+N when the app died of signal N).
+//! `--subreaper`) envrender reaps orphaned descendants, and stops those
+//! still running when the command exits (the stop signal, then SIGKILL
+//! after `--grace`); and it exits with the app's code (128+N when the app
+//! died of signal N). SIGTERM while values are being resolved ends the run
+//! before the app starts (exit 143), and one during a refresh abandons the
+//! render and stops the app.
 
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt as _;
@@ -127,7 +131,20 @@ pub async fn run(
     let started = Instant::now();
     let plan = Plan::new(settings)?;
     plan.remove_interrupted_writes();
-    let mut resolution = plan.resolve(resolver, started + settings.timeout).await?;
+    // As PID 1 a SIGTERM without a handler is never delivered: listen from
+    // the start, and give up resolving when one comes.
+    let mut stop = crate::shutdown::Stop::listen()?;
+    let mut resolution = match stop
+        .or_stop(plan.resolve(resolver, started + settings.timeout))
+        .await
+    {
+        Ok(resolution) => resolution?,
+        Err(sig) => {
+            tracing::warn!(signal = %sig, "stopped before starting {}; nothing written", run.argv[0]);
+            return Ok(crate::shutdown::exit_code(sig));
+        }
+    };
+    drop(stop);
     if let Some(e) = resolution.failure_error() {
         tracing::error!("not starting {}: values are missing", run.argv[0]);
         return Err(e);
@@ -284,11 +301,14 @@ async fn supervise(
 ) -> Result<u8, Error> {
     use crate::watch::{self, Debounce, Health};
     use tokio::signal::unix::{SignalKind, signal};
-    if run.subreaper
-        && std::process::id() != 1
-        && let Err(e) = nix::sys::prctl::set_child_subreaper(true)
-    {
-        tracing::warn!(error = %e, "cannot become a subreaper; orphans go to PID 1");
+    let mut reaps_orphans = std::process::id() == 1;
+    if run.subreaper && !reaps_orphans {
+        match nix::sys::prctl::set_child_subreaper(true) {
+            Ok(()) => reaps_orphans = true,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot become a subreaper; orphans go to PID 1")
+            }
+        }
     }
     let signal_error = |e: std::io::Error| {
         Error::Config(vec![ConfigError::new(
@@ -377,10 +397,27 @@ async fn supervise(
                     None
                 }
                 _ = watch::sleep_until_opt(debounce.due()) => {
+                    let mut stopped = None;
                     if !debounce.done() || watch::reload_plan(&mut state.plan, settings, &health) {
-                        refresh(resolver, settings, state, run, &health, pid, &mut restarting, &mut kill_at).await;
+                        // Signals keep being forwarded during the render; a
+                        // stop signal abandons it (committed whole or not
+                        // at all).
+                        let work = refresh(resolver, settings, state, run, &health, pid, &mut restarting, &mut kill_at);
+                        tokio::pin!(work);
+                        loop {
+                            tokio::select! {
+                                _ = &mut work => break,
+                                Some(sig) = signals.recv() => {
+                                    if matches!(sig, Signal::SIGTERM | Signal::SIGINT) {
+                                        stopped = Some(sig);
+                                        break;
+                                    }
+                                    let _ = killpg(pid, sig);
+                                }
+                            }
+                        }
                     }
-                    None
+                    stopped
                 }
             }
         };
@@ -435,6 +472,9 @@ async fn supervise(
                     terminal.restore();
                     watchers.abort_all();
                     background.abort_all();
+                    if reaps_orphans {
+                        crate::shutdown::stop_descendants(run.stop_signal, run.grace).await;
+                    }
                     return Ok(exited);
                 }
                 pid = spawn(&state.env)?;
@@ -444,6 +484,11 @@ async fn supervise(
             terminal.restore();
             watchers.abort_all();
             background.abort_all();
+            // Orphans handed to envrender (a daemon the command started,
+            // in a session of its own) do not outlive it.
+            if reaps_orphans {
+                crate::shutdown::stop_descendants(run.stop_signal, run.grace).await;
+            }
             return Ok(exited);
         }
     }

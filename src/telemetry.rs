@@ -22,12 +22,10 @@ pub fn init(level: LogLevel, format: LogFormat) {
         LogLevel::Debug => LevelFilter::DEBUG,
         LogLevel::Trace => LevelFilter::TRACE,
     };
-    // By target prefix, as `warn,vaultrs=off,rustify=off,envrender=LEVEL`
-    // would be in RUST_LOG's syntax, without a directive parser.
+    // By target prefix, as `warn,envrender=LEVEL` would be in RUST_LOG's
+    // syntax, without a directive parser.
     let filter = Targets::new()
         .with_default(LevelFilter::WARN)
-        .with_target("vaultrs", LevelFilter::OFF)
-        .with_target("rustify", LevelFilter::OFF)
         .with_target("envrender", level);
     let builder = tracing_subscriber::fmt()
         .with_max_level(LevelFilter::TRACE)

@@ -329,8 +329,7 @@ pub async fn watch(
     if let Some(addr) = options.listen {
         serve(addr, health.clone()).await?;
     }
-    let mut term = signal(SignalKind::terminate()).map_err(signal_error)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(signal_error)?;
+    let mut stop = crate::shutdown::Stop::listen()?;
     let mut hup = signal(SignalKind::hangup()).map_err(signal_error)?;
 
     // Background work of the backends (Vault's lease scheduler).
@@ -348,8 +347,7 @@ pub async fn watch(
     loop {
         let due = debounce.due();
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = stop.recv() => break,
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading the configuration and templates");
                 match reload().and_then(|s| Plan::new(&s).map(|p| (s, p))) {
@@ -368,7 +366,11 @@ pub async fn watch(
                 if debounce.done() && !reload_plan(&mut plan, &settings, &health) {
                     continue;
                 }
-                let outcome = cycle(&plan, resolver, &settings, &mut cache, &health).await;
+                // A stop signal abandons the render where it stands (it is
+                // committed whole or not at all) and any reload command.
+                let Ok(outcome) = stop.or_stop(cycle(&plan, resolver, &settings, &mut cache, &health)).await else {
+                    break;
+                };
                 match outcome {
                     Ok(Cycle { mut written, replaced, .. }) => {
                         failures = 0;
@@ -399,7 +401,9 @@ pub async fn watch(
                         }
                         if !written.is_empty() {
                             let actions = actions_for(&settings, &plan, &written, &options.actions);
-                            run_actions(&actions, &health).await;
+                            if stop.or_stop(run_actions(&actions, &health)).await.is_err() {
+                                break;
+                            }
                         }
                     }
                     Err(e) => {

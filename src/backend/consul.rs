@@ -33,7 +33,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::{
-    Backend, BoxFuture, ErrorKind, FetchError, Fetched, Observation, PlannedCall, error_chain,
+    Backend, BoxFuture, ErrorKind, FetchError, Fetched, Observation, PlannedCall, error_chain, http,
 };
 use crate::environment::Environment;
 use crate::reference::{Scheme, Source};
@@ -68,6 +68,8 @@ pub struct ConsulConfig {
     /// How long one blocking query waits for a change.
     pub wait: Duration,
     pub watch: WatchPolicy,
+    /// The largest answer read, in bytes; a larger one is an error.
+    pub max_answer_size: u64,
 }
 
 impl Default for ConsulConfig {
@@ -83,6 +85,7 @@ impl Default for ConsulConfig {
             max_stale: Duration::from_secs(2),
             wait: Duration::from_secs(60),
             watch: WatchPolicy::Prefix,
+            max_answer_size: http::CONSUL_MAX_ANSWER,
         }
     }
 }
@@ -99,6 +102,9 @@ pub struct Consul {
 struct Client {
     http: reqwest::Client,
     base: Url,
+    /// The address as it may be printed (no `user:password@`).
+    shown: String,
+    max_answer_size: u64,
     token: Option<String>,
     /// Where the token came from, for access errors.
     token_source: String,
@@ -115,18 +121,42 @@ struct Client {
 struct WatchState {
     index: u64,
     errors: u32,
-    /// When the last query of this watch started.
-    started: Option<tokio::time::Instant>,
-    /// The last answer came with a new index: the next query may start at
-    /// once (it blocks). Answers with the same index back to back are what
-    /// the query spacing guards against.
-    moved: bool,
+    /// The query rate limit: tokens left (negative: owed) when last
+    /// counted, and when that was.
+    tokens: f64,
+    counted: Option<tokio::time::Instant>,
+    /// What the server's last `Retry-After` asked for.
+    retry_after: Duration,
 }
 
-/// The least time between two queries of one watch whose index did not
-/// move: a server (or proxy) that answers blocking queries at once must not
-/// make the loop spin.
-const MIN_QUERY_INTERVAL: Duration = Duration::from_millis(100);
+/// The blocking loop of one watch is rate-limited as Consul's
+/// documentation advises, with a token bucket: bursts of
+/// [`QUERY_BURST`], then one query per [`QUERY_INTERVAL`]. A server (or
+/// proxy) that answers blocking queries at once, with an index of 0, one
+/// that goes backwards or one that is not a number, cannot make the loop
+/// spin; a real change after a quiet spell is still read at once.
+const QUERY_INTERVAL: Duration = Duration::from_millis(100);
+const QUERY_BURST: f64 = 2.0;
+
+impl WatchState {
+    /// Takes a token for a query starting at `now`; returns how long to
+    /// wait for it.
+    fn take_token(&mut self, now: tokio::time::Instant) -> Duration {
+        let per = QUERY_INTERVAL.as_secs_f64();
+        let tokens = match self.counted {
+            Some(at) => (self.tokens + now.saturating_duration_since(at).as_secs_f64() / per)
+                .min(QUERY_BURST),
+            None => QUERY_BURST,
+        };
+        self.counted = Some(now);
+        self.tokens = tokens - 1.0;
+        if tokens >= 1.0 {
+            Duration::ZERO
+        } else {
+            QUERY_INTERVAL.mul_f64(1.0 - tokens)
+        }
+    }
+}
 
 /// One blocking query.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -152,6 +182,8 @@ struct Answer {
     status: StatusCode,
     body: Vec<u8>,
     index: u64,
+    /// `Retry-After` of a 429 or 503.
+    retry_after: Option<Duration>,
 }
 
 impl Consul {
@@ -193,7 +225,10 @@ impl Consul {
             .ca_file
             .clone()
             .or_else(|| env.var("CONSUL_CACERT").map(PathBuf::from));
-        let http = super::http_client(&base, false, ca.as_deref(), "Consul")?;
+        // Consul never redirects: a redirect is someone else's answer, and
+        // the token would follow it.
+        let http = super::http_client(&base, false, ca.as_deref(), "Consul")?
+            .redirect(reqwest::redirect::Policy::none());
         let http = super::with_client_certificate(
             http,
             config
@@ -210,7 +245,9 @@ impl Consul {
         Ok(Consul {
             client: Arc::new(Client {
                 http,
+                shown: http::redacted(&base),
                 base,
+                max_answer_size: config.max_answer_size,
                 token,
                 token_source,
                 datacenter: config.datacenter.clone(),
@@ -307,22 +344,57 @@ impl Client {
         } else {
             request = request.timeout(Duration::from_secs(30));
         }
+        let action = || format!("GET {}", url.path());
         let response = request.send().await.map_err(|e| {
             let why = error_chain(&e);
-            let hint = if super::client_certificate_refused(&why) {
-                "Consul refused the TLS handshake for want of a client certificate it trusts (mutual TLS): give one with CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY, or client_cert and client_key under [consul]"
+            // A certificate problem does not go away by asking again.
+            let (kind, hint) = if super::client_certificate_refused(&why) {
+                (
+                    ErrorKind::Invalid,
+                    "Consul refused the TLS handshake for want of a client certificate it trusts (mutual TLS): give one with CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY, or client_cert and client_key under [consul]",
+                )
+            } else if why.contains("certificate") {
+                (
+                    ErrorKind::Invalid,
+                    "Consul's TLS certificate is not trusted: give its CA with CONSUL_CACERT or [consul] ca_file",
+                )
             } else {
-                "check CONSUL_HTTP_ADDR (host:port or URL) and that the agent is running"
+                (
+                    ErrorKind::Transient,
+                    "check CONSUL_HTTP_ADDR (host:port or URL) and that the agent is running",
+                )
             };
             FetchError::new(
-                ErrorKind::Transient,
+                kind,
                 "consul",
-                format!("GET {}", url.path()),
-                format!("cannot reach Consul at {}: {why}", self.base),
+                action(),
+                format!("cannot reach Consul at {}: {why}", self.shown),
             )
             .hint(hint)
         })?;
         let status = response.status();
+        if status.is_redirection() {
+            let location = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .map(http::redacted_text)
+                .unwrap_or_else(|| "nowhere".to_string());
+            return Err(FetchError::new(
+                ErrorKind::Invalid,
+                "consul",
+                action(),
+                format!(
+                    "Consul at {} answered HTTP {} redirecting to {location}; not followed (Consul never redirects, and the token would go with it)",
+                    self.shown,
+                    status.as_u16()
+                ),
+            )
+            .hint("set CONSUL_HTTP_ADDR (or [consul] address) to the agent itself, not to something that redirects"));
+        }
+        let retry_after = matches!(status.as_u16(), 429 | 503)
+            .then(|| http::retry_after(response.headers()))
+            .flatten();
         let header = |name: &str| {
             response
                 .headers()
@@ -331,20 +403,37 @@ impl Client {
                 .and_then(|v| v.parse::<u64>().ok())
         };
         let index = header("x-consul-index").unwrap_or(0);
-        let last_contact = Duration::from_millis(header("x-consul-lastcontact").unwrap_or(0));
-        let body = response.bytes().await.map_err(|e| {
-            FetchError::new(
-                ErrorKind::Transient,
-                "consul",
-                format!("GET {}", url.path()),
-                format!("reading the answer failed: {e}"),
-            )
-        })?;
+        let last_contact = Duration::from_millis(
+            header("x-consul-lastcontact")
+                .unwrap_or(0)
+                .min(u64::from(u32::MAX)),
+        );
+        let body = http::read_limited(response, self.max_answer_size)
+            .await
+            .map_err(|e| match e {
+                http::BodyError::TooLarge { limit } => FetchError::new(
+                    ErrorKind::Invalid,
+                    "consul",
+                    action(),
+                    format!(
+                        "Consul's answer is larger than the limit of {}",
+                        http::Size(limit)
+                    ),
+                )
+                .hint("read a narrower prefix, or raise [consul] max_answer_size (e.g. \"128MiB\") if answers this large are expected"),
+                http::BodyError::Read(e) => FetchError::new(
+                    ErrorKind::Transient,
+                    "consul",
+                    action(),
+                    format!("reading the answer failed: {}", error_chain(&e)),
+                ),
+            })?;
         Ok((
             Answer {
                 status,
-                body: body.to_vec(),
+                body,
                 index,
+                retry_after,
             },
             last_contact,
         ))
@@ -384,6 +473,7 @@ impl Client {
             },
         );
         e.hint = hint;
+        e.retry_after = answer.retry_after;
         if kind == ErrorKind::Denied {
             e.identity = Some(self.token_source.clone());
         }
@@ -739,11 +829,16 @@ pub fn base_url(address: &str, ssl: bool) -> Result<Url, String> {
     } else {
         format!("http://{address}")
     };
-    let url = Url::parse(&with_scheme)
-        .map_err(|e| format!("Consul address \"{address}\" is not host:port or a URL: {e}"))?;
+    let url = Url::parse(&with_scheme).map_err(|e| {
+        format!(
+            "Consul address \"{}\" is not host:port or a URL: {e}",
+            http::redacted_text(address)
+        )
+    })?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(format!(
-            "Consul address \"{address}\": only http and https are supported"
+            "Consul address \"{}\": only http and https are supported",
+            http::redacted_text(address)
         ));
     }
     Ok(url)
@@ -904,6 +999,7 @@ impl Backend for Consul {
                 match result {
                     Err(e) => {
                         state.errors += 1;
+                        state.retry_after = e.retry_after.unwrap_or_default();
                         client.set_state(watch, state);
                         for &i in served {
                             out[i] = Observation::Failed(e.clone());
@@ -915,7 +1011,6 @@ impl Backend for Consul {
                         // when nothing changed: the watch is healthy again.
                         let recovered = state.errors > 0;
                         state.errors = 0;
-                        state.moved = index != state.index;
                         // An index that went backwards (a snapshot restore):
                         // start over; below 1 counts as 1.
                         state.index = if index < state.index { 0 } else { index.max(1) };
@@ -982,13 +1077,7 @@ impl<'a> Pending<'a> {
     fn again(&mut self, w: usize) {
         let (watch, served) = &self.watches[w];
         let mut state = self.client.state(watch);
-        let spacing = match state.started {
-            Some(at) if state.index > 0 && !state.moved => {
-                MIN_QUERY_INTERVAL.saturating_sub(at.elapsed())
-            }
-            _ => Duration::ZERO,
-        };
-        state.started = Some(tokio::time::Instant::now() + spacing);
+        let spacing = state.take_token(tokio::time::Instant::now());
         self.client.set_state(watch, state);
         let client = self.client.clone();
         let watch = watch.clone();
@@ -997,8 +1086,11 @@ impl<'a> Pending<'a> {
             if state.errors > 0 {
                 let backoff = Duration::from_millis(250)
                     .saturating_mul(1 << state.errors.min(7))
-                    .min(Duration::from_secs(30));
-                tokio::time::sleep(backoff.mul_f64(0.5 + fastrand::f64() / 2.0)).await;
+                    .min(Duration::from_secs(30))
+                    .mul_f64(0.5 + fastrand::f64() / 2.0);
+                // A server that said when to come back is believed, within
+                // the clamp.
+                tokio::time::sleep(backoff.max(state.retry_after)).await;
             } else if !spacing.is_zero() {
                 tokio::time::sleep(spacing).await;
             }

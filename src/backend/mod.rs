@@ -10,6 +10,7 @@
 
 pub mod aws;
 pub mod consul;
+pub mod http;
 pub mod local;
 pub mod vault;
 
@@ -106,6 +107,9 @@ pub struct FetchError {
     pub identity: Option<String>,
     pub message: String,
     pub hint: Option<String>,
+    /// How long the server asked us to wait before asking again
+    /// (`Retry-After` on a 429 or 503), already clamped to a sane range.
+    pub retry_after: Option<Duration>,
 }
 
 impl FetchError {
@@ -123,6 +127,7 @@ impl FetchError {
             identity: None,
             message: message.into(),
             hint: None,
+            retry_after: None,
         }
     }
 
@@ -143,6 +148,11 @@ impl FetchError {
 
     pub fn hint(mut self, hint: impl Into<String>) -> Self {
         self.hint = Some(hint.into());
+        self
+    }
+
+    pub fn retry_after(mut self, wait: Option<Duration>) -> Self {
+        self.retry_after = wait;
         self
     }
 }
@@ -327,6 +337,7 @@ where
 /// address (a local agent) is not warned about.
 pub fn warn_if_plain_http(what: &str, url: &reqwest::Url) {
     if url.scheme() == "http" && !is_loopback(url) {
+        let url = http::redacted(url);
         tracing::warn!(
             "{what} at {url} is plain HTTP: the token and every value it answers cross the network unencrypted; use an https:// address"
         );

@@ -1,15 +1,17 @@
 //! Tokens: where they come from (a variable, a file, a login), and the
-//! vaultrs calls that log in, look up and renew them.
+//! calls that log in, look up and renew them. These go through the same
+//! request path as every read ([`Inner::send`]): one redirect policy, one
+//! limit on answers, one way of naming failures. A login carries a
+//! `secret_id` or a JWT, so it is held to the same rules as the token.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use base64::Engine as _;
+use reqwest::Method;
 use serde::{Deserialize, Serialize};
-use vaultrs::api::{AuthInfo, EndpointMiddleware};
-use vaultrs::client::{VaultClient, VaultClientSettings};
-use vaultrs::error::ClientError;
+use serde_json::{Value, json};
 
 use super::{AuthConfig, Inner, RoleId};
 use crate::backend::aws::Aws;
@@ -67,19 +69,32 @@ impl Token {
         self.expires.map(|e| e - now)
     }
 
-    fn from_auth(info: AuthInfo, method: String) -> Token {
+    /// The token of a login's `auth` block. Its TTL is clamped like every
+    /// duration Vault sends ([`super::lease::seconds`]).
+    fn from_auth(body: &Value, action: &str, method: String) -> Result<Token, FetchError> {
+        let auth = &body["auth"];
+        let Some(id) = auth["client_token"].as_str().filter(|t| !t.is_empty()) else {
+            return Err(FetchError::new(
+                ErrorKind::Invalid,
+                "vault",
+                action,
+                "Vault's answer to the login carries no auth.client_token",
+            )
+            .hint("check that VAULT_ADDR points at Vault and the mount is an auth method"));
+        };
         let now = super::lease::now();
-        Token {
-            id: info.client_token,
-            accessor: info.accessor,
-            policies: info.policies,
-            ttl: info.lease_duration,
-            renewable: info.renewable,
-            expires: (info.lease_duration > 0).then_some(now + info.lease_duration as f64),
+        let ttl = super::lease::seconds(&auth["lease_duration"]);
+        Ok(Token {
+            id: id.to_string(),
+            accessor: text(&auth["accessor"]),
+            policies: strings(&auth["policies"]),
+            ttl,
+            renewable: auth["renewable"].as_bool().unwrap_or(false),
+            expires: (ttl > 0).then_some(now + ttl as f64),
             refreshed: now,
             capped: false,
             method,
-        }
+        })
     }
 }
 
@@ -200,8 +215,24 @@ impl Auth {
     /// accessor, policies and TTL are known.
     pub(super) async fn login(&self, inner: &Inner) -> Result<Token, FetchError> {
         let method = self.describe();
-        let fail =
-            |action: &str, e: ClientError, hint: &str| client_error(action, e, hint, &method);
+        let login = |mount: &str, body: Value, hint: String| {
+            let method = method.clone();
+            let path = format!("auth/{mount}/login");
+            async move {
+                let action = format!("POST /v1/{path}");
+                let answer = call(
+                    inner,
+                    Method::POST,
+                    &path,
+                    None,
+                    Some(&body),
+                    &hint,
+                    &method,
+                )
+                .await?;
+                Token::from_auth(&answer, &action, method)
+            }
+        };
         match self {
             Auth::Static { token: None, .. } => Err(FetchError::new(
                 ErrorKind::Invalid,
@@ -255,16 +286,12 @@ impl Auth {
                     Some(f) => read_secret_file(f, "secret_id")?,
                     None => String::new(),
                 };
-                let info = vaultrs::auth::approle::login(&client(inner, ""), mount, &role_id, &secret_id)
-                    .await
-                    .map_err(|e| {
-                        fail(
-                            &format!("POST /v1/auth/{mount}/login"),
-                            e,
-                            "Vault gives the same answer for an unknown role_id and a wrong, used-up or expired secret_id: check both, and the role's secret_id_num_uses and secret_id_ttl",
-                        )
-                    })?;
-                Ok(Token::from_auth(info, method))
+                login(
+                    mount,
+                    json!({ "role_id": role_id, "secret_id": secret_id }),
+                    "Vault gives the same answer for an unknown role_id and a wrong, used-up or expired secret_id: check both, and the role's secret_id_num_uses and secret_id_ttl".into(),
+                )
+                .await
             }
             Auth::Login {
                 config:
@@ -276,16 +303,12 @@ impl Auth {
                 ..
             } => {
                 let jwt = read_secret_file(jwt_file, "service-account token")?;
-                let info = vaultrs::auth::kubernetes::login(&client(inner, ""), mount, role, &jwt)
-                    .await
-                    .map_err(|e| {
-                        fail(
-                            &format!("POST /v1/auth/{mount}/login"),
-                            e,
-                            &format!("check that role \"{role}\" exists on auth/{mount} and binds this pod's service account and namespace, and that the token's audience is one Vault accepts"),
-                        )
-                    })?;
-                Ok(Token::from_auth(info, method))
+                login(
+                    mount,
+                    json!({ "role": role, "jwt": jwt }),
+                    format!("check that role \"{role}\" exists on auth/{mount} and binds this pod's service account and namespace, and that the token's audience is one Vault accepts"),
+                )
+                .await
             }
             Auth::Login {
                 config:
@@ -313,24 +336,21 @@ impl Auth {
                     header_value.as_deref(),
                 )
                 .await?;
-                let info = vaultrs::auth::aws::iam_login(
-                    &client(inner, ""),
+                let mut body = json!({
+                    "iam_http_request_method": "POST",
+                    "iam_request_url": signed.url,
+                    "iam_request_headers": signed.headers,
+                    "iam_request_body": signed.body,
+                });
+                if let Some(role) = role {
+                    body["role"] = json!(role);
+                }
+                login(
                     mount,
-                    "POST",
-                    &signed.url,
-                    &signed.headers,
-                    &signed.body,
-                    role.as_deref(),
+                    body,
+                    "check that the role's bound_iam_principal_arn matches this AWS identity, and that header_value matches the mount's iam_server_id_header_value".into(),
                 )
                 .await
-                .map_err(|e| {
-                    fail(
-                        &format!("POST /v1/auth/{mount}/login"),
-                        e,
-                        "check that the role's bound_iam_principal_arn matches this AWS identity, and that header_value matches the mount's iam_server_id_header_value",
-                    )
-                })?;
-                Ok(Token::from_auth(info, method))
             }
         }
     }
@@ -339,77 +359,49 @@ impl Auth {
     /// less (its max TTL is near).
     pub(super) async fn renew(&self, inner: &Inner, token: &Token) -> Result<Token, FetchError> {
         let asked = token.ttl.max(1);
-        let info =
-            vaultrs::token::renew_self(&client(inner, &token.id), Some(&format!("{asked}s")))
-                .await
-                .map_err(|e| {
-                    client_error(
-                        "POST /v1/auth/token/renew-self",
-                        e,
-                        "the token cannot be renewed; envrender logs in again when it can",
-                        &self.describe(),
-                    )
-                })?;
+        let answer = call(
+            inner,
+            Method::POST,
+            "auth/token/renew-self",
+            Some(&token.id),
+            Some(&json!({ "increment": format!("{asked}s") })),
+            "the token cannot be renewed; envrender logs in again when it can",
+            &self.describe(),
+        )
+        .await?;
+        let got = super::lease::seconds(&answer["auth"]["lease_duration"]);
         let now = super::lease::now();
         let mut renewed = token.clone();
-        renewed.expires = Some(now + info.lease_duration as f64);
+        renewed.expires = Some(now + got as f64);
         renewed.refreshed = now;
-        renewed.capped = info.lease_duration < asked;
+        renewed.capped = got < asked;
         Ok(renewed)
-    }
-}
-
-/// A vaultrs client on envrender's HTTP client (one TLS configuration, one
-/// connection pool), with the given token.
-fn client(inner: &Inner, token: &str) -> VaultClient {
-    let settings = VaultClientSettings {
-        address: inner.base.clone(),
-        ca_certs: Vec::new(),
-        identity: None,
-        timeout: None,
-        token: token.to_string(),
-        verify: true,
-        version: 1,
-        wrapping: false,
-        namespace: inner.namespace.clone(),
-        proxy: None,
-    };
-    VaultClient {
-        http: rustify::clients::reqwest::Client::new(
-            inner.base.as_str().trim_end_matches('/'),
-            inner.http.clone(),
-        ),
-        middle: EndpointMiddleware {
-            token: token.to_string(),
-            version: "v1".into(),
-            wrap: None,
-            namespace: inner.namespace.clone(),
-        },
-        settings,
     }
 }
 
 /// A given token, looked up: it must work, and its accessor, policies and
 /// TTL name it in errors and schedule its renewal.
 async fn lookup(inner: &Inner, id: String, method: String) -> Result<Token, FetchError> {
-    let found = vaultrs::token::lookup_self(&client(inner, &id))
-        .await
-        .map_err(|e| {
-            client_error(
-                "GET /v1/auth/token/lookup-self",
-                e,
-                "the token has expired, was revoked or is not a token of this Vault (or namespace)",
-                &method,
-            )
-        })?;
+    let answer = call(
+        inner,
+        Method::GET,
+        "auth/token/lookup-self",
+        Some(&id),
+        None,
+        "the token has expired, was revoked or is not a token of this Vault (or namespace)",
+        &method,
+    )
+    .await?;
+    let data = &answer["data"];
     let now = super::lease::now();
+    let left = super::lease::seconds(&data["ttl"]);
     Ok(Token {
         id,
-        accessor: found.accessor,
-        policies: found.policies,
-        ttl: found.creation_ttl,
-        renewable: found.renewable.unwrap_or(false),
-        expires: (found.ttl > 0).then_some(now + found.ttl as f64),
+        accessor: text(&data["accessor"]),
+        policies: strings(&data["policies"]),
+        ttl: super::lease::seconds(&data["creation_ttl"]),
+        renewable: data["renewable"].as_bool().unwrap_or(false),
+        expires: (left > 0).then_some(now + left as f64),
         refreshed: now,
         capped: false,
         method,
@@ -438,41 +430,36 @@ fn read_secret_file(path: &std::path::Path, what: &str) -> Result<String, FetchE
     Ok(text)
 }
 
-/// A vaultrs error as a [`FetchError`]: Vault's status and error text, and
-/// the method that failed. Never a credential.
-fn client_error(action: &str, e: ClientError, hint: &str, method: &str) -> FetchError {
-    let (kind, message) = match &e {
-        ClientError::APIError { code, errors } => {
-            let text = errors
-                .iter()
-                .map(|e| super::clean_error(e))
-                .collect::<Vec<_>>()
-                .join("; ");
-            let kind = match code {
-                400 | 401 | 403 => ErrorKind::Denied,
-                404 => ErrorKind::Invalid,
-                412 | 429 | 500 | 502 | 503 | 504 => ErrorKind::Transient,
-                _ => ErrorKind::Invalid,
-            };
-            (
-                kind,
-                if text.is_empty() {
-                    format!("HTTP {code}")
-                } else {
-                    format!("HTTP {code}: {text}")
-                },
-            )
-        }
-        ClientError::RestClientError { .. } => {
-            let mut err =
-                super::unreachable(action, &format!(": {}", crate::backend::error_chain(&e)));
-            err.identity = Some(method.to_string());
-            return err;
-        }
-        other => (
-            ErrorKind::Invalid,
-            format!("unexpected answer: {}", crate::backend::error_chain(other)),
-        ),
+/// One call of the token API with `token` (or none, for a login): the
+/// answer's body on success; otherwise Vault's status and error text, the
+/// method that failed, and `hint` when the failure is about the
+/// credentials. Never a credential.
+async fn call(
+    inner: &Inner,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+    hint: &str,
+    identity: &str,
+) -> Result<Value, FetchError> {
+    let action = format!("{method} /v1/{path}");
+    let answer = inner
+        .send(method, path, &[], token, body, false)
+        .await
+        .map_err(|mut e| {
+            e.identity = Some(identity.to_string());
+            e
+        })?;
+    if (200..300).contains(&answer.status) {
+        return Ok(answer.body);
+    }
+    let text = answer.errors();
+    let code = answer.status;
+    let kind = match code {
+        400 | 401 | 403 => ErrorKind::Denied,
+        412 | 429 | 500 | 502 | 503 | 504 => ErrorKind::Transient,
+        _ => ErrorKind::Invalid,
     };
     // The caller's hint is about the credentials; a server that is busy,
     // sealed or failing says nothing about them.
@@ -481,9 +468,35 @@ fn client_error(action: &str, e: ClientError, hint: &str, method: &str) -> Fetch
     } else {
         hint
     };
-    let mut err = FetchError::new(kind, "vault", action, message).hint(hint);
-    err.identity = Some(method.to_string());
-    err
+    let mut err = FetchError::new(
+        kind,
+        "vault",
+        action,
+        if text.is_empty() {
+            format!("HTTP {code}")
+        } else {
+            format!("HTTP {code}: {text}")
+        },
+    )
+    .hint(hint);
+    err.retry_after = answer.retry_after;
+    err.identity = Some(identity.to_string());
+    Err(err)
+}
+
+fn text(v: &Value) -> String {
+    v.as_str().unwrap_or_default().to_string()
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// A signed `sts:GetCallerIdentity` request, as Vault's AWS auth wants it:

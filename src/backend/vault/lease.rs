@@ -41,6 +41,37 @@ pub fn now() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The longest lease or token TTL envrender believes: Vault's default
+/// `max_lease_ttl` (768h). A longer one is renewed or re-read as if it
+/// were this long, so a server that sends 2^64 - 1 still gets its lease
+/// renewed, and no arithmetic on it can overflow.
+pub const MAX_TTL: u64 = 768 * 3600;
+
+/// The shortest: a TTL of 0 or less than a second (with a lease to keep)
+/// counts as one second, and answers that keep coming back this short are
+/// re-issued with exponential backoff ([`Held::short_answers`]).
+pub const MIN_TTL: u64 = 1;
+
+/// A TTL under this many seconds is "short" ([`Held::short_answers`]).
+pub const SHORT_TTL: u64 = 2;
+
+/// The longest of those waits.
+const MAX_SHORT_BACKOFF: f64 = 300.0;
+
+/// A duration in seconds as Vault sent it (a number, or a string of
+/// digits), clamped to `0..=MAX_TTL`; anything else is 0.
+pub fn seconds(v: &Value) -> u64 {
+    let n = v
+        .as_f64()
+        .or_else(|| v.as_str().and_then(|s| s.trim().parse::<f64>().ok()))
+        .unwrap_or(0.0);
+    if n.is_nan() || n <= 0.0 {
+        0
+    } else {
+        n.min(MAX_TTL as f64) as u64
+    }
+}
+
 /// A random number in `[lo, hi)`.
 pub fn jitter(lo: f64, hi: f64) -> f64 {
     lo + fastrand::f64() * (hi - lo)
@@ -77,6 +108,15 @@ pub struct Held {
     /// replaced: Vault revokes the lease then.
     #[serde(default)]
     pub parent_end: Option<f64>,
+    /// How many answers in a row for this request came with a TTL under
+    /// [`SHORT_TTL`] seconds: each one doubles the least wait before the
+    /// next renewal or re-issue, so a server that keeps granting nothing is
+    /// not asked (and the app not reloaded) in a loop.
+    #[serde(default)]
+    pub short_answers: u32,
+    /// The TTL Vault granted in the last answer, before the floor.
+    #[serde(default)]
+    pub granted: u64,
     /// When the next renewal or re-issue is due (unix seconds).
     pub due: f64,
     /// Counts re-issues of this request.
@@ -118,16 +158,24 @@ impl Held {
         config: &VaultConfig,
     ) -> Option<Held> {
         let lease_id = body["lease_id"].as_str().unwrap_or_default().to_string();
-        let lease_duration = body["lease_duration"].as_u64().unwrap_or(0);
+        let granted = seconds(&body["lease_duration"]);
+        let lease_duration = granted.max(MIN_TTL);
         let data = body["data"].clone();
         let now = now();
-        let expiration = data["expiration"].as_f64();
+        // A certificate's NotAfter, within the same sane range as a TTL.
+        let expiration = data["expiration"]
+            .as_f64()
+            .filter(|e| e.is_finite())
+            .map(|e| e.clamp(now, now + MAX_TTL as f64));
         let certificate = data.get("certificate").is_some() && expiration.is_some();
         if lease_id.is_empty() && !certificate {
             return None;
         }
         let (duration, expires) = match (certificate, expiration) {
-            (true, Some(exp)) => ((exp - now).max(0.0) as u64, exp),
+            (true, Some(exp)) => (
+                (exp - now).max(MIN_TTL as f64) as u64,
+                exp.max(now + MIN_TTL as f64),
+            ),
             _ => (lease_duration, now + lease_duration as f64),
         };
         let mut held = Held {
@@ -150,6 +198,8 @@ impl Held {
             verified: true,
             failures: 0,
             trouble: None,
+            short_answers: 0,
+            granted,
         };
         held.schedule(now, config.pki_reissue_at);
         Some(held)
@@ -175,7 +225,7 @@ impl Held {
             version: Some(self.version()),
             lease: (!self.lease_id.is_empty()).then(|| Lease {
                 id: self.lease_id.clone(),
-                duration: Duration::from_secs_f64(left),
+                duration: Duration::from_secs_f64(left.min(MAX_TTL as f64)),
                 renewable: self.renewable,
             }),
         }
@@ -194,6 +244,18 @@ impl Held {
         } else {
             self.issued + self.duration as f64 * jitter(0.75, 0.85)
         };
+        if self.short_answers > 0 {
+            let floor = 2f64
+                .powi(self.short_answers.min(16) as i32 - 1)
+                .min(MAX_SHORT_BACKOFF);
+            self.due = self.due.max(now + floor);
+        }
+    }
+
+    /// Counts this answer's TTL after `before` (the answer it replaces):
+    /// another short one in a row, or the end of a run of them.
+    fn count_short(&mut self, before: u32, granted: u64) {
+        self.short_answers = if granted < SHORT_TTL { before + 1 } else { 0 };
     }
 
     /// The token that issued this ends at `end`: so does this. It is still
@@ -370,13 +432,15 @@ impl Inner {
         let now = now();
         match result {
             Ok((answer, _)) if answer.status == 200 => {
-                let got = answer.body["lease_duration"].as_u64().unwrap_or(0);
+                let granted = seconds(&answer.body["lease_duration"]);
+                let got = granted.max(MIN_TTL);
                 let mut ledger = self.ledger.lock().unwrap();
                 if let Some(h) = ledger.held.get_mut(&held.key)
                     && h.lease_id == held.lease_id
                 {
                     h.expires = now + got as f64;
                     h.capped = got < asked;
+                    h.count_short(held.short_answers, granted);
                     // The token that issued it may end first.
                     if let Some(end) = h.parent_end
                         && end < h.expires
@@ -447,6 +511,8 @@ impl Inner {
                 ) {
                     Some(mut new) => {
                         new.generation = held.generation + 1;
+                        new.count_short(held.short_answers, new.granted);
+                        new.schedule(now(), self.config.pki_reissue_at);
                         tracing::info!(
                             request = %new.key,
                             lease = %new.lease_id,
@@ -542,7 +608,7 @@ pub(super) async fn maintain(inner: &Arc<Inner>) {
         let next = token_due.min(held_due);
         if next > now {
             let wait = if next.is_finite() {
-                Duration::from_secs_f64(next - now)
+                Duration::from_secs_f64((next - now).min(3600.0))
             } else {
                 Duration::from_secs(3600)
             };

@@ -17,10 +17,12 @@
 //! cannot be renewed any more, and optionally written to a state file so that
 //! a sidecar started after the init container adopts the same credentials.
 //!
-//! Logins and token calls go through vaultrs; reads are direct calls, because
-//! a secret injector needs the whole envelope vaultrs strips (lease ids and
-//! durations, KV v2 metadata, the bodies of 404s for deleted versions), and
-//! vaultrs has no `sys/leases` endpoints.
+//! Every call, logins and token calls included, goes through one request
+//! path ([`Inner::send`]) on envrender's HTTP client. A secret injector needs
+//! the whole envelope client libraries strip (lease ids and durations, KV v2
+//! metadata, the bodies of 404s for deleted versions, `sys/leases`), and it
+//! must hold every answer to the same rules: a size limit, no redirect that
+//! takes the token elsewhere, clamped durations ([`super::http`]).
 
 mod auth;
 pub mod lease;
@@ -64,6 +66,11 @@ pub struct VaultConfig {
     /// slash, KV v2?): paths under them are read without asking Vault for
     /// the mount's version first.
     pub kv_mounts: Vec<(String, bool)>,
+    /// The largest answer read, in bytes; a larger one is an error.
+    pub max_answer_size: u64,
+    /// Origins (`https://host:port`) besides the configured address that
+    /// Vault may redirect to with the token: the cluster's other nodes.
+    pub redirect_origins: Vec<String>,
 }
 
 impl Default for VaultConfig {
@@ -79,6 +86,8 @@ impl Default for VaultConfig {
             kv_refresh: Duration::from_secs(300),
             pki_reissue_at: 0.67,
             kv_mounts: Vec::new(),
+            max_answer_size: crate::backend::http::VAULT_MAX_ANSWER,
+            redirect_origins: Vec::new(),
         }
     }
 }
@@ -130,6 +139,8 @@ pub struct Vault {
 struct Inner {
     http: reqwest::Client,
     base: Url,
+    /// The address as it may be printed (no `user:password@`).
+    shown: String,
     namespace: Option<String>,
     auth: auth::Auth,
     /// The current token; the async lock makes concurrent reads wait for one
@@ -185,6 +196,8 @@ struct Answer {
     status: u16,
     /// The JSON body; `Null` when empty.
     body: Value,
+    /// `Retry-After` of a 429 or 503.
+    retry_after: Option<Duration>,
 }
 
 impl Answer {
@@ -238,7 +251,8 @@ impl Vault {
             .filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
             .ok_or_else(|| {
                 format!(
-                    "Vault address \"{address}\" is not an http(s) URL such as https://vault:8200"
+                    "Vault address \"{}\" is not an http(s) URL such as https://vault:8200",
+                    super::http::redacted_text(&address)
                 )
             })?;
         super::warn_if_plain_http("Vault", &base);
@@ -253,7 +267,11 @@ impl Vault {
             .clone()
             .or_else(|| env.var("VAULT_CACERT").map(PathBuf::from));
         let http = super::http_client(&base, !super::is_loopback(&base), ca.as_deref(), "Vault")?
-            .timeout(Duration::from_secs(60));
+            .timeout(Duration::from_secs(60))
+            .redirect(super::http::vault_redirects(
+                &base,
+                config.redirect_origins.clone(),
+            ));
         let http = super::with_client_certificate(
             http,
             config
@@ -285,6 +303,7 @@ impl Vault {
         Ok(Vault {
             inner: Arc::new(Inner {
                 http,
+                shown: super::http::redacted(&base),
                 base,
                 namespace,
                 auth,
@@ -447,11 +466,14 @@ impl Inner {
         let action = format!("{method} /v1/{path}");
         let response = request.send().await.map_err(|e| {
             let maybe_sent = !e.is_connect();
-            let mut err = unreachable(
-                action.clone(),
-                &format!(" at {}: {}", self.base, super::error_chain(&e)),
-            );
-            if err.kind == ErrorKind::Transient && issuing && maybe_sent {                err.kind = ErrorKind::Invalid;
+            let detail = format!(" at {}: {}", self.shown, super::error_chain(&e));
+            if e.is_redirect() {
+                return FetchError::new(ErrorKind::Invalid, "vault", action.clone(), format!("refused a redirect{detail}"))
+                    .hint("envrender carries a Vault token only to the configured address (and [vault] redirect_origins), and never off https");
+            }
+            let mut err = unreachable(action.clone(), &detail);
+            if err.kind == ErrorKind::Transient && issuing && maybe_sent {
+                err.kind = ErrorKind::Invalid;
                 err.hint = Some(
                     "not repeated: each read of this path issues new credentials, and the request may have reached Vault; run again".into(),
                 );
@@ -459,14 +481,29 @@ impl Inner {
             err
         })?;
         let status = response.status().as_u16();
-        let bytes = response.bytes().await.map_err(|e| {
-            FetchError::new(
-                ErrorKind::Transient,
-                "vault",
-                action.clone(),
-                format!("reading the answer failed: {e}"),
-            )
-        })?;
+        let retry_after = matches!(status, 429 | 503)
+            .then(|| super::http::retry_after(response.headers()))
+            .flatten();
+        let bytes = super::http::read_limited(response, self.config.max_answer_size)
+            .await
+            .map_err(|e| match e {
+                super::http::BodyError::TooLarge { limit } => FetchError::new(
+                    ErrorKind::Invalid,
+                    "vault",
+                    action.clone(),
+                    format!(
+                        "Vault's answer is larger than the limit of {}",
+                        super::http::Size(limit)
+                    ),
+                )
+                .hint("raise [vault] max_answer_size (e.g. \"64MiB\") if secrets this large are expected"),
+                super::http::BodyError::Read(e) => FetchError::new(
+                    ErrorKind::Transient,
+                    "vault",
+                    action.clone(),
+                    format!("reading the answer failed: {}", super::error_chain(&e)),
+                ),
+            })?;
         let body = if bytes.iter().all(u8::is_ascii_whitespace) {
             Value::Null
         } else {
@@ -480,7 +517,11 @@ impl Inner {
                 .hint("check that VAULT_ADDR points at Vault and not at a proxy or load balancer page")
             })?
         };
-        Ok(Answer { status, body })
+        Ok(Answer {
+            status,
+            body,
+            retry_after,
+        })
     }
 
     /// A request with the current token. A 403 saying the token is invalid
@@ -560,6 +601,7 @@ impl Inner {
             },
         );
         e.hint = hint;
+        e.retry_after = answer.retry_after;
         e.identity = Some(format!("{} ({})", self.auth.describe(), token.who()));
         e
     }
@@ -901,7 +943,7 @@ impl Backend for Vault {
     }
 
     fn plan(&self, sources: &[Source]) -> Vec<PlannedCall> {
-        let target = Some(self.inner.base.to_string());
+        let target = Some(self.inner.shown.clone());
         let mut calls = vec![PlannedCall {
             target: target.clone(),
             action: "login".into(),

@@ -1,0 +1,253 @@
+//! Guards on what an HTTP server may do to envrender. A Consul agent or a
+//! Vault server is trusted with a token, not with envrender's memory, its
+//! schedule or the token's destination:
+//!
+//! - answers are read up to a size limit ([`read_limited`]), so a huge or
+//!   endless body fails with an error naming the limit instead of growing
+//!   the process past its container's memory;
+//! - redirects never carry a token off the configured origin or off https
+//!   ([`vault_redirects`]; Consul follows none);
+//! - `Retry-After` is read and clamped ([`retry_after`]);
+//! - an address's `user:password@` is never printed ([`redacted`]).
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use reqwest::Url;
+
+/// The longest `Retry-After` honoured: a server asking for more is waited
+/// on for this long, then asked again.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
+
+/// Default limits on one answer. Consul's recursive reads of a large prefix
+/// are the biggest answers envrender asks for (100,000 keys of ~100 bytes
+/// are about 25 MB of JSON); a Vault secret is rarely over a megabyte.
+pub const CONSUL_MAX_ANSWER: u64 = 64 << 20;
+pub const VAULT_MAX_ANSWER: u64 = 16 << 20;
+
+/// Why a body could not be read.
+#[derive(Debug)]
+pub enum BodyError {
+    /// It is (or announced it would be) larger than the limit.
+    TooLarge { limit: u64 },
+    /// The connection failed while reading it.
+    Read(reqwest::Error),
+}
+
+/// Reads a response body, refusing more than `limit` bytes. A
+/// `Content-Length` over the limit is refused before anything is read;
+/// a body without one is read chunk by chunk and abandoned as soon as it
+/// passes the limit, so at most `limit` bytes (plus one chunk) are held.
+pub async fn read_limited(
+    mut response: reqwest::Response,
+    limit: u64,
+) -> Result<Vec<u8>, BodyError> {
+    let announced = response.content_length();
+    if announced.is_some_and(|n| n > limit) {
+        return Err(BodyError::TooLarge { limit });
+    }
+    let mut body = Vec::with_capacity(announced.unwrap_or(0).min(limit) as usize);
+    while let Some(chunk) = response.chunk().await.map_err(BodyError::Read)? {
+        if (body.len() + chunk.len()) as u64 > limit {
+            return Err(BodyError::TooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// `Retry-After` as seconds or an HTTP date, clamped to
+/// [`MAX_RETRY_AFTER`]; `None` when absent or unreadable.
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let text = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+    let text = text.trim();
+    let wait = match text.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds.min(MAX_RETRY_AFTER.as_secs())),
+        Err(_) => httpdate::parse_http_date(text)
+            .ok()?
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
+}
+
+/// A byte count as people write it: `64 MiB`, `512 KiB`, `100 bytes`.
+pub struct Size(pub u64);
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        for (unit, shift) in [("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+            if n >= 1 << shift && n.is_multiple_of(1 << shift) {
+                return write!(f, "{} {unit}", n >> shift);
+            }
+        }
+        write!(f, "{n} bytes")
+    }
+}
+
+/// Parses a size: a number of bytes, or a number with `KiB`, `MiB` or
+/// `GiB` (also `K`, `M`, `G`, `KB`, `MB`, `GB`, all powers of 1024).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("\"{text}\" is not a size"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" | "bytes" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        _ => return Err(format!("\"{text}\" is not a size (unknown unit)")),
+    };
+    n.checked_mul(1 << shift)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| format!("\"{text}\" is not a size of at least 1 byte"))
+}
+
+/// A URL as it may be printed: any `user:password@` replaced by `***@`.
+pub fn redacted(url: &Url) -> String {
+    if url.username().is_empty() && url.password().is_none() {
+        return url.to_string();
+    }
+    let mut shown = url.clone();
+    let _ = shown.set_password(None);
+    let _ = shown.set_username("***");
+    shown.to_string()
+}
+
+/// An address as it may be printed, for text that may not parse as a URL:
+/// whatever stands before an `@` in its authority is hidden.
+pub fn redacted_text(address: &str) -> String {
+    let (scheme, rest) = match address.split_once("://") {
+        Some((s, r)) => (format!("{s}://"), r),
+        None => (String::new(), address),
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!("{scheme}***{}", &rest[at..]),
+        None => address.to_string(),
+    }
+}
+
+/// `scheme://host:port`, the origin a token is bound to.
+fn origin(url: &Url) -> String {
+    url.origin().ascii_serialization()
+}
+
+/// Vault's redirect policy. Vault standbys redirect clients to the active
+/// node (307); envrender follows a redirect only while it stays on the
+/// configured origin (scheme, host and port) or goes to one listed in
+/// `[vault] redirect_origins`, and never from https to http. The refusal
+/// names the `Location` and the setting. A token, a `secret_id` or a JWT
+/// in the request would otherwise go wherever the server pointed.
+pub fn vault_redirects(base: &Url, allowed: Vec<String>) -> reqwest::redirect::Policy {
+    let home = origin(base);
+    let https = base.scheme() == "https";
+    reqwest::redirect::Policy::custom(move |attempt| {
+        let to = attempt.url();
+        let leaves_https = (https || attempt.previous().iter().any(|u| u.scheme() == "https"))
+            && to.scheme() != "https";
+        let elsewhere = origin(to) != home && !allowed.contains(&origin(to));
+        if leaves_https {
+            let shown = redacted(to);
+            attempt.error(format!(
+                "Vault redirected to {shown}, which is not https; not followed (the token would cross the network unencrypted)"
+            ))
+        } else if elsewhere {
+            let shown = redacted(to);
+            let allow = origin(to);
+            attempt.error(format!(
+                "Vault redirected to {shown}, another origin than {home}; not followed (the token would go with it). If it is a node of this Vault cluster, allow it with [vault] redirect_origins = [\"{allow}\"], or set VAULT_ADDR to the active node"
+            ))
+        } else if attempt.previous().len() > 5 {
+            attempt.error("Vault redirected more than 5 times; not followed")
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
+/// An origin as `[vault] redirect_origins` lists it: `https://host:port`
+/// (the port may be left out for the scheme's own).
+pub fn parse_origin(text: &str) -> Result<String, String> {
+    let url = Url::parse(text.trim())
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.has_host())
+        .ok_or_else(|| format!("\"{text}\" is not an origin such as https://vault-2:8200"))?;
+    if url.path() != "/" || url.query().is_some() || !url.username().is_empty() {
+        return Err(format!(
+            "\"{text}\" is not an origin: write only scheme, host and port, such as https://vault-2:8200"
+        ));
+    }
+    Ok(origin(&url))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("512 KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+        assert!(parse_size("99999999999999 GiB").is_err());
+        assert_eq!(Size(64 << 20).to_string(), "64 MiB");
+        assert_eq!(Size(1000).to_string(), "1000 bytes");
+    }
+
+    #[test]
+    fn retry_after_is_read_and_clamped() {
+        let mut h = reqwest::header::HeaderMap::new();
+        assert_eq!(retry_after(&h), None);
+        h.insert("retry-after", "3".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
+        h.insert("retry-after", "18446744073709551615".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(MAX_RETRY_AFTER));
+        h.insert(
+            "retry-after",
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
+        assert_eq!(retry_after(&h), Some(Duration::ZERO));
+        h.insert("retry-after", "soon".parse().unwrap());
+        assert_eq!(retry_after(&h), None);
+    }
+
+    #[test]
+    fn credentials_in_addresses_are_hidden() {
+        let url = Url::parse("https://admin:hunter2@vault:8200/").unwrap();
+        assert_eq!(redacted(&url), "https://***@vault:8200/");
+        let plain = Url::parse("http://consul:8500/").unwrap();
+        assert_eq!(redacted(&plain), "http://consul:8500/");
+        assert_eq!(
+            redacted_text("admin:hunter2@consul:8500"),
+            "***@consul:8500"
+        );
+        assert_eq!(
+            redacted_text("https://a:b@vault/x@y"),
+            "https://***@vault/x@y"
+        );
+        assert_eq!(redacted_text("consul:8500"), "consul:8500");
+    }
+
+    #[test]
+    fn origins() {
+        assert_eq!(
+            parse_origin("https://vault-2:8200").unwrap(),
+            "https://vault-2:8200"
+        );
+        assert_eq!(
+            parse_origin("https://vault-2:443/").unwrap(),
+            "https://vault-2"
+        );
+        assert!(parse_origin("https://vault-2:8200/v1").is_err());
+        assert!(parse_origin("vault-2:8200").is_err());
+    }
+}
