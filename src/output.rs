@@ -9,8 +9,9 @@
 //! old. A file whose content, mode and owner are already right is not touched:
 //! its mtime stays, and nothing downstream sees a change.
 //!
-//! Env outputs are rendered here too: `.env` files quoted so that dotenv
-//! parsers read every value back exactly, and JSON objects.
+//! Env outputs are rendered here too: `.env` files quoted so that a POSIX
+//! shell sourcing them and dotenv parsers read every value back exactly
+//! (and nothing in a value runs), and JSON objects.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -392,27 +393,54 @@ pub fn env_file(vars: &[(String, String)], format: EnvFormat) -> Vec<u8> {
     }
 }
 
-/// Quotes a value for a `.env` file. Single quotes keep everything literal in
-/// every common dotenv parser (no escapes, no `${}` expansion), so they are
-/// used whenever the value allows; otherwise double quotes with `\`, `"`,
-/// `$` and newlines escaped.
+/// Quotes a value for a `.env` file, so that the file reads back exactly
+/// both when sourced by a POSIX shell (`. ./app.env`, where nothing in a
+/// value may run or expand) and in dotenv parsers.
+///
+/// - Most values: in single quotes, `'value'`, where neither the shell nor
+///   any common dotenv parser expands or unescapes anything, newlines
+///   included.
+/// - A value with a single quote but nothing a double quote would expand
+///   (`$`, `` ` ``, `\`, `"`): in double quotes, `"it's"`, which every
+///   common parser also reads literally.
+/// - Otherwise the shell's own form: single-quoted runs, with each `'`
+///   written `\'` and each `\` written `\\` between them
+///   (`'it'\''s $HOME'`). dotenvy reads it as the shell does; parsers
+///   that know no concatenation (python-dotenv) do not.
+///
+/// A backslash never ends a single-quoted run: dotenvy's line reader would
+/// take `\'` as an escaped quote and read on into the next line.
 pub fn dotenv_quote(v: &str) -> String {
-    if !v.contains(['\'', '\n', '\r']) {
+    if !v.contains('\'') && !v.ends_with('\\') {
         return format!("'{v}'");
     }
-    let mut out = String::with_capacity(v.len() + 2);
-    out.push('"');
+    if !v.contains(['$', '`', '\\', '"']) {
+        return format!("\"{v}\"");
+    }
+    let mut out = String::with_capacity(v.len() + 8);
+    let mut quoted = false;
     for c in v.chars() {
         match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '$' => out.push_str("\\$"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            c => out.push(c),
+            '\'' | '\\' => {
+                if quoted {
+                    out.push('\'');
+                    quoted = false;
+                }
+                out.push('\\');
+                out.push(c);
+            }
+            c => {
+                if !quoted {
+                    out.push('\'');
+                    quoted = true;
+                }
+                out.push(c);
+            }
         }
     }
-    out.push('"');
+    if quoted {
+        out.push('\'');
+    }
     out
 }
 

@@ -1,0 +1,111 @@
+//! A hostile neighbour: a process of another user (or of the app's user)
+//! on the same machine, which plants symlinks and directories where
+//! envrender writes, reads /proc, writes the pid file, and sources the env
+//! files envrender writes. Tests run as root and play the other user with
+//! uid 65534 (nobody).
+
+mod support;
+
+use proptest::prelude::*;
+use support::Dir;
+
+// ---------------------------------------------------------------------------
+// Item 12: a dotenv file is safe to source in sh and reads back exactly.
+
+/// The case found: a value with a quote and a backtick ran a command when
+/// the file was sourced.
+#[test]
+fn a_backtick_in_a_dotenv_value_runs_nothing_when_sourced() {
+    let d = Dir::new();
+    let vars = vec![(
+        "V".to_string(),
+        "it's `touch pwned` $(touch pwned)".to_string(),
+    )];
+    let text = envrender::output::env_file(&vars, envrender::config::EnvFormat::Dotenv);
+    std::fs::write(d.join("app.env"), &text).unwrap();
+    let out = std::process::Command::new("/bin/sh")
+        .current_dir(d.path())
+        .args(["-c", ". ./app.env; printf %s \"$V\""])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&text);
+    assert!(!d.join("pwned").exists(), "a command ran: {shown}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), vars[0].1);
+}
+
+/// Characters a shell or a dotenv parser treats specially, plus any text.
+fn hostile_value() -> impl Strategy<Value = String> {
+    let piece = prop_oneof![
+        prop::sample::select(vec![
+            "'",
+            "\"",
+            "`",
+            "$",
+            "$(touch pwned)",
+            "`touch pwned`",
+            "${HOME}",
+            "$HOME",
+            "\\",
+            "\\'",
+            "'\\''",
+            "\\n",
+            "\n",
+            "\r",
+            "\r\n",
+            " ",
+            "\t",
+            "#",
+            ";",
+            "&",
+            "|",
+            "<",
+            ">",
+            "(",
+            ")",
+            "{",
+            "}",
+            "!",
+            "*",
+            "?",
+            "~",
+            "=",
+            "\u{e9}",
+            "\u{feff}",
+            "\u{2028}",
+        ])
+        .prop_map(String::from),
+        "[^\u{0}]{0,4}",
+    ];
+    prop::collection::vec(piece, 0..10).prop_map(|p| p.concat())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(200)
+    ))]
+
+    #[test]
+    fn a_dotenv_file_sources_and_parses_back_exactly(value in hostile_value()) {
+        use envrender::config::EnvFormat;
+        let dir = tempfile::tempdir().unwrap();
+        let vars = vec![
+            ("FIRST".to_string(), value.clone()),
+            ("SECOND".to_string(), "after".to_string()),
+        ];
+        let text = envrender::output::env_file(&vars, EnvFormat::Dotenv);
+        let file = dir.path().join("app.env");
+        std::fs::write(&file, &text).unwrap();
+        let out = std::process::Command::new("/bin/sh")
+            .current_dir(dir.path())
+            .args(["-c", ". ./app.env && printf %s \"$FIRST\" && printf '\\0%s' \"$SECOND\""])
+            .env_clear()
+            .output()
+            .unwrap();
+        prop_assert!(out.status.success(), "sh failed on {:?}: {}", String::from_utf8_lossy(&text), String::from_utf8_lossy(&out.stderr));
+        let expected = format!("{value}\0after");
+        prop_assert_eq!(String::from_utf8_lossy(&out.stdout), expected.as_str(), "file: {:?}", String::from_utf8_lossy(&text));
+        prop_assert!(!dir.path().join("pwned").exists(), "a command ran");
+        let parsed: Result<Vec<(String, String)>, _> = dotenvy::from_read_iter(&text[..]).collect();
+        prop_assert_eq!(parsed.ok(), Some(vars), "file: {:?}", String::from_utf8_lossy(&text));
+    }
+}
