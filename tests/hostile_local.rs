@@ -6,8 +6,47 @@
 
 mod support;
 
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::path::Path;
+
 use proptest::prelude::*;
 use support::Dir;
+
+const NOBODY: u32 = 65534;
+
+fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn chown(path: &Path, uid: u32) {
+    std::os::unix::fs::lchown(path, Some(uid), Some(uid)).unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Item 6: output attributes are never fixed through a path an app swapped.
+
+/// A destination that is a symlink to a root-only file with the very content
+/// being rendered: the link is replaced by a file of its own; the file it
+/// pointed at keeps its mode, owner and content.
+#[test]
+fn a_symlinked_destination_never_changes_its_targets_mode_or_owner() {
+    let d = Dir::new();
+    d.write("t.hbs", "same\n");
+    let target = d.write("shadow", "same\n");
+    chmod(&target, 0o600);
+    std::os::unix::fs::symlink(&target, d.join("out.conf")).unwrap();
+    chown(&d.join("out.conf"), NOBODY);
+    d.cmd(&["render", "--template", "t.hbs:out.conf:0644"])
+        .run()
+        .success();
+    let meta = std::fs::metadata(&target).unwrap();
+    assert_eq!(meta.mode() & 0o7777, 0o600);
+    assert_eq!(meta.uid(), 0);
+    assert_eq!(d.read("shadow"), "same\n");
+    let out = std::fs::symlink_metadata(d.join("out.conf")).unwrap();
+    assert!(out.is_file());
+    assert_eq!(out.mode() & 0o7777, 0o644);
+}
 
 // ---------------------------------------------------------------------------
 // Item 12: a dotenv file is safe to source in sh and reads back exactly.
