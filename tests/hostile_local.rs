@@ -7,10 +7,13 @@
 mod support;
 
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::os::unix::process::CommandExt as _;
 use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
 
 use proptest::prelude::*;
-use support::Dir;
+use support::{Dir, KillOnDrop, eventually};
 
 const NOBODY: u32 = 65534;
 
@@ -20,6 +23,10 @@ fn chmod(path: &Path, mode: u32) {
 
 fn chown(path: &Path, uid: u32) {
     std::os::unix::fs::lchown(path, Some(uid), Some(uid)).unwrap();
+}
+
+fn envrender_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_envrender")
 }
 
 // ---------------------------------------------------------------------------
@@ -46,6 +53,64 @@ fn a_symlinked_destination_never_changes_its_targets_mode_or_owner() {
     let out = std::fs::symlink_metadata(d.join("out.conf")).unwrap();
     assert!(out.is_file());
     assert_eq!(out.mode() & 0o7777, 0o644);
+}
+
+// ---------------------------------------------------------------------------
+// Item 9: every mode is undumpable.
+
+/// Runs envrender as another user with a Consul address that accepts the
+/// connection and never answers; once envrender has connected (past its
+/// start, in the middle of a fetch), its /proc entries must be root's: the
+/// process is not dumpable, so no core file and no same-user /proc reads.
+#[test]
+fn every_mode_is_undumpable_while_it_works() {
+    let d = Dir::new();
+    chmod(d.path(), 0o755);
+    // The test binary's directory may not be readable by nobody.
+    let bin = d.join("envrender");
+    std::fs::copy(envrender_bin(), &bin).unwrap();
+    chmod(&bin, 0o755);
+    d.write("t.hbs", "{{consul \"k\"}}\n");
+    let modes: &[&[&str]] = &[
+        &["render", "--template", "t.hbs:out.conf"],
+        &["check", "--template", "t.hbs:out.conf"],
+        &["get", "consul:k"],
+        &["probe", "ADDR"],
+        &["watch", "--template", "t.hbs:out.conf"],
+        &["run", "--", "true"],
+    ];
+    for args in modes {
+        // A listener of its own per mode: no connection left from the last.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let args: Vec<&str> = args
+            .iter()
+            .map(|a| if *a == "ADDR" { addr.as_str() } else { a })
+            .collect();
+        let mut cmd = d
+            .cmd_of(&bin, &args)
+            .env("CONSUL_HTTP_ADDR", &addr)
+            .env("K", "consul:k");
+        cmd.command
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = KillOnDrop(cmd.command.spawn().unwrap());
+        let pid = child.0.id();
+        let conn = std::cell::RefCell::new(None);
+        eventually(Duration::from_secs(10), "a connection", || {
+            if let Ok((s, _)) = listener.accept() {
+                *conn.borrow_mut() = Some(s);
+            }
+            conn.borrow().is_some()
+        });
+        let owner = std::fs::metadata(format!("/proc/{pid}/environ"))
+            .unwrap()
+            .uid();
+        assert_eq!(owner, 0, "{args:?}: /proc/{pid} is the user's: dumpable");
+    }
 }
 
 // ---------------------------------------------------------------------------
