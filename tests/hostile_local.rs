@@ -114,6 +114,120 @@ fn every_mode_is_undumpable_while_it_works() {
 }
 
 // ---------------------------------------------------------------------------
+// Item 10: --output-root holds every destination; the pid file is checked.
+
+#[test]
+fn destinations_stay_inside_the_output_root() {
+    let d = Dir::new();
+    d.write("t.hbs", "x\n");
+    std::fs::create_dir(d.join("root")).unwrap();
+    for dest in [
+        "../escape.conf",
+        "/etc/../../escape.conf",
+        "a/../../escape.conf",
+    ] {
+        for mode in ["render", "check"] {
+            d.cmd(&[
+                mode,
+                "--output-root",
+                "root",
+                "--template",
+                &format!("t.hbs:{dest}"),
+            ])
+            .run()
+            .code(2)
+            .stderr_has(dest)
+            .stderr_has("--output-root");
+        }
+    }
+    assert!(!d.join("escape.conf").exists());
+    assert!(!Path::new("/escape.conf").exists());
+    // Inside the root: fine.
+    d.cmd(&[
+        "render",
+        "--output-root",
+        "root",
+        "--template",
+        "t.hbs:/etc/app.conf",
+    ])
+    .run()
+    .success();
+    assert_eq!(d.read("root/etc/app.conf"), "x\n");
+}
+
+#[test]
+fn the_same_destination_spelled_twice_is_refused() {
+    let d = Dir::new();
+    d.write("a.hbs", "a\n");
+    d.write("b.hbs", "b\n");
+    for (first, second, root) in [
+        ("x.conf", "./x.conf", None),
+        ("dir/x.conf", "dir/./x.conf", None),
+        ("dir/x.conf", "dir//x.conf", None),
+        ("dir/x.conf", "dir/sub/../x.conf", None),
+        ("/etc/x.conf", "etc/x.conf", Some("root")),
+    ] {
+        let (a, b) = (format!("a.hbs:{first}"), format!("b.hbs:{second}"));
+        let mut args = vec!["render", "--template", &a, "--template", &b];
+        if let Some(root) = root {
+            args.extend(["--output-root", root]);
+        }
+        d.cmd(&args)
+            .run()
+            .code(2)
+            .stderr_has("two outputs write this destination");
+    }
+    assert!(!d.join("x.conf").exists());
+}
+
+/// `watch --signal … --pid-file F` with F holding -1 or 0: kill(2) would
+/// signal every process (or the whole process group). The watch runs in a
+/// PID namespace of its own, with a bystander that records the signal, so
+/// the old behaviour cannot reach the rest of the machine.
+#[test]
+fn a_pid_file_that_is_not_a_process_id_signals_nobody() {
+    let d = Dir::new();
+    d.write("t.hbs", "{{file \"v.yaml#n\"}}\n");
+    d.write("v.yaml", "n: 0\n");
+    d.write("pid", "-1\n");
+    let script = "sh -c 'trap \"echo hit >> hits\" USR1; echo ready > ready; \
+                  while :; do sleep 0.05; done' & \
+                  exec \"$BIN\" watch --template t.hbs:out.conf --signal SIGUSR1 --pid-file pid";
+    let log = d.join("watch.log");
+    let mut cmd = d.cmd_of(
+        Path::new("unshare"),
+        &["--pid", "--fork", "--kill-child", "sh", "-c", script],
+    );
+    cmd.command
+        .env("BIN", envrender_bin())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let _watch = KillOnDrop(cmd.command.spawn().unwrap());
+    eventually(Duration::from_secs(10), "the bystander", || {
+        d.join("ready").exists()
+    });
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    eventually(Duration::from_secs(10), "the first render", || {
+        log_text().contains("first complete render done")
+    });
+    for (i, bad) in ["-1", "0", "abc", "99999999999"].iter().enumerate() {
+        d.write("pid", &format!("{bad}\n"));
+        let failed_before = log_text().matches("action failed").count();
+        d.write("v.yaml", &format!("n: {}\n", i + 1));
+        eventually(Duration::from_secs(20), "the refusal", || {
+            log_text().matches("action failed").count() > failed_before
+        });
+    }
+    let text = log_text();
+    assert!(
+        !d.join("hits").exists(),
+        "a bystander was signalled:\n{text}"
+    );
+    assert!(text.contains("not a process id"), "{text}");
+    assert!(!text.contains("cannot signal process"), "{text}");
+}
+
+// ---------------------------------------------------------------------------
 // Item 12: a dotenv file is safe to source in sh and reads back exactly.
 
 /// The case found: a value with a quote and a backtick ran a command when
