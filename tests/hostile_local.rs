@@ -210,13 +210,23 @@ fn a_pid_file_that_is_not_a_process_id_signals_nobody() {
     eventually(Duration::from_secs(10), "the first render", || {
         log_text().contains("first complete render done")
     });
-    for (i, bad) in ["-1", "0", "abc", "99999999999"].iter().enumerate() {
+    let mut n = 0;
+    for bad in ["-1", "0", "abc", "99999999999"] {
         d.write("pid", &format!("{bad}\n"));
         let failed_before = log_text().matches("action failed").count();
-        d.write("v.yaml", &format!("n: {}\n", i + 1));
-        eventually(Duration::from_secs(20), "the refusal", || {
-            log_text().matches("action failed").count() > failed_before
-        });
+        // Changed again until a render runs the action: the file watch
+        // starts just after the first render is logged.
+        let start = std::time::Instant::now();
+        while log_text().matches("action failed").count() == failed_before {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "no refusal:\n{}",
+                log_text()
+            );
+            n += 1;
+            d.write("v.yaml", &format!("n: {n}\n"));
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
     let text = log_text();
     assert!(
