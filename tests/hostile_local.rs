@@ -8,7 +8,7 @@ mod support;
 
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::os::unix::process::CommandExt as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -53,6 +53,144 @@ fn a_symlinked_destination_never_changes_its_targets_mode_or_owner() {
     let out = std::fs::symlink_metadata(d.join("out.conf")).unwrap();
     assert!(out.is_file());
     assert_eq!(out.mode() & 0o7777, 0o644);
+}
+
+// ---------------------------------------------------------------------------
+// Item 7: run's *_FILE secrets.
+
+/// A script that records the path it was given and what the file held.
+const RECORD_FILE: &str =
+    "printf %s \"$DB_PASSWORD_FILE\" > path; cat \"$DB_PASSWORD_FILE\" > seen";
+
+fn secret_file_config(d: &Dir) {
+    d.write("v.yaml", &format!("pw: {}\n", support::CANARY));
+    d.write(
+        "envrender.toml",
+        "[env]\nDB_PASSWORD_FILE = \"file:v.yaml#pw\"\n",
+    );
+}
+
+/// Another user made the directory the old code would use
+/// (`/dev/shm/envrender-<pid>`, the pid being predictable) and planted a
+/// symlink in it: envrender makes a fresh private directory of its own.
+#[test]
+fn run_secret_files_ignore_a_directory_planted_at_a_predictable_name() {
+    let d = Dir::new();
+    secret_file_config(&d);
+    let target = d.write("target", "untouched");
+    // The shell plants the directory for its own pid, then becomes envrender.
+    let script = "p=/dev/shm/envrender-$$; mkdir -m 0777 \"$p\"; chown 65534:65534 \"$p\"; \
+                  ln -s \"$TARGET\" \"$p/db_password\"; \
+                  exec \"$BIN\" run -- sh -c \"$RECORD\"";
+    let mut cmd = d.cmd_of(Path::new("/bin/sh"), &["-c", script]);
+    cmd.command
+        .env("TARGET", &target)
+        .env("BIN", envrender_bin())
+        .env("RECORD", RECORD_FILE)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let child = cmd.command.spawn().unwrap();
+    let planted = PathBuf::from(format!("/dev/shm/envrender-{}", child.id()));
+    let out = child.wait_with_output().unwrap();
+    let path = PathBuf::from(d.read("path"));
+    let _ = std::fs::remove_dir_all(&planted);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(d.read("target"), "untouched");
+    assert_eq!(d.read("seen"), support::CANARY);
+    assert!(!path.starts_with(&planted), "{}", path.display());
+    // Exec mode cannot clean up: the file is the app's now. Private.
+    let dir = path.parent().unwrap();
+    let dir_meta = std::fs::symlink_metadata(dir).unwrap();
+    assert!(dir_meta.is_dir());
+    assert_eq!(dir_meta.mode() & 0o7777, 0o700);
+    assert_eq!(dir_meta.uid(), 0);
+    assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o7777, 0o600);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Supervised, the files (and the private directory) are removed when the
+/// command exits.
+#[test]
+fn run_secret_files_are_removed_when_the_supervised_command_exits() {
+    let d = Dir::new();
+    secret_file_config(&d);
+    d.cmd(&["run", "--supervise", "--", "sh", "-c", RECORD_FILE])
+        .run()
+        .success()
+        .no_canary();
+    assert_eq!(d.read("seen"), support::CANARY);
+    let path = PathBuf::from(d.read("path"));
+    assert!(!path.exists(), "{} is still there", path.display());
+    assert!(
+        !path.parent().unwrap().exists(),
+        "its directory is still there"
+    );
+    // In a directory given with --secrets-dir: the files go, the directory stays.
+    d.cmd(&[
+        "run",
+        "--supervise",
+        "--secrets-dir",
+        "secrets",
+        "--",
+        "sh",
+        "-c",
+        RECORD_FILE,
+    ])
+    .run()
+    .success();
+    assert_eq!(d.read("seen"), support::CANARY);
+    assert!(!d.join("secrets/db_password").exists());
+    assert!(d.join("secrets").is_dir());
+}
+
+/// In a --secrets-dir, a symlink or an open file already at the name is
+/// replaced by a new 0600 file, never written through.
+#[test]
+fn run_secret_files_replace_what_is_planted_in_the_secrets_dir() {
+    let d = Dir::new();
+    secret_file_config(&d);
+    let target = d.write("target", "untouched");
+    std::fs::create_dir(d.join("secrets")).unwrap();
+    std::os::unix::fs::symlink(&target, d.join("secrets/db_password")).unwrap();
+    d.cmd(&[
+        "run",
+        "--secrets-dir",
+        "secrets",
+        "--",
+        "sh",
+        "-c",
+        RECORD_FILE,
+    ])
+    .run()
+    .success();
+    assert_eq!(d.read("target"), "untouched");
+    assert_eq!(d.read("seen"), support::CANARY);
+    let meta = std::fs::symlink_metadata(d.join("secrets/db_password")).unwrap();
+    assert!(meta.is_file());
+    assert_eq!(meta.mode() & 0o7777, 0o600);
+    // A world-readable file from before (owned by another user) is replaced
+    // too, not reused with its mode.
+    let old = d.write("secrets/db_password", "old");
+    chmod(&old, 0o644);
+    chown(&old, NOBODY);
+    d.cmd(&[
+        "run",
+        "--secrets-dir",
+        "secrets",
+        "--",
+        "sh",
+        "-c",
+        RECORD_FILE,
+    ])
+    .run()
+    .success();
+    let meta = std::fs::symlink_metadata(d.join("secrets/db_password")).unwrap();
+    assert_eq!((meta.mode() & 0o7777, meta.uid()), (0o600, 0));
+    assert_eq!(d.read("secrets/db_password"), support::CANARY);
 }
 
 // ---------------------------------------------------------------------------
