@@ -270,6 +270,7 @@ fn watch_settings(args: &crate::cli::WatchArgs) -> Result<crate::watch::WatchSet
         wait: args.wait.unwrap_or_default(),
         actions,
         listen: args.listen,
+        keep_env: args.keep_env.clone(),
     })
 }
 

@@ -36,8 +36,8 @@ use crate::reference;
 use crate::resolve::Resolver;
 
 /// Variables that hold envrender's own credentials: not passed to the app
-/// unless kept with `--keep-env`.
-pub const CREDENTIALS: &[&str] = &["VAULT_TOKEN", "CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE"];
+/// unless kept with `--keep-env`. The AWS ones are the app's too, and kept.
+pub const CREDENTIALS: &[&str] = crate::environment::BACKEND_CREDENTIALS;
 
 /// How the app is run.
 #[derive(Clone, Debug)]

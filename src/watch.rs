@@ -37,6 +37,9 @@ pub struct WatchSettings {
     pub wait: (Duration, Duration),
     pub actions: Vec<Action>,
     pub listen: Option<SocketAddr>,
+    /// Credential variables the commands of actions get anyway (see
+    /// [`crate::environment::scrubbed_for_commands`]).
+    pub keep_env: Vec<String>,
 }
 
 /// What to do after outputs changed.
@@ -399,7 +402,7 @@ pub async fn watch(
                         }
                         if !written.is_empty() {
                             let actions = actions_for(&settings, &plan, &written, &options.actions);
-                            run_actions(&actions, &health).await;
+                            run_actions(&actions, &health, &options.keep_env).await;
                         }
                     }
                     Err(e) => {
@@ -924,12 +927,12 @@ fn absolute(p: &Path) -> PathBuf {
 
 /// Runs each action once, retrying a failing one twice (1 s, then 2 s
 /// later); a failure is reported, never fatal.
-async fn run_actions(actions: &[Action], health: &Health) {
+async fn run_actions(actions: &[Action], health: &Health, keep_env: &[String]) {
     for action in actions {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match run_action(action).await {
+            match run_action(action, keep_env).await {
                 Ok(()) => {
                     tracing::info!(action = %action, "action done");
                     *health
@@ -959,7 +962,7 @@ async fn run_actions(actions: &[Action], health: &Health) {
     }
 }
 
-async fn run_action(action: &Action) -> Result<(), String> {
+async fn run_action(action: &Action, keep_env: &[String]) -> Result<(), String> {
     match action {
         Action::Signal { signal, target } => {
             let pids = match target {
@@ -988,7 +991,12 @@ async fn run_action(action: &Action) -> Result<(), String> {
             let Some((program, args)) = argv.split_first() else {
                 return Err("empty command".into());
             };
-            let mut child = tokio::process::Command::new(program)
+            let mut command = tokio::process::Command::new(program);
+            // A reload command needs none of envrender's credentials.
+            for name in crate::environment::scrubbed_for_commands(keep_env) {
+                command.env_remove(name);
+            }
+            let mut child = command
                 .args(args)
                 .stdin(std::process::Stdio::null())
                 .kill_on_drop(true)

@@ -194,6 +194,116 @@ fn run_secret_files_replace_what_is_planted_in_the_secrets_dir() {
 }
 
 // ---------------------------------------------------------------------------
+// Item 8: credentials do not reach reload commands.
+
+/// Credentials, and variables that say where credentials are.
+const CREDENTIALS: &[(&str, &str)] = &[
+    ("VAULT_TOKEN", "hvs.CANARY-7f3a9c"),
+    ("CONSUL_HTTP_TOKEN", "CANARY-7f3a9c-consul"),
+    ("CONSUL_HTTP_TOKEN_FILE", "/run/secrets/consul-token"),
+    ("CONSUL_HTTP_AUTH", "admin:CANARY-7f3a9c"),
+    ("AWS_ACCESS_KEY_ID", "AKIACANARY"),
+    ("AWS_SECRET_ACCESS_KEY", "CANARY-7f3a9c-aws"),
+    ("AWS_SESSION_TOKEN", "CANARY-7f3a9c-session"),
+    (
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "http://127.0.0.1:9/creds",
+    ),
+    (
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "/v2/credentials/x",
+    ),
+    ("AWS_CONTAINER_AUTHORIZATION_TOKEN", "CANARY-7f3a9c-pod"),
+    (
+        "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+        "/var/run/secrets/pods.eks.amazonaws.com/token",
+    ),
+    (
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "/var/run/secrets/eks.amazonaws.com/token",
+    ),
+    ("AWS_ROLE_ARN", "arn:aws:iam::123456789012:role/app"),
+];
+
+fn parse_env(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Starts `watch` with `flags` and every credential in its environment; the
+/// --exec action writes its environment to `seen`.
+fn watch_exec_env(d: &Dir, flags: &[&str]) -> Vec<(String, String)> {
+    d.write("t.hbs", "{{file \"v.yaml#name\"}}\n");
+    d.write("v.yaml", "name: a\n");
+    // A file from before: the first render replaces it and runs the action.
+    d.write("out.conf", "old\n");
+    let _ = std::fs::remove_file(d.join("seen"));
+    let mut args = vec![
+        "watch",
+        "--template",
+        "t.hbs:out.conf",
+        "--exec",
+        "sh -c 'env > seen.tmp; mv seen.tmp seen'",
+    ];
+    args.extend(flags);
+    let mut cmd = d.cmd(&args).env("PLAIN", "kept");
+    for (k, v) in CREDENTIALS {
+        cmd = cmd.env(k, v);
+    }
+    cmd.command.stdout(Stdio::null()).stderr(Stdio::null());
+    let _watch = KillOnDrop(cmd.command.spawn().unwrap());
+    eventually(Duration::from_secs(10), "the --exec action", || {
+        d.join("seen").exists()
+    });
+    parse_env(&d.read("seen"))
+}
+
+#[test]
+fn reload_commands_get_no_credentials_unless_kept() {
+    let d = Dir::new();
+    let env = watch_exec_env(&d, &[]);
+    assert!(env.contains(&("PLAIN".into(), "kept".into())), "{env:?}");
+    for (name, _) in CREDENTIALS {
+        assert!(
+            !env.iter().any(|(k, _)| k == name),
+            "{name} reached the --exec command"
+        );
+    }
+    // Kept by name.
+    let env = watch_exec_env(
+        &d,
+        &["--keep-env", "AWS_ROLE_ARN", "--keep-env", "VAULT_TOKEN"],
+    );
+    for kept in ["AWS_ROLE_ARN", "VAULT_TOKEN"] {
+        assert!(env.iter().any(|(k, _)| k == kept), "{kept} not kept");
+    }
+    assert!(!env.iter().any(|(k, _)| k == "CONSUL_HTTP_TOKEN"));
+}
+
+/// `run`: the app loses envrender's Vault and Consul credentials, and keeps
+/// the AWS ones (the container's identity is the app's too).
+#[test]
+fn the_run_app_keeps_the_aws_identity_but_not_vault_or_consul_credentials() {
+    let d = Dir::new();
+    let mut cmd = d.cmd(&["run", "--", "sh", "-c", "env > seen"]);
+    for (k, v) in CREDENTIALS {
+        cmd = cmd.env(k, v);
+    }
+    cmd.run().success();
+    let env = parse_env(&d.read("seen"));
+    for (name, _) in CREDENTIALS {
+        let present = env.iter().any(|(k, _)| k == name);
+        assert_eq!(
+            present,
+            name.starts_with("AWS_"),
+            "{name}: present {present}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Item 9: every mode is undumpable.
 
 /// Runs envrender as another user with a Consul address that accepts the
