@@ -282,6 +282,36 @@ fn reload_commands_get_no_credentials_unless_kept() {
     assert!(!env.iter().any(|(k, _)| k == "CONSUL_HTTP_TOKEN"));
 }
 
+/// A template's own `on_change` command is a reload command too.
+#[test]
+fn on_change_commands_get_no_credentials() {
+    let d = Dir::new();
+    d.write("t.hbs", "{{file \"v.yaml#name\"}}\n");
+    d.write("v.yaml", "name: a\n");
+    d.write("out.conf", "old\n");
+    d.write(
+        "envrender.toml",
+        "[[template]]\nsource = \"t.hbs\"\ndestination = \"out.conf\"\n\
+         on_change = { exec = [\"sh\", \"-c\", \"env > seen.tmp; mv seen.tmp seen\"] }\n",
+    );
+    let mut cmd = d.cmd(&["watch"]);
+    for (k, v) in CREDENTIALS {
+        cmd = cmd.env(k, v);
+    }
+    cmd.command.stdout(Stdio::null()).stderr(Stdio::null());
+    let _watch = KillOnDrop(cmd.command.spawn().unwrap());
+    eventually(Duration::from_secs(10), "the on_change command", || {
+        d.join("seen").exists()
+    });
+    let env = parse_env(&d.read("seen"));
+    for (name, _) in CREDENTIALS {
+        assert!(
+            !env.iter().any(|(k, _)| k == name),
+            "{name} reached the on_change command"
+        );
+    }
+}
+
 /// `run`: the app loses envrender's Vault and Consul credentials, and keeps
 /// the AWS ones (the container's identity is the app's too).
 #[test]
