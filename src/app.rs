@@ -26,26 +26,25 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Runs one command. Logging is set up here, once the configuration (which
 /// may set the level) has been read.
 pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<(), Error> {
+    // Before anything is read or fetched, in every mode.
+    let private = keep_private();
     // The container helpers read no configuration.
     match &cli.command {
         Some(Command::Copy { dest }) => {
             init_logs(&cli, None);
+            report_private(private);
             return crate::container::copy_self(dest).map(drop);
         }
         Some(Command::Probe { target, timeout }) => {
             init_logs(&cli, None);
+            report_private(private);
             return crate::container::probe(&crate::container::probe_url(target)?, *timeout).await;
         }
         _ => {}
     }
     let config = load_config(cli.config.as_deref())?;
     init_logs(&cli, Some(&config));
-    if matches!(
-        cli.command,
-        Some(Command::Watch(_) | Command::Run(_)) | None
-    ) {
-        keep_private();
-    }
+    report_private(private);
     if let Some(file) = &config.file {
         tracing::debug!(config = %file.display(), "configuration loaded");
     }
@@ -210,14 +209,20 @@ async fn until_stopped<T>(
     }
 }
 
-/// `watch` and `run` hold tokens and values for as long as they run. Not
-/// dumpable, their /proc entries (environ, memory, root) are root's, so
+/// Every mode holds a token or values at some point: `render`, `check` and
+/// `get` briefly, `watch` and `run` for as long as they run. Not dumpable,
+/// the process's /proc entries (environ, memory, root) are root's, so
 /// another process of the same user — the app, in a shared PID namespace —
-/// cannot read them; and they leave no core dump. (The app itself, once
-/// exec'd, is dumpable again.)
-fn keep_private() {
-    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
-        tracing::warn!(error = %e, "cannot make this process undumpable; /proc/<pid>/environ stays readable by the same user");
+/// cannot read them; and an abort leaves no core dump. (The app itself,
+/// once exec'd, is dumpable again.) Called first thing; the outcome is
+/// logged once logging is set up.
+fn keep_private() -> nix::Result<()> {
+    nix::sys::prctl::set_dumpable(false)
+}
+
+fn report_private(outcome: nix::Result<()>) {
+    if let Err(e) = outcome {
+        tracing::warn!(error = %e, "cannot make this process undumpable; /proc/<pid>/environ stays readable by the same user, and a crash may leave a core dump");
     }
 }
 
@@ -282,6 +287,7 @@ fn watch_settings(args: &crate::cli::WatchArgs) -> Result<crate::watch::WatchSet
         wait: args.wait.unwrap_or_default(),
         actions,
         listen: args.listen,
+        keep_env: args.keep_env.clone(),
     })
 }
 

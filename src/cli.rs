@@ -221,6 +221,12 @@ pub struct WatchArgs {
     #[arg(long, default_value = "30s", value_name = "DUR", value_parser = parse_duration)]
     pub exec_timeout: Duration,
 
+    /// Pass this credential variable (VAULT_TOKEN, CONSUL_HTTP_TOKEN,
+    /// AWS_ACCESS_KEY_ID…) to the commands of --exec and on_change; they
+    /// get none otherwise. Repeats.
+    #[arg(long, value_name = "NAME")]
+    pub keep_env: Vec<String>,
+
     /// After outputs change, POST to this URL (e.g. a /-/reload endpoint).
     #[arg(long, env = "ENVRENDER_HTTP", value_name = "URL")]
     pub http: Option<String>,

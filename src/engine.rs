@@ -8,7 +8,7 @@
 //! compositions of these three steps.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -102,18 +102,42 @@ impl Plan {
                 ),
             }
         }
-        let mut destinations = BTreeSet::new();
+        // Each destination once, however it is spelled (`x`, `./x`,
+        // `a/../x`; `/etc/x` and `etc/x` under an output root).
+        let mut destinations: BTreeMap<PathBuf, &PathBuf> = BTreeMap::new();
         let all_destinations = settings
             .templates
             .iter()
             .map(|t| &t.destination)
             .chain(settings.env_files.iter().map(|f| &f.destination));
+        let root = settings.output_root.as_deref();
         for d in all_destinations {
-            if !destinations.insert(d) {
+            if let Some(root) = root
+                && d.components().any(|c| c == Component::ParentDir)
+            {
                 errors.push(
                     ConfigError::new(
                         d.display().to_string(),
-                        "two outputs write this destination",
+                        format!(
+                            "\"..\" could leave --output-root {}: a destination under an output root may not have \"..\" in it",
+                            root.display()
+                        ),
+                    )
+                    .hint("write the destination without \"..\", e.g. /etc/app/app.conf"),
+                );
+                continue;
+            }
+            let key = lexically_normal(&destination_under(root, d));
+            if let Some(first) = destinations.insert(key, d) {
+                let also = if first == d {
+                    String::new()
+                } else {
+                    format!(" (also written as {})", first.display())
+                };
+                errors.push(
+                    ConfigError::new(
+                        d.display().to_string(),
+                        format!("two outputs write this destination{also}"),
                     )
                     .hint("give each template and env file its own destination"),
                 );
@@ -233,10 +257,7 @@ impl Plan {
 
     /// Where a destination is written, under `--output-root` if given.
     pub fn destination(&self, path: &Path) -> PathBuf {
-        match &self.output_root {
-            None => path.to_path_buf(),
-            Some(root) => root.join(path.strip_prefix("/").unwrap_or(path)),
-        }
+        destination_under(self.output_root.as_deref(), path)
     }
 
     /// The environment variables of the plan, resolved.
@@ -301,11 +322,72 @@ impl Plan {
     }
 }
 
+/// Where a destination is written, under `root` if given. (Under a root,
+/// [`Plan::new`] has refused destinations with `..`.)
+fn destination_under(root: Option<&Path>, path: &Path) -> PathBuf {
+    match root {
+        None => path.to_path_buf(),
+        Some(root) => root.join(path.strip_prefix("/").unwrap_or(path)),
+    }
+}
+
+/// `path` with `.` components dropped and each `..` taking away the name
+/// before it, without looking at the file system: the key that tells two
+/// spellings of one destination apart.
+fn lexically_normal(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => match out.components().next_back() {
+                Some(Component::Normal(_)) => {
+                    out.pop();
+                }
+                // `/..` is `/`.
+                Some(Component::RootDir | Component::Prefix(_)) => {}
+                _ => out.push(".."),
+            },
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 fn merge_users(
     users: &mut BTreeMap<Reference, BTreeSet<String>>,
     found: BTreeMap<Reference, BTreeSet<String>>,
 ) {
     for (r, who) in found {
         users.entry(r).or_default().extend(who);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spellings_of_one_destination_normalise_alike() {
+        for (a, b) in [
+            ("x", "./x"),
+            ("d/x", "d/./x"),
+            ("d/x", "d//x"),
+            ("d/x", "d/e/../x"),
+            ("/x", "/../x"),
+            ("../x", "./../x"),
+        ] {
+            assert_eq!(
+                lexically_normal(Path::new(a)),
+                lexically_normal(Path::new(b))
+            );
+        }
+        assert_ne!(
+            lexically_normal(Path::new("x")),
+            lexically_normal(Path::new("../x"))
+        );
+        assert_ne!(
+            lexically_normal(Path::new("/x")),
+            lexically_normal(Path::new("x"))
+        );
     }
 }

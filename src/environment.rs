@@ -42,3 +42,47 @@ impl Environment for MapEnv {
         self.0.get(name).cloned()
     }
 }
+
+/// envrender's own credentials for Vault and Consul, and the variables
+/// that say where they are. No command envrender starts gets them — not
+/// `run`'s app, not a reload command — unless kept by name
+/// (`--keep-env NAME`).
+pub const BACKEND_CREDENTIALS: &[&str] = &[
+    "VAULT_TOKEN",
+    "VAULT_TOKEN_FILE",
+    "VAULT_CLIENT_KEY",
+    "CONSUL_HTTP_TOKEN",
+    "CONSUL_HTTP_TOKEN_FILE",
+    "CONSUL_HTTP_AUTH",
+    "CONSUL_CLIENT_KEY",
+];
+
+/// AWS credentials, and the variables that say where to get them: the
+/// container credentials endpoint and its token, the web identity token
+/// and the role it is for, the shared credentials file. Reload commands do
+/// not get them unless kept by name; `run`'s app does (see the README: the
+/// container's AWS identity is the app's too).
+pub const AWS_CREDENTIALS: &[&str] = &[
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+    "AWS_ROLE_SESSION_NAME",
+    "AWS_SHARED_CREDENTIALS_FILE",
+];
+
+/// The credential variables a reload command (`watch --exec`, an
+/// `on_change` `exec`) does not get: every one above, but those in `keep`.
+pub fn scrubbed_for_commands(keep: &[String]) -> impl Iterator<Item = &'static str> + '_ {
+    BACKEND_CREDENTIALS
+        .iter()
+        .chain(AWS_CREDENTIALS)
+        .copied()
+        .filter(move |name| !keep.iter().any(|k| k == name))
+}

@@ -9,8 +9,9 @@
 //! old. A file whose content, mode and owner are already right is not touched:
 //! its mtime stays, and nothing downstream sees a change.
 //!
-//! Env outputs are rendered here too: `.env` files quoted so that dotenv
-//! parsers read every value back exactly, and JSON objects.
+//! Env outputs are rendered here too: `.env` files quoted so that a POSIX
+//! shell sourcing them and dotenv parsers read every value back exactly
+//! (and nothing in a value runs), and JSON objects.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -46,7 +47,8 @@ impl fmt::Debug for FileWrite {
 pub enum Status {
     Created,
     Updated,
-    /// Same content; mode or owner corrected in place.
+    /// Same content, but another mode or owner: replaced by a new file
+    /// that has them, as for new content.
     Attributes,
     Unchanged,
 }
@@ -100,10 +102,19 @@ struct Existing {
 }
 
 fn existing(path: &Path) -> Result<Option<Existing>, OutputError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(err(path, "inspect the destination")(e)),
+    };
+    let other = |meta: &std::fs::Metadata| Existing {
+        contents: Vec::new(),
+        mode: u32::MAX,
+        uid: meta.uid(),
+        gid: meta.gid(),
+        link: std::fs::read_link(path).ok(),
     };
     if !meta.is_file() {
         if meta.is_dir() {
@@ -113,20 +124,37 @@ fn existing(path: &Path) -> Result<Option<Existing>, OutputError> {
         }
         // A symlink or special file is replaced by a regular file, never
         // written through; a link is remembered so it can be put back.
-        return Ok(Some(Existing {
-            contents: Vec::new(),
-            mode: u32::MAX,
-            uid: meta.uid(),
-            gid: meta.gid(),
-            link: std::fs::read_link(path).ok(),
-        }));
+        return Ok(Some(other(&meta)));
     }
-    let contents = std::fs::read(path).map_err(err(path, "read the destination"))?;
+    // Read through a descriptor that cannot follow a symlink swapped in
+    // since the look above (nor block on a FIFO), and only if it is still
+    // the file that was looked at; else the destination is replaced
+    // unseen, like a symlink.
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => return Ok(Some(other(&meta))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(err(path, "read the destination")(e)),
+    };
+    let now = file
+        .metadata()
+        .map_err(err(path, "inspect the destination"))?;
+    if !now.is_file() || (now.dev(), now.ino()) != (meta.dev(), meta.ino()) {
+        return Ok(Some(other(&now)));
+    }
+    let mut contents = Vec::with_capacity(now.len() as usize);
+    (&file)
+        .read_to_end(&mut contents)
+        .map_err(err(path, "read the destination"))?;
     Ok(Some(Existing {
         contents,
-        mode: meta.permissions().mode() & 0o7777,
-        uid: meta.uid(),
-        gid: meta.gid(),
+        mode: now.permissions().mode() & 0o7777,
+        uid: now.uid(),
+        gid: now.gid(),
         link: None,
     }))
 }
@@ -170,6 +198,13 @@ struct Staged<'a> {
 
 /// Writes every file, all or nothing. Returns each file's status, in order.
 pub fn commit(writes: &[FileWrite]) -> Result<Vec<Status>, OutputError> {
+    let staged = prepare(writes)?;
+    finish(staged)
+}
+
+/// The first phase of [`commit`]: every destination looked at, every new
+/// file staged beside it. Nothing visible has changed yet.
+fn prepare(writes: &[FileWrite]) -> Result<Vec<Staged<'_>>, OutputError> {
     let mut paths = BTreeSet::new();
     for w in writes {
         if !paths.insert(&w.path) {
@@ -184,9 +219,12 @@ pub fn commit(writes: &[FileWrite]) -> Result<Vec<Status>, OutputError> {
     for w in writes {
         let before = existing(&w.path)?;
         let status = status_against(w, before.as_ref());
+        // Same content with another mode or owner is written anew too:
+        // fixing the file in place would act on its path after the look
+        // at it, and follow whatever the app swapped in meanwhile.
         let temp = match status {
-            Status::Created | Status::Updated => Some(stage(w)?),
-            Status::Attributes | Status::Unchanged => None,
+            Status::Created | Status::Updated | Status::Attributes => Some(stage(w)?),
+            Status::Unchanged => None,
         };
         staged.push(Staged {
             write: w,
@@ -195,27 +233,24 @@ pub fn commit(writes: &[FileWrite]) -> Result<Vec<Status>, OutputError> {
             status,
         });
     }
+    Ok(staged)
+}
+
+/// The second phase of [`commit`]: the staged files renamed into place,
+/// undone on failure.
+fn finish(mut staged: Vec<Staged<'_>>) -> Result<Vec<Status>, OutputError> {
     // Commit: rename each staged file into place; undo on failure.
     for i in 0..staged.len() {
         let w = staged[i].write;
-        let result = match staged[i].status {
-            Status::Created | Status::Updated => {
-                let temp = staged[i].temp.take().expect("staged above");
-                temp.persist(&w.path)
-                    .map_err(|e| err(&w.path, "rename into place")(e.error))
-            }
-            Status::Attributes => fix_attributes(w),
-            Status::Unchanged => Ok(()),
+        let result = match staged[i].temp.take() {
+            Some(temp) => temp
+                .persist(&w.path)
+                .map_err(|e| err(&w.path, "rename into place")(e.error)),
+            None => Ok(()),
         };
         if let Err(mut e) = result {
-            // Undo this file too when only its mode or owner had changed.
-            let done = if staged[i].status == Status::Attributes {
-                i + 1
-            } else {
-                i
-            };
             e.outcome = if i == 0 { NOTHING_CHANGED } else { RESTORED };
-            for done in staged[..done].iter().rev() {
+            for done in staged[..i].iter().rev() {
                 if let Err(undo) = undo(done) {
                     tracing::error!(path = %done.write.path.display(), error = %undo, "could not restore a file after a failed commit");
                     e.outcome = NOT_RESTORED;
@@ -226,7 +261,7 @@ pub fn commit(writes: &[FileWrite]) -> Result<Vec<Status>, OutputError> {
     }
     let dirs: BTreeSet<&Path> = staged
         .iter()
-        .filter(|s| matches!(s.status, Status::Created | Status::Updated))
+        .filter(|s| s.status != Status::Unchanged)
         .filter_map(|s| s.write.path.parent())
         .collect();
     for dir in dirs {
@@ -326,13 +361,6 @@ pub fn remove_interrupted_writes<'p>(destinations: impl IntoIterator<Item = &'p 
     removed
 }
 
-fn fix_attributes(w: &FileWrite) -> Result<(), OutputError> {
-    let file = std::fs::File::open(&w.path).map_err(err(&w.path, "open"))?;
-    set_owner(&file, &w.path, w.owner)?;
-    file.set_permissions(std::fs::Permissions::from_mode(w.mode))
-        .map_err(err(&w.path, "set the mode"))
-}
-
 /// Puts a committed file back the way it was before the run.
 fn undo(s: &Staged<'_>) -> Result<(), OutputError> {
     let path = &s.write.path;
@@ -392,27 +420,54 @@ pub fn env_file(vars: &[(String, String)], format: EnvFormat) -> Vec<u8> {
     }
 }
 
-/// Quotes a value for a `.env` file. Single quotes keep everything literal in
-/// every common dotenv parser (no escapes, no `${}` expansion), so they are
-/// used whenever the value allows; otherwise double quotes with `\`, `"`,
-/// `$` and newlines escaped.
+/// Quotes a value for a `.env` file, so that the file reads back exactly
+/// both when sourced by a POSIX shell (`. ./app.env`, where nothing in a
+/// value may run or expand) and in dotenv parsers.
+///
+/// - Most values: in single quotes, `'value'`, where neither the shell nor
+///   any common dotenv parser expands or unescapes anything, newlines
+///   included.
+/// - A value with a single quote but nothing a double quote would expand
+///   (`$`, `` ` ``, `\`, `"`): in double quotes, `"it's"`, which every
+///   common parser also reads literally.
+/// - Otherwise the shell's own form: single-quoted runs, with each `'`
+///   written `\'` and each `\` written `\\` between them
+///   (`'it'\''s $HOME'`). dotenvy reads it as the shell does; parsers
+///   that know no concatenation (python-dotenv) do not.
+///
+/// A backslash never ends a single-quoted run: dotenvy's line reader would
+/// take `\'` as an escaped quote and read on into the next line.
 pub fn dotenv_quote(v: &str) -> String {
-    if !v.contains(['\'', '\n', '\r']) {
+    if !v.contains('\'') && !v.ends_with('\\') {
         return format!("'{v}'");
     }
-    let mut out = String::with_capacity(v.len() + 2);
-    out.push('"');
+    if !v.contains(['$', '`', '\\', '"']) {
+        return format!("\"{v}\"");
+    }
+    let mut out = String::with_capacity(v.len() + 8);
+    let mut quoted = false;
     for c in v.chars() {
         match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '$' => out.push_str("\\$"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            c => out.push(c),
+            '\'' | '\\' => {
+                if quoted {
+                    out.push('\'');
+                    quoted = false;
+                }
+                out.push('\\');
+                out.push(c);
+            }
+            c => {
+                if !quoted {
+                    out.push('\'');
+                    quoted = true;
+                }
+                out.push(c);
+            }
         }
     }
-    out.push('"');
+    if quoted {
+        out.push('\'');
+    }
     out
 }
 
@@ -486,15 +541,48 @@ mod tests {
         assert_eq!(preview(&[write(&p, "same")]).unwrap(), [Status::Unchanged]);
         assert_eq!(commit(&[write(&p, "same")]).unwrap(), [Status::Unchanged]);
         assert_eq!(std::fs::metadata(&p).unwrap().ino(), ino);
-        // Same content, new mode: fixed in place.
+        // Same content, new mode: replaced by a file that has it.
         let mut w = write(&p, "same");
         w.mode = 0o644;
         assert_eq!(commit(&[w]).unwrap(), [Status::Attributes]);
         assert_eq!(mode(&p), 0o644);
-        assert_eq!(std::fs::metadata(&p).unwrap().ino(), ino);
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "same");
+        let ino = std::fs::metadata(&p).unwrap().ino();
         assert_eq!(commit(&[write(&p, "new")]).unwrap(), [Status::Updated]);
         assert_ne!(std::fs::metadata(&p).unwrap().ino(), ino);
         assert_eq!(mode(&p), 0o600);
+    }
+
+    /// The app swaps the destination for a symlink to a root-only file
+    /// between the look at the destination (same content, another mode) and
+    /// the commit: the file it points at must keep its mode and owner.
+    #[test]
+    fn a_destination_swapped_for_a_symlink_after_the_check_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("shadow");
+        std::fs::write(&target, "same").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let p = dir.path().join("app.conf");
+        std::fs::write(&p, "same").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let mut w = write(&p, "same");
+        w.mode = 0o644;
+        w.owner = Some(Owner {
+            uid: Some(65534),
+            gid: Some(65534),
+        });
+        let writes = [w];
+        let staged = prepare(&writes).unwrap();
+        assert_eq!(staged[0].status, Status::Attributes);
+        std::fs::remove_file(&p).unwrap();
+        std::os::unix::fs::symlink(&target, &p).unwrap();
+        assert_eq!(finish(staged).unwrap(), [Status::Attributes]);
+        let t = std::fs::metadata(&target).unwrap();
+        assert_eq!((mode(&target), t.uid(), t.gid()), (0o600, 0, 0));
+        let out = std::fs::symlink_metadata(&p).unwrap();
+        assert!(out.is_file());
+        assert_eq!((mode(&p), out.uid()), (0o644, 65534));
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "same");
     }
 
     #[test]

@@ -22,6 +22,7 @@
 //! render and stops the app.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -39,8 +40,8 @@ use crate::reference;
 use crate::resolve::Resolver;
 
 /// Variables that hold envrender's own credentials: not passed to the app
-/// unless kept with `--keep-env`.
-pub const CREDENTIALS: &[&str] = &["VAULT_TOKEN", "CONSUL_HTTP_TOKEN", "CONSUL_HTTP_TOKEN_FILE"];
+/// unless kept with `--keep-env`. The AWS ones are the app's too, and kept.
+pub const CREDENTIALS: &[&str] = crate::environment::BACKEND_CREDENTIALS;
 
 /// How the app is run.
 #[derive(Clone, Debug)]
@@ -154,7 +155,14 @@ pub async fn run(
         .map_err(|e| Error::NothingWritten(Box::new(e)))?;
     output::commit(&writes).map_err(Error::Output)?;
 
-    let env = child_env(&process_env, plan.env_vars(&resolution), settings, run)?;
+    let mut secrets = SecretFiles::new(run.secrets_dir.clone());
+    let env = child_env(
+        &process_env,
+        plan.env_vars(&resolution),
+        settings,
+        run,
+        &mut secrets,
+    )?;
     let leases = resolution
         .fetched
         .values()
@@ -175,6 +183,8 @@ pub async fn run(
         && std::process::id() != 1
     {
         // Nothing to keep alive and no zombies to reap: become the app.
+        // The `*_FILE` files stay: they are the app's now (only a failed
+        // exec removes them, as `secrets` drops).
         let e = command(&run.argv, &env).exec();
         return Err(start_error(&run.argv[0], &e));
     }
@@ -183,7 +193,10 @@ pub async fn run(
         cache: resolution.fetched,
         env,
         process_env,
+        secrets,
     };
+    // The `*_FILE` files are removed when `state` drops, after the command
+    // has exited.
     supervise(resolver, settings, &mut state, run).await
 }
 
@@ -193,6 +206,7 @@ struct Supervised {
     cache: crate::resolve::FetchResults,
     env: ChildEnv,
     process_env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+    secrets: SecretFiles,
 }
 
 type ChildEnv = BTreeMap<std::ffi::OsString, std::ffi::OsString>;
@@ -210,6 +224,7 @@ fn child_env(
     resolved: Vec<(String, String)>,
     settings: &Settings,
     run: &RunSettings,
+    secrets: &mut SecretFiles,
 ) -> Result<ChildEnv, Error> {
     let mut env: ChildEnv = process_env
         .iter()
@@ -226,7 +241,7 @@ fn child_env(
                 .iter()
                 .any(|(n, v)| *n == name && matches!(v, EnvValue::Reference(_)))
         {
-            let path = write_secret_file(run.secrets_dir.as_deref(), &name, &value)?;
+            let path = secrets.write(&name, &value)?;
             env.insert(name.into(), path.into_os_string());
         } else {
             env.insert(name.into(), value.into());
@@ -247,48 +262,111 @@ fn start_error(program: &str, e: &std::io::Error) -> Error {
     ])
 }
 
-/// Writes one `*_FILE` value to a new 0600 file; returns its path.
-fn write_secret_file(dir: Option<&Path>, name: &str, value: &str) -> Result<PathBuf, Error> {
-    use std::io::Write as _;
-    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
-    let dir = dir.map(Path::to_path_buf).unwrap_or_else(|| {
-        let shm = Path::new("/dev/shm");
-        let base = if shm.is_dir() {
-            shm.to_path_buf()
-        } else {
-            std::env::temp_dir()
+/// The files of `[env]` `*_FILE` values, and their cleaning up.
+///
+/// By default they go in a directory made for this run under `/dev/shm`
+/// (else the temporary directory): a random name, mode 0700, created anew
+/// (never one that exists, which another user could have made). In a
+/// `--secrets-dir`, the directory is the operator's. Either way each file
+/// is created anew, with O_EXCL at mode 0600 under a temporary name, and
+/// renamed into place: a symlink or a file planted at the name is
+/// replaced, never written through or reused with its mode.
+///
+/// Dropped, it removes the files it wrote (and the directory it made):
+/// when a supervised command has exited, or when the command could not be
+/// started. After a successful exec nothing is left to remove them.
+pub(crate) struct SecretFiles {
+    given: Option<PathBuf>,
+    made: Option<tempfile::TempDir>,
+    written: std::collections::BTreeSet<PathBuf>,
+}
+
+impl SecretFiles {
+    pub(crate) fn new(given: Option<PathBuf>) -> SecretFiles {
+        SecretFiles {
+            given,
+            made: None,
+            written: Default::default(),
+        }
+    }
+
+    /// Writes one `*_FILE` value to a new 0600 file; returns its path.
+    fn write(&mut self, name: &str, value: &str) -> Result<PathBuf, Error> {
+        use std::io::Write as _;
+        use std::os::unix::fs::DirBuilderExt as _;
+        let fail = |e: std::io::Error, what: &Path| {
+            Error::Config(vec![
+                ConfigError::new(
+                    "envrender run",
+                    format!(
+                        "cannot write the value of {name} to {}: {e}",
+                        what.display()
+                    ),
+                )
+                .hint("give a writable directory with --secrets-dir"),
+            ])
         };
-        base.join(format!("envrender-{}", std::process::id()))
-    });
-    let fail = |e: std::io::Error, what: &Path| {
-        Error::Config(vec![
-            ConfigError::new(
-                "envrender run",
-                format!(
-                    "cannot write the value of {name} to {}: {e}",
-                    what.display()
-                ),
-            )
-            .hint("give a writable directory with --secrets-dir"),
-        ])
-    };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|e| fail(e, &dir))?;
-    let path = dir.join(name.trim_end_matches("_FILE").to_ascii_lowercase());
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| fail(e, &path))?;
-    file.write_all(value.as_bytes())
-        .and_then(|_| file.sync_all())
-        .map_err(|e| fail(e, &path))?;
-    Ok(path)
+        let dir = match (&self.given, &self.made) {
+            (Some(given), _) => {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(given)
+                    .map_err(|e| fail(e, given))?;
+                given.clone()
+            }
+            (None, Some(made)) => made.path().to_path_buf(),
+            (None, None) => {
+                let shm = Path::new("/dev/shm");
+                let base = if shm.is_dir() {
+                    shm.to_path_buf()
+                } else {
+                    std::env::temp_dir()
+                };
+                let made = tempfile::Builder::new()
+                    .prefix("envrender-")
+                    .permissions(std::fs::Permissions::from_mode(0o700))
+                    .tempdir_in(&base)
+                    .map_err(|e| fail(e, &base))?;
+                let dir = made.path().to_path_buf();
+                self.made = Some(made);
+                dir
+            }
+        };
+        let path = dir.join(name.trim_end_matches("_FILE").to_ascii_lowercase());
+        let mut file = tempfile::Builder::new()
+            .prefix(".envrender-")
+            .permissions(std::fs::Permissions::from_mode(0o600))
+            .tempfile_in(&dir)
+            .map_err(|e| fail(e, &dir))?;
+        file.write_all(value.as_bytes())
+            .and_then(|_| file.as_file().sync_all())
+            .map_err(|e| fail(e, &path))?;
+        file.persist(&path).map_err(|e| fail(e.error, &path))?;
+        self.written.insert(path.clone());
+        Ok(path)
+    }
+}
+
+impl Drop for SecretFiles {
+    fn drop(&mut self) {
+        // In the directory made for the run, its removal takes the files.
+        if self.made.is_none() {
+            for path in &self.written {
+                if let Err(e) = std::fs::remove_file(path)
+                    && e.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove a secret file");
+                }
+            }
+        }
+        if let Some(made) = self.made.take() {
+            let path = made.path().to_path_buf();
+            if let Err(e) = made.close() {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove the secret files' directory");
+            }
+        }
+    }
 }
 
 /// Runs the app as a child in its own process group until it exits; with
@@ -587,7 +665,13 @@ async fn refresh(
             return;
         }
     };
-    let env = match child_env(&state.process_env, cycle.env, settings, run) {
+    let env = match child_env(
+        &state.process_env,
+        cycle.env,
+        settings,
+        run,
+        &mut state.secrets,
+    ) {
         Ok(env) => env,
         Err(e) => {
             tracing::error!("{e}");

@@ -37,6 +37,9 @@ pub struct WatchSettings {
     pub wait: (Duration, Duration),
     pub actions: Vec<Action>,
     pub listen: Option<SocketAddr>,
+    /// Credential variables the commands of actions get anyway (see
+    /// [`crate::environment::scrubbed_for_commands`]).
+    pub keep_env: Vec<String>,
 }
 
 /// What to do after outputs changed.
@@ -401,7 +404,7 @@ pub async fn watch(
                         }
                         if !written.is_empty() {
                             let actions = actions_for(&settings, &plan, &written, &options.actions);
-                            if stop.or_stop(run_actions(&actions, &health)).await.is_err() {
+                            if stop.or_stop(run_actions(&actions, &health, &options.keep_env)).await.is_err() {
                                 break;
                             }
                         }
@@ -928,12 +931,12 @@ fn absolute(p: &Path) -> PathBuf {
 
 /// Runs each action once, retrying a failing one twice (1 s, then 2 s
 /// later); a failure is reported, never fatal.
-async fn run_actions(actions: &[Action], health: &Health) {
+async fn run_actions(actions: &[Action], health: &Health, keep_env: &[String]) {
     for action in actions {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match run_action(action).await {
+            match run_action(action, keep_env).await {
                 Ok(()) => {
                     tracing::info!(action = %action, "action done");
                     *health
@@ -963,18 +966,14 @@ async fn run_actions(actions: &[Action], health: &Health) {
     }
 }
 
-async fn run_action(action: &Action) -> Result<(), String> {
+async fn run_action(action: &Action, keep_env: &[String]) -> Result<(), String> {
     match action {
         Action::Signal { signal, target } => {
             let pids = match target {
                 Target::PidFile(path) => {
                     let text = std::fs::read_to_string(path)
                         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-                    let pid: i32 = text
-                        .trim()
-                        .parse()
-                        .map_err(|_| format!("{} does not hold a process id", path.display()))?;
-                    vec![pid]
+                    vec![pid_of(&text).map_err(|e| format!("{}: {e}", path.display()))?]
                 }
                 Target::ProcessName(name) => {
                     let pids = processes_named(name);
@@ -996,7 +995,12 @@ async fn run_action(action: &Action) -> Result<(), String> {
             let Some((program, args)) = argv.split_first() else {
                 return Err("empty command".into());
             };
-            let mut child = tokio::process::Command::new(program)
+            let mut command = tokio::process::Command::new(program);
+            // A reload command needs none of envrender's credentials.
+            for name in crate::environment::scrubbed_for_commands(keep_env) {
+                command.env_remove(name);
+            }
+            let mut child = command
                 .args(args)
                 .stdin(std::process::Stdio::null())
                 .kill_on_drop(true)
@@ -1026,6 +1030,31 @@ async fn run_action(action: &Action) -> Result<(), String> {
             }
         }
     }
+}
+
+/// The process id a pid file holds: a whole number from 1 up, and not
+/// envrender's own. Anything else is refused: kill(2) takes 0 for the
+/// caller's process group and -1 for every process it may signal, and a
+/// sign, a fraction or a number too large is not a pid either. PID 1 is
+/// taken: in the app's own PID namespace the app may well be PID 1.
+pub(crate) fn pid_of(text: &str) -> Result<i32, String> {
+    let text = text.trim();
+    let refuse = |why: &str| {
+        let shown: String = text.chars().take(24).collect();
+        let ellipsis = if text.chars().count() > 24 { "…" } else { "" };
+        format!("{shown:?}{ellipsis} is not a process id ({why})")
+    };
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(refuse("a whole number from 1 up is expected"));
+    }
+    let pid: i32 = text.parse().map_err(|_| refuse("too large"))?;
+    if pid == 0 {
+        return Err(refuse("0 would signal envrender's own process group"));
+    }
+    if pid as u32 == std::process::id() {
+        return Err(refuse("it is envrender's own"));
+    }
+    Ok(pid)
 }
 
 /// The processes whose name (`/proc/PID/comm`) or program (the first word
@@ -1179,6 +1208,30 @@ mod tests {
         assert_eq!(exec.to_string(), "run curl");
         let http = http_action("http://admin:s3cret@127.0.0.1:9090/-/reload?token=s3cret").unwrap();
         assert_eq!(http.to_string(), "POST http://127.0.0.1:9090/-/reload");
+    }
+
+    #[test]
+    fn a_pid_file_holds_one_positive_process_id() {
+        assert_eq!(pid_of("1234\n"), Ok(1234));
+        assert_eq!(pid_of(" 1 "), Ok(1));
+        for bad in [
+            "-1",
+            "0",
+            "00",
+            "+5",
+            "-5",
+            "",
+            "abc",
+            "12 34",
+            "1.5",
+            "99999999999",
+            "2147483648",
+        ] {
+            let e = pid_of(bad).unwrap_err();
+            assert!(e.contains("is not a process id"), "{bad}: {e}");
+        }
+        assert!(pid_of(&std::process::id().to_string()).is_err());
+        assert!(pid_of(&"9".repeat(100)).unwrap_err().contains('…'));
     }
 
     #[test]
