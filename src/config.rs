@@ -94,6 +94,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawRender {
     timeout: Option<Spanned<String>>,
+    max_output: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -297,6 +298,8 @@ impl Default for AwsConfig {
 pub struct Config {
     pub file: Option<PathBuf>,
     pub timeout: Option<Duration>,
+    /// The most one template may render to (`render.max_output`).
+    pub max_output: Option<usize>,
     pub log_level: Option<LogLevel>,
     pub log_format: Option<LogFormat>,
     /// A local values file answering references before any backend.
@@ -384,6 +387,7 @@ impl Validator<'_> {
 
     fn config(&mut self, raw: RawConfig) -> Config {
         let timeout = self.duration(raw.render.timeout.as_ref(), "render.timeout");
+        let max_output = self.size(raw.render.max_output.as_ref(), "render.max_output");
         let log_level = self.choice(raw.log.level.as_ref(), "log.level");
         let log_format = self.choice(raw.log.format.as_ref(), "log.format");
         let templates = raw
@@ -435,6 +439,7 @@ impl Validator<'_> {
         Config {
             file: None,
             timeout,
+            max_output,
             log_level,
             log_format,
             local_values,
@@ -769,6 +774,19 @@ impl Validator<'_> {
             .ok()
     }
 
+    fn size(&mut self, s: Option<&Spanned<String>>, key: &str) -> Option<usize> {
+        let s = s?;
+        parse_size(s.get_ref())
+            .map_err(|e| {
+                self.error(
+                    s,
+                    format!("{key}: {e}"),
+                    "write a size such as \"64MiB\", \"512KiB\" or \"1GiB\"",
+                )
+            })
+            .ok()
+    }
+
     /// One of a fixed set of words.
     fn choice<T: clap::ValueEnum>(&mut self, s: Option<&Spanned<String>>, key: &str) -> Option<T> {
         let s = s?;
@@ -848,6 +866,31 @@ pub fn env_value(s: &str) -> Result<EnvValue, reference::ParseError> {
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| format!("\"{s}\" is not a duration ({e})"))
+}
+
+/// A size in bytes: "1048576", "512KiB", "64MiB", "1GiB" (or KB, MB, GB in
+/// powers of ten); at least one byte.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let unit: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        _ => return Err(format!("\"{s}\" is not a size")),
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("\"{s}\" is not a size"))
 }
 
 /// An octal file mode: "0600", "600" or "0o600".
