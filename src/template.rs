@@ -644,16 +644,19 @@ impl HelperDef for Transform {
         _: &'rc Context,
         _: &mut RenderContext<'reg, 'rc>,
     ) -> Result<ScopedJson<'rc>, RenderError> {
-        let limits = {
+        let (limits, from_placeholder) = {
             let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            // Computed from a placeholder, the result is one too: what it
-            // would be is known only once the value is fetched.
-            if h.params().iter().any(|p| st.may_be_placeholder(p)) {
-                return Ok(ScopedJson::Derived(Value::Null));
-            }
-            st.limits
+            let from_placeholder = h.params().iter().any(|p| st.may_be_placeholder(p));
+            (st.limits, from_placeholder)
         };
         match (self.f)(h, &limits) {
+            // Computed from a placeholder, the result is one too: what it
+            // would be is known only once the value is fetched. A limit
+            // passed is not the placeholder's doing (placeholders are
+            // empty): that is reported at once, below.
+            Ok(_) | Err(Failed::Usage(_)) if from_placeholder => {
+                Ok(ScopedJson::Derived(Value::Null))
+            }
             Ok(v) => Ok(ScopedJson::Derived(v)),
             Err(Failed::Limit(m)) => {
                 let message = format!("{}: {m}", self.name);
@@ -1159,7 +1162,12 @@ mod tests {
             assert!(!e.contains("bbbb"), "{e}");
         }
         assert!(shown[6].starts_with("o.hbs:1:"), "{shown:#?}");
+        // A width past the limit is found before the value is fetched.
         assert_eq!(t.render("ok.hbs", &v).unwrap().len(), 40);
+        let wide = compile("{{indent 5000 (secret \"env:A\")}}");
+        let d = wide.discover(&values(&[]));
+        assert_eq!(d.bad_references.len(), 1, "{:?}", d.bad_references);
+        assert!(d.bad_references[0].message.contains("the limit is 1024"));
     }
 
     #[test]
