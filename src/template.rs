@@ -1222,4 +1222,104 @@ mod tests {
         .unwrap();
         assert!(e[0].line.is_some_and(|l| l >= 2002), "{e:?}");
     }
+
+    /// Random templates from pieces of the grammar: wherever Handlebars
+    /// parses one, the scan counts at least the nesting it parsed, and the
+    /// pieces compile to a template that renders the same.
+    #[test]
+    fn the_scan_agrees_with_handlebars_on_random_templates() {
+        use handlebars::template::Template;
+        use proptest::prelude::*;
+        let leaf = prop::sample::select(vec![
+            "{{x}}",
+            "{{y}}",
+            "\n",
+            "\n",
+            "  ",
+            "a",
+            "{{~x}}",
+            "{{x~}}",
+            "{{!-- c }} --}}",
+            "{{! c }}",
+            "\\{{x}}",
+            "\\\\",
+            "{{{x}}}",
+            "{{this}}",
+            "\r\n",
+            "{{&y}}",
+            "{{lookup x (concat \"a(\" (concat y \"[\"))}}",
+            "{{x \"}\"}}",
+            "\"",
+            "'",
+            "}}",
+            "{{{{raw}}}}\n{{x}} {{#if}}\n{{{{/raw}}}}",
+            "{{> p}}",
+            "{{~> p~}}",
+            "\\{{{{x}}",
+        ])
+        .prop_map(str::to_string);
+        let fragment = leaf.prop_recursive(4, 64, 6, |inner| {
+            let body = prop::collection::vec(inner, 0..6).prop_map(|v| v.concat());
+            (
+                prop::sample::select(vec![
+                    ("{{#if t}}", "{{else}}", "{{/if}}"),
+                    ("{{#if f}}", "{{else if t}}", "{{/if}}"),
+                    ("{{~#each l~}}", "{{^}}", "{{~/each~}}"),
+                    ("{{#with x}}", "{{else}}", "{{/with}}"),
+                    ("{{#unless f}}", "{{else}}", "{{/unless}}"),
+                    ("{{#*inline \"p\"}}", "", "{{/inline}}"),
+                ]),
+                body.clone(),
+                body,
+            )
+                .prop_map(|((open, middle, close), a, b)| {
+                    if middle.is_empty() {
+                        format!("{open}{a}{close}")
+                    } else {
+                        format!("{open}{a}{middle}{b}{close}")
+                    }
+                })
+        });
+        let data = json!({"x": "X", "y": "Y", "t": true, "f": false, "l": [1, 2]});
+        let render = |t: Template| {
+            let mut h = Handlebars::new();
+            h.register_escape_fn(handlebars::no_escape);
+            h.register_template("t", t);
+            h.render("t", &data).ok()
+        };
+        let parsed = std::sync::atomic::AtomicUsize::new(0);
+        // 1,000 cases, or `PROPTEST_CASES` for a longer run.
+        let cases = std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1000u32);
+        let config = proptest::test_runner::Config::with_cases(cases);
+        proptest!(config, |(parts in prop::collection::vec(fragment, 0..20))| {
+            let text = parts.concat();
+            let Ok(whole) = Template::compile_with_name(&text, "t".into()) else {
+                return Ok(());
+            };
+            parsed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let (depth, _) = limits::nesting(&whole, usize::MAX);
+            if depth > 0 {
+                prop_assert!(
+                    scan::scan(&text, depth - 1, 0).too_deep.is_some(),
+                    "the scan missed nesting {depth} in {text:?}"
+                );
+            }
+            let cuts = scan::scan(&text, MAX_DEPTH, 1).cuts;
+            let pieces = scan::compile_pieces("t", &text, &cuts);
+            prop_assert!(pieces.is_some(), "a piece did not compile: {text:?} {cuts:?}");
+            // A partial including itself would overflow the stack here.
+            if limits::check_partials(&[("t", &whole)]).is_empty() {
+                prop_assert_eq!(render(pieces.unwrap()), render(whole), "{:?} {:?}", text, cuts);
+            }
+        });
+        let parsed = parsed.into_inner();
+        eprintln!("{parsed} of {cases} random templates parsed");
+        assert!(
+            parsed > cases as usize / 2,
+            "only {parsed} random templates parsed"
+        );
+    }
 }

@@ -164,19 +164,30 @@ fn parameter_depth(p: &Parameter) -> usize {
 /// The first element of a parsed template nested deeper than the limit.
 /// The text was scanned before parsing; this holds whatever the scan missed.
 pub fn too_deep(name: &str, t: &Template) -> Option<TemplateError> {
+    nesting(t, MAX_DEPTH)
+        .1
+        .map(|at| error(name, Some(at), depth_message()))
+}
+
+/// How deep a parsed template nests (blocks, chains, subexpressions),
+/// without recursing, and where it first goes past `limit`.
+pub fn nesting(t: &Template, limit: usize) -> (usize, Option<(usize, usize)>) {
+    let mut deepest = 0;
     let mut stack = vec![(t, 0usize)];
     while let Some((t, depth)) = stack.pop() {
         for (i, e) in t.elements.iter().enumerate() {
             let (params, inner, block) = parts(e);
             let sub = params.into_iter().map(parameter_depth).max().unwrap_or(0);
-            if depth + usize::from(block) + sub > MAX_DEPTH {
-                let at = t.mapping.get(i).map(|m| (m.0, m.1));
-                return Some(error(name, at, depth_message()));
+            let here = depth + usize::from(block) + sub;
+            deepest = deepest.max(here);
+            if here > limit {
+                let at = t.mapping.get(i).map_or((1, 1), |m| (m.0, m.1));
+                return (deepest, Some(at));
             }
             stack.extend(inner.into_iter().map(|t| (t, depth + 1)));
         }
     }
-    None
+    (deepest, None)
 }
 
 /// One `{{> name}}`: what it includes, how deep it is, and where.
