@@ -3,13 +3,18 @@
 //! Handlebars helpers are synchronous and must not do I/O, so rendering is in
 //! two steps. In the discovery pass the reference helpers (`secret`, `ssm`,
 //! `vault`, …) record each reference they are asked for and stand in a
-//! placeholder (an empty string, or an empty map for a prefix); the resolver
-//! then fetches everything recorded at once. References computed from fetched
-//! data (`{{#each (secret "consul:app/")}}{{secret (concat "vault:db/" @key)}}`)
-//! show up when discovery runs again with the first values known, so discovery
-//! repeats until it finds nothing new, a bounded number of times. The real
-//! render reads only resolved values; a template is never produced from a
-//! placeholder.
+//! placeholder (null, or an empty map for a prefix); the resolver then
+//! fetches everything recorded at once. References computed from fetched
+//! data (`{{#each (secret "consul:app/")}}{{secret (concat "vault:db/" @key)}}`,
+//! or directly `{{consul (consul "c/1")}}`: a helper given a placeholder
+//! gives one back) show up when discovery runs again with the first values
+//! known, so discovery repeats until it finds nothing new, a bounded number
+//! of times. The real render reads only resolved values; a template is never
+//! produced from a placeholder.
+//!
+//! Before Handlebars sees a template, the `scan` module counts its nesting on
+//! the text and finds where it can be compiled in pieces; `limits` holds the
+//! other limits (partials, helper results, output).
 
 mod limits;
 mod scan;

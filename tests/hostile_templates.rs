@@ -173,6 +173,18 @@ fn recursive_partials_are_input_errors() {
     text.push_str("{{#*inline \"p20000\"}}end{{/inline}}\n{{> p0}}\n");
     d.write("t.hbs", &text);
     input_error(&d, &[], &["t.hbs:", "the limit is 100"]);
+    // A computed name could be any partial, itself included; partial
+    // blocks render their content to memory, outside the output limit.
+    d.write(
+        "t.hbs",
+        "{{#*inline \"ab\"}}x{{/inline}}\n{{> (concat \"a\" \"b\")}}",
+    );
+    input_error(&d, &[], &["t.hbs:2:1", "must be written in the template"]);
+    d.write(
+        "t.hbs",
+        "{{#*inline \"p\"}}[{{> @partial-block}}]{{/inline}}{{#> p}}x{{/p}}",
+    );
+    input_error(&d, &[], &["t.hbs:1:", "partial blocks"]);
     // Partials that do not recurse work.
     d.write(
         "t.hbs",
