@@ -1012,6 +1012,38 @@ mode = "0400"
 "#;
 
     #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size(" 512 KiB "), Ok(512 << 10));
+        assert_eq!(parse_size("1gib"), Ok(1 << 30));
+        assert_eq!(parse_size("2MB"), Ok(2_000_000));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        for bad in [
+            "",
+            "0",
+            "lots",
+            "MiB",
+            "1.5MiB",
+            "-1",
+            "99999999999999999999GiB",
+        ] {
+            assert_eq!(
+                parse_size(bad),
+                Err(format!("\"{bad}\" is not a size")),
+                "{bad}"
+            );
+        }
+        let e = parse("c.toml", "[render]\nmax_output = \"big\"\n").unwrap_err();
+        assert!(
+            e[0].to_string()
+                .contains("render.max_output: \"big\" is not a size"),
+            "{e:?}"
+        );
+        let c = parse("c.toml", "[render]\nmax_output = \"1KiB\"\n").unwrap();
+        assert_eq!(c.max_output, Some(1024));
+    }
+
+    #[test]
     fn full_config() {
         let c = parse("envrender.toml", FULL).unwrap();
         assert_eq!(c.timeout, Some(Duration::from_secs(45)));
