@@ -129,6 +129,7 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<(), Error> {
                 env_files: config.env_files.clone(),
                 output_root: args.outputs.output_root.clone(),
                 timeout,
+                limits: limits(&config),
             };
             let run = crate::run::RunSettings {
                 argv: args.command,
@@ -303,6 +304,15 @@ pub fn load_config(path: Option<&Path>) -> Result<Config, Error> {
     }
 }
 
+/// The template limits the configuration sets.
+fn limits(config: &Config) -> crate::template::Limits {
+    let mut limits = crate::template::Limits::default();
+    if let Some(max) = config.max_output {
+        limits.max_output = max;
+    }
+    limits
+}
+
 /// The configuration with the command's flags laid over it.
 pub fn settings(config: &Config, args: &OutputArgs, timeout: Duration) -> Result<Settings, Error> {
     let mut templates = config.templates.clone();
@@ -322,6 +332,7 @@ pub fn settings(config: &Config, args: &OutputArgs, timeout: Duration) -> Result
         env_files: config.env_files.clone(),
         output_root: args.output_root.clone(),
         timeout,
+        limits: limits(config),
     };
     if settings.templates.is_empty() && settings.env_files.is_empty() {
         return Err(Error::Config(vec![

@@ -94,6 +94,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawRender {
     timeout: Option<Spanned<String>>,
+    max_output: Option<Spanned<SizeValue>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -308,6 +309,8 @@ impl Default for AwsConfig {
 pub struct Config {
     pub file: Option<PathBuf>,
     pub timeout: Option<Duration>,
+    /// The most one template may render to (`render.max_output`).
+    pub max_output: Option<usize>,
     pub log_level: Option<LogLevel>,
     pub log_format: Option<LogFormat>,
     /// A local values file answering references before any backend.
@@ -395,6 +398,9 @@ impl Validator<'_> {
 
     fn config(&mut self, raw: RawConfig) -> Config {
         let timeout = self.duration(raw.render.timeout.as_ref(), "render.timeout");
+        let max_output = self
+            .size(raw.render.max_output.as_ref(), "render.max_output")
+            .map(|n| n as usize);
         let log_level = self.choice(raw.log.level.as_ref(), "log.level");
         let log_format = self.choice(raw.log.format.as_ref(), "log.format");
         let templates = raw
@@ -446,6 +452,7 @@ impl Validator<'_> {
         Config {
             file: None,
             timeout,
+            max_output,
             log_level,
             log_format,
             local_values,
@@ -806,7 +813,7 @@ impl Validator<'_> {
         let parsed = match s.get_ref() {
             SizeValue::Bytes(n) if *n > 0 => Ok(*n as u64),
             SizeValue::Bytes(n) => Err(format!("{n} is not a size of at least 1 byte")),
-            SizeValue::Text(t) => crate::backend::http::parse_size(t),
+            SizeValue::Text(t) => parse_size(t),
         };
         parsed
             .map_err(|e| {
@@ -898,6 +905,30 @@ pub fn env_value(s: &str) -> Result<EnvValue, reference::ParseError> {
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| format!("\"{s}\" is not a duration ({e})"))
+}
+
+/// A size in bytes: "1048576", "512KiB", "64MiB", "1GiB" (or KB, MB, GB in
+/// powers of ten); at least one byte.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let unit: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        _ => return Err(format!("\"{s}\" is not a size")),
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .filter(|&n| n > 0 && usize::try_from(n).is_ok())
+        .ok_or_else(|| format!("\"{s}\" is not a size"))
 }
 
 /// An octal file mode: "0600", "600" or "0o600".
@@ -1017,6 +1048,38 @@ destination = "/run/app/env.json"
 format = "json"
 mode = "0400"
 "#;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size(" 512 KiB "), Ok(512 << 10));
+        assert_eq!(parse_size("1gib"), Ok(1 << 30));
+        assert_eq!(parse_size("2MB"), Ok(2_000_000));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        for bad in [
+            "",
+            "0",
+            "lots",
+            "MiB",
+            "1.5MiB",
+            "-1",
+            "99999999999999999999GiB",
+        ] {
+            assert_eq!(
+                parse_size(bad),
+                Err(format!("\"{bad}\" is not a size")),
+                "{bad}"
+            );
+        }
+        let e = parse("c.toml", "[render]\nmax_output = \"big\"\n").unwrap_err();
+        assert!(
+            e[0].to_string()
+                .contains("render.max_output: \"big\" is not a size"),
+            "{e:?}"
+        );
+        let c = parse("c.toml", "[render]\nmax_output = \"1KiB\"\n").unwrap();
+        assert_eq!(c.max_output, Some(1024));
+    }
 
     #[test]
     fn full_config() {

@@ -35,6 +35,8 @@ pub struct Settings {
     /// Write every destination under this directory instead of `/`.
     pub output_root: Option<PathBuf>,
     pub timeout: Duration,
+    /// Limits on what templates may do (`render.max_output`).
+    pub limits: crate::template::Limits,
 }
 
 pub struct Plan {
@@ -146,7 +148,7 @@ impl Plan {
         if !errors.is_empty() {
             return Err(Error::Config(errors));
         }
-        let templates = Templates::compile(&sources).map_err(Error::Input)?;
+        let templates = Templates::compile_with(&sources, settings.limits).map_err(Error::Input)?;
         Ok(Plan {
             templates,
             template_outputs: settings.templates.clone(),

@@ -1000,4 +1000,58 @@ fn scale(bin: &Path, sizes: &Sizes, table: &mut Table) {
             verdict(exponent <= 1.1),
         );
     }
+    // One large template: compile time once grew with the square of the
+    // number of expressions (20,000: 18 s).
+    let mut curve = Vec::new();
+    for n in if sizes.full {
+        [5_000, 20_000]
+    } else {
+        [500, 2_000]
+    } {
+        let mut text = String::new();
+        for i in 0..n {
+            text.push_str(&format!("k{i}={{{{env \"ENVRENDER_BENCH_V\"}}}}\n"));
+        }
+        d.write(&format!("expressions{n}.hbs"), &text);
+        let out = format!("expressions{n}.out");
+        let mut samples = Vec::new();
+        for _ in 0..sizes.scale_runs {
+            let _ = std::fs::remove_file(d.join(&out));
+            let mut c = Command::new(bin);
+            clean_env(&mut c, d.path());
+            c.env("ENVRENDER_BENCH_V", "v").args([
+                "render",
+                "--template",
+                &format!("expressions{n}.hbs:{out}"),
+            ]);
+            samples.push(measure::run(&mut c, &log));
+            assert_eq!(
+                d.read(&out).lines().count(),
+                n,
+                "not every expression rendered"
+            );
+        }
+        let wall = median(samples.iter().map(|s| s.wall).collect());
+        curve.push((n, wall));
+        table.row(
+            &format!("compile and render a template of {n} expressions"),
+            ms(wall),
+            if n >= 20_000 { "well under 1 s" } else { "" },
+            if n >= 20_000 {
+                verdict(wall < Duration::from_secs(1))
+            } else {
+                String::new()
+            },
+        );
+    }
+    let [(n1, t1), (n2, t2)] = curve[..] else {
+        return;
+    };
+    let exponent = (t2.as_secs_f64() / t1.as_secs_f64()).ln() / (n2 as f64 / n1 as f64).ln();
+    table.row(
+        &format!("growth from {n1} to {n2} expressions"),
+        format!("time ∝ n^{exponent:.2}"),
+        "",
+        String::new(),
+    );
 }
