@@ -145,7 +145,7 @@ pub async fn run(
             return Ok(crate::shutdown::exit_code(sig));
         }
     };
-    drop(stop);
+
     if let Some(e) = resolution.failure_error() {
         tracing::error!("not starting {}: values are missing", run.argv[0]);
         return Err(e);
@@ -185,6 +185,10 @@ pub async fn run(
         // Nothing to keep alive and no zombies to reap: become the app.
         // The `*_FILE` files stay: they are the app's now (only a failed
         // exec removes them, as `secrets` drops).
+        if let Some(sig) = stop.pending().await {
+            tracing::warn!(signal = %sig, "stopped before starting {}", run.argv[0]);
+            return Ok(crate::shutdown::exit_code(sig));
+        }
         let e = command(&run.argv, &env).exec();
         return Err(start_error(&run.argv[0], &e));
     }
@@ -197,7 +201,7 @@ pub async fn run(
     };
     // The `*_FILE` files are removed when `state` drops, after the command
     // has exited.
-    supervise(resolver, settings, &mut state, run).await
+    supervise(resolver, settings, &mut state, run, stop).await
 }
 
 /// What supervision carries from one render to the next.
@@ -376,9 +380,10 @@ async fn supervise(
     settings: &Settings,
     state: &mut Supervised,
     run: &RunSettings,
+    mut stop: crate::shutdown::Stop,
 ) -> Result<u8, Error> {
     use crate::watch::{self, Debounce, Health};
-    use tokio::signal::unix::{SignalKind, signal};
+    use tokio::signal::unix::SignalKind;
     let mut reaps_orphans = std::process::id() == 1;
     if run.subreaper && !reaps_orphans {
         match nix::sys::prctl::set_child_subreaper(true) {
@@ -388,25 +393,36 @@ async fn supervise(
             }
         }
     }
-    let signal_error = |e: std::io::Error| {
-        Error::Config(vec![ConfigError::new(
-            "envrender run",
-            format!("cannot handle signals: {e}"),
-        )])
-    };
-    let mut chld = signal(SignalKind::child()).map_err(signal_error)?;
-    // Every signal to forward comes through one channel.
+    // A stop signal that came while the outputs were being written: the
+    // command is not started.
+    if let Some(sig) = stop.pending().await {
+        tracing::warn!(signal = %sig, "stopped before starting {}", run.argv[0]);
+        return Ok(crate::shutdown::exit_code(sig));
+    }
+    let mut chld = crate::shutdown::listen(SignalKind::child())?;
+    // Every signal to forward comes through one channel; SIGTERM and SIGINT
+    // from the streams listened to since before resolving, so none is lost
+    // in between.
     let (signals_tx, mut signals) = tokio::sync::mpsc::channel::<Signal>(16);
+    {
+        let tx = signals_tx.clone();
+        tokio::spawn(async move {
+            loop {
+                let sig = stop.recv().await;
+                if tx.send(sig).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
     for (kind, sig) in [
-        (SignalKind::terminate(), Signal::SIGTERM),
-        (SignalKind::interrupt(), Signal::SIGINT),
         (SignalKind::hangup(), Signal::SIGHUP),
         (SignalKind::quit(), Signal::SIGQUIT),
         (SignalKind::user_defined1(), Signal::SIGUSR1),
         (SignalKind::user_defined2(), Signal::SIGUSR2),
         (SignalKind::window_change(), Signal::SIGWINCH),
     ] {
-        let mut stream = signal(kind).map_err(signal_error)?;
+        let mut stream = crate::shutdown::listen(kind)?;
         let tx = signals_tx.clone();
         tokio::spawn(async move {
             while stream.recv().await.is_some() && tx.send(sig).await.is_ok() {}
@@ -486,7 +502,9 @@ async fn supervise(
                             tokio::select! {
                                 _ = &mut work => break,
                                 Some(sig) = signals.recv() => {
-                                    if matches!(sig, Signal::SIGTERM | Signal::SIGINT) {
+                                    // SIGINT goes to the command, as it
+                                    // does outside a refresh.
+                                    if sig == Signal::SIGTERM {
                                         stopped = Some(sig);
                                         break;
                                     }
@@ -565,7 +583,10 @@ async fn supervise(
             // Orphans handed to envrender (a daemon the command started,
             // in a session of its own) do not outlive it.
             if reaps_orphans {
-                crate::shutdown::stop_descendants(run.stop_signal, run.grace).await;
+                // Within what is left of the grace a SIGTERM started.
+                let grace =
+                    kill_at.map_or(run.grace, |at| at.saturating_duration_since(Instant::now()));
+                crate::shutdown::stop_descendants(run.stop_signal, grace).await;
             }
             return Ok(exited);
         }

@@ -26,18 +26,32 @@ pub struct Stop {
     int: tokio::signal::unix::Signal,
 }
 
+/// A stream of one signal; from then on the signal no longer has its
+/// default action.
+pub fn listen(kind: SignalKind) -> Result<tokio::signal::unix::Signal, Error> {
+    signal(kind).map_err(|e| {
+        Error::Config(vec![ConfigError::new(
+            "envrender",
+            format!("cannot handle signals: {e}"),
+        )])
+    })
+}
+
 impl Stop {
     pub fn listen() -> Result<Stop, Error> {
-        let error = |e: std::io::Error| {
-            Error::Config(vec![ConfigError::new(
-                "envrender",
-                format!("cannot handle signals: {e}"),
-            )])
-        };
         Ok(Stop {
-            term: signal(SignalKind::terminate()).map_err(error)?,
-            int: signal(SignalKind::interrupt()).map_err(error)?,
+            term: listen(SignalKind::terminate())?,
+            int: listen(SignalKind::interrupt())?,
         })
+    }
+
+    /// A stop signal that has arrived and not been received yet.
+    pub async fn pending(&mut self) -> Option<Signal> {
+        tokio::select! {
+            biased;
+            sig = self.recv() => Some(sig),
+            _ = std::future::ready(()) => None,
+        }
     }
 
     /// The next stop signal.
@@ -95,13 +109,23 @@ fn parent_of(stat: &str) -> Option<i32> {
 pub async fn stop_descendants(signal: Signal, grace: Duration) {
     let deadline = tokio::time::Instant::now() + grace;
     let mut signalled = std::collections::BTreeSet::new();
+    let mut killed = false;
     loop {
         reap();
         let left = children();
         if left.is_empty() {
             return;
         }
-        let late = tokio::time::Instant::now() >= deadline;
+        let now = tokio::time::Instant::now();
+        // One that SIGKILL does not end (stuck in the kernel) is left.
+        if now >= deadline + Duration::from_secs(2) {
+            return;
+        }
+        let late = now >= deadline;
+        if late && !killed {
+            killed = true;
+            tracing::warn!(grace = ?grace, "descendants of the command did not stop in time; killing them");
+        }
         for pid in left {
             if late {
                 let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
@@ -109,15 +133,6 @@ pub async fn stop_descendants(signal: Signal, grace: Duration) {
                 tracing::info!(pid = pid.as_raw(), signal = %signal, "stopping a descendant that outlived the command");
                 let _ = nix::sys::signal::kill(pid, signal);
             }
-        }
-        if tokio::time::Instant::now() >= deadline + Duration::from_secs(5) {
-            return;
-        }
-        if late {
-            tracing::warn!(
-                grace = ?grace,
-                "descendants of the command did not stop in time; killed"
-            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -325,7 +325,7 @@ pub async fn watch(
     options: WatchSettings,
     reload: impl Fn() -> Result<Settings, Error>,
 ) -> Result<(), Error> {
-    use tokio::signal::unix::{SignalKind, signal};
+    use tokio::signal::unix::SignalKind;
     let mut plan = Plan::new(&settings)?;
     plan.remove_interrupted_writes();
     let health = Arc::new(Health::default());
@@ -333,7 +333,7 @@ pub async fn watch(
         serve(addr, health.clone()).await?;
     }
     let mut stop = crate::shutdown::Stop::listen()?;
-    let mut hup = signal(SignalKind::hangup()).map_err(signal_error)?;
+    let mut hup = crate::shutdown::listen(SignalKind::hangup())?;
 
     // Background work of the backends (Vault's lease scheduler).
     let mut background = JoinSet::new();
@@ -613,13 +613,6 @@ pub(crate) fn start_watches(
             }
         }
     }
-}
-
-fn signal_error(e: std::io::Error) -> Error {
-    Error::Config(vec![crate::config::ConfigError::new(
-        "envrender watch",
-        format!("cannot handle signals: {e}"),
-    )])
 }
 
 pub(crate) async fn sleep_until_opt(at: Option<Instant>) {
@@ -1000,13 +993,23 @@ async fn run_action(action: &Action, keep_env: &[String]) -> Result<(), String> 
             for name in crate::environment::scrubbed_for_commands(keep_env) {
                 command.env_remove(name);
             }
-            let mut child = command
+            // In a process group of its own, so that a command cut off (by
+            // its timeout, or by a stop signal dropping this future) takes
+            // its children with it: `sh -c 'a; b'` leaves no `b` behind.
+            let child = command
                 .args(args)
                 .stdin(std::process::Stdio::null())
+                .process_group(0)
                 .kill_on_drop(true)
                 .spawn()
                 .map_err(|e| format!("cannot start {program}: {e}"))?;
-            match tokio::time::timeout(*timeout, child.wait()).await {
+            let mut group = KillGroup(child);
+            let finished = tokio::time::timeout(*timeout, group.0.wait()).await;
+            if finished.is_ok() {
+                // It ended by itself: what it started on purpose may stay.
+                std::mem::forget(group);
+            }
+            match finished {
                 Ok(Ok(status)) if status.success() => Ok(()),
                 Ok(Ok(status)) => Err(format!("{program} exited with {status}")),
                 Ok(Err(e)) => Err(format!("{program}: {e}")),
@@ -1055,6 +1058,21 @@ pub(crate) fn pid_of(text: &str) -> Result<i32, String> {
         return Err(refuse("it is envrender's own"));
     }
     Ok(pid)
+}
+
+/// A reload command whose whole process group is killed when this is
+/// dropped before the command ended.
+struct KillGroup(tokio::process::Child);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.id() {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
 }
 
 /// The processes whose name (`/proc/PID/comm`) or program (the first word

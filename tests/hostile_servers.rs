@@ -281,11 +281,20 @@ struct LeaseVault {
     renewable: bool,
     issued: Arc<AtomicUsize>,
     renewed: Arc<AtomicUsize>,
+    logins: Arc<AtomicUsize>,
 }
 
 async fn lease_vault(State(v): State<LeaseVault>, req: Request) -> Response {
     let path = req.uri().path().to_string();
     let body = match path.as_str() {
+        // An AppRole login grants a token of 1 s, renewals of 0 s.
+        "/v1/auth/approle/login" => {
+            let n = v.logins.fetch_add(1, Ordering::SeqCst);
+            json!({"auth": {"client_token": format!("t{n}"), "accessor": format!("a{n}"),
+                "policies": ["default"], "lease_duration": 1, "renewable": true}})
+        }
+        "/v1/auth/token/renew-self" => json!({"auth": {"client_token": "t", "accessor": "a",
+            "policies": ["default"], "lease_duration": 0, "renewable": true}}),
         "/v1/auth/token/lookup-self" => json!({"data": {
             "accessor": "acc", "policies": ["default"], "ttl": 0, "creation_ttl": 0,
             "renewable": false}}),
@@ -311,15 +320,51 @@ fn start_lease_vault(
     lease_duration: Value,
     renewable: bool,
 ) -> (String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
-    let issued = Arc::new(AtomicUsize::new(0));
-    let renewed = Arc::new(AtomicUsize::new(0));
-    let app = Router::new().fallback(lease_vault).with_state(LeaseVault {
+    let (url, v) = lease_vault_state(lease_duration, renewable);
+    (url, v.issued, v.renewed)
+}
+
+fn lease_vault_state(lease_duration: Value, renewable: bool) -> (String, LeaseVault) {
+    let v = LeaseVault {
         lease_duration,
         renewable,
-        issued: issued.clone(),
-        renewed: renewed.clone(),
-    });
-    (serve_loopback(app), issued, renewed)
+        issued: Arc::default(),
+        renewed: Arc::default(),
+        logins: Arc::default(),
+    };
+    let app = Router::new().fallback(lease_vault).with_state(v.clone());
+    (serve_loopback(app), v)
+}
+
+#[test]
+fn tokens_of_a_second_do_not_make_a_login_loop() {
+    // Each login grants 1 s and each renewal 0 s: before, envrender logged
+    // in about twice a second and re-issued what it held after each login.
+    let (vault, v) = lease_vault_state(json!(3600), true);
+    let d = Dir::new();
+    d.write("t.hbs", "{{vault \"database/creds/app#username\"}}");
+    d.write(
+        "envrender.toml",
+        &format!(
+            "[vault]\naddress = \"{vault}\"\nauth = {{ method = \"approle\", role_id = \"r\" }}\n"
+        ),
+    );
+    let watch = d
+        .cmd(&["watch", "--template", "t.hbs:out.txt"])
+        .command
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let watch = KillOnDrop(watch);
+    std::thread::sleep(Duration::from_secs(8));
+    drop(watch);
+    let logins = v.logins.load(Ordering::SeqCst);
+    let issued = v.issued.load(Ordering::SeqCst);
+    assert!(
+        (1..=10).contains(&logins) && issued <= 10,
+        "{logins} logins and {issued} credentials in 8 s"
+    );
+    assert!(!d.read("out.txt").is_empty());
 }
 
 #[test]
@@ -421,16 +466,21 @@ fn retry_after_is_honoured_within_the_deadline() {
     );
     assert_eq!(d.read("out.txt"), "p");
 
-    // A Retry-After longer than the time left ends the render at once.
+    // A Retry-After longer than the time left ends the render at once,
+    // instead of retrying until the deadline.
     vault.fail(100, 429, Some("60"), "slow down");
     let start = Instant::now();
-    d.cmd(&["render", "--template", &t, "--timeout", "3s"])
+    d.cmd(&["render", "--template", &t, "--timeout", "30s"])
         .env("VAULT_ADDR", &vault.url)
         .env("VAULT_TOKEN", &vault.root_token)
         .run()
         .code(1)
         .stderr_has("HTTP 429");
-    assert!(start.elapsed() < Duration::from_secs(10));
+    assert!(
+        start.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 #[test]
@@ -526,9 +576,10 @@ fn credentials_in_addresses_are_never_printed() {
     for secret in ["consul-pass-1", "vault-pass-2", "consul-user", "vault-user"] {
         assert!(!run.stderr.contains(secret), "{secret} in\n{}", run.stderr);
     }
+    // check takes its deadline from the configuration.
+    d.write("envrender.toml", "[render]\ntimeout = \"2s\"\n");
     let check = d
         .cmd(&["check", "--template", &t])
-        .env("ENVRENDER_TIMEOUT", "2s")
         .env(
             "CONSUL_HTTP_ADDR",
             "http://consul-user:consul-pass-1@127.0.0.1:1",
@@ -543,6 +594,22 @@ fn credentials_in_addresses_are_never_printed() {
             check.stdout,
             check.stderr
         );
+    }
+    // A password holding `#`, `/` or `@` is hidden whole, parsed or not.
+    for address in [
+        "u:pa#ss-3@127.0.0.1:1",
+        "http://u:p@127.0.0.1/w0rd-4@127.0.0.1:1",
+    ] {
+        let run = d
+            .cmd(&["render", "--template", &t, "--timeout", "1s"])
+            .env("CONSUL_HTTP_ADDR", address)
+            .env("VAULT_ADDR", "http://127.0.0.1:1")
+            .env("VAULT_TOKEN", "t")
+            .run();
+        assert!(run.code != 0);
+        for secret in ["ss-3", "w0rd-4"] {
+            assert!(!run.stderr.contains(secret), "{secret} in\n{}", run.stderr);
+        }
     }
     // A malformed address is echoed without its credentials too.
     let bad = d

@@ -841,6 +841,7 @@ pub fn base_url(address: &str, ssl: bool) -> Result<Url, String> {
             http::redacted_text(address)
         ));
     }
+    http::check_userinfo("Consul", &url)?;
     Ok(url)
 }
 

@@ -86,29 +86,46 @@ impl fmt::Display for Size {
     }
 }
 
-/// A URL as it may be printed: any `user:password@` replaced by `***@`.
+/// A URL as it may be printed: with a `user:password@`, only the scheme,
+/// `***@` and the host and port (a password may hold `/` or `@`, so
+/// nothing after the host is shown either).
 pub fn redacted(url: &Url) -> String {
     if url.username().is_empty() && url.password().is_none() {
         return url.to_string();
     }
-    let mut shown = url.clone();
-    let _ = shown.set_password(None);
-    let _ = shown.set_username("***");
-    shown.to_string()
+    let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
+    format!(
+        "{}://***@{}{port}/",
+        url.scheme(),
+        url.host_str().unwrap_or_default()
+    )
 }
 
 /// An address as it may be printed, for text that may not parse as a URL:
-/// whatever stands before an `@` in its authority is hidden.
+/// everything up to its last `@` (a password may hold `/`, `#`, `?` or
+/// `@`) is hidden, but the scheme.
 pub fn redacted_text(address: &str) -> String {
     let (scheme, rest) = match address.split_once("://") {
         Some((s, r)) => (format!("{s}://"), r),
         None => (String::new(), address),
     };
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..end].rfind('@') {
+    match rest.rfind('@') {
         Some(at) => format!("{scheme}***{}", &rest[at..]),
         None => address.to_string(),
     }
+}
+
+/// Refuses an address whose path or query holds an `@`: a password with an
+/// unencoded `/`, `?` or `#` ends the authority early, and the rest of it
+/// would be sent (and printed) as a path. The error does not repeat it.
+pub fn check_userinfo(what: &str, url: &Url) -> Result<(), String> {
+    let after_host = format!("{}{}", url.path(), url.query().unwrap_or_default());
+    if after_host.contains('@') {
+        return Err(format!(
+            "the {what} address has an '@' after its host: percent-encode a '/', '?' or '#' in its password (%2F, %3F, %23)"
+        ));
+    }
+    Ok(())
 }
 
 /// `scheme://host:port`, the origin a token is bound to.
@@ -201,10 +218,10 @@ mod tests {
             redacted_text("admin:hunter2@consul:8500"),
             "***@consul:8500"
         );
-        assert_eq!(
-            redacted_text("https://a:b@vault/x@y"),
-            "https://***@vault/x@y"
-        );
+        assert_eq!(redacted_text("https://a:b@vault/x@y"), "https://***@y");
+        assert_eq!(redacted_text("u:p#w@host:8500"), "***@host:8500");
+        let odd = Url::parse("https://u:p@ss/w0rd@vault:8200/").unwrap();
+        assert!(!redacted(&odd).contains("w0rd"), "{}", redacted(&odd));
         assert_eq!(redacted_text("consul:8500"), "consul:8500");
     }
 

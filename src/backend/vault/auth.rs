@@ -369,7 +369,8 @@ impl Auth {
             &self.describe(),
         )
         .await?;
-        let got = super::lease::seconds(&answer["auth"]["lease_duration"]);
+        let got =
+            super::lease::seconds(&answer["auth"]["lease_duration"]).max(super::lease::MIN_TTL);
         let now = super::lease::now();
         let mut renewed = token.clone();
         renewed.expires = Some(now + got as f64);

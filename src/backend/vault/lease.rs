@@ -52,6 +52,20 @@ pub const MAX_TTL: u64 = 768 * 3600;
 /// re-issued with exponential backoff ([`Held::short_answers`]).
 pub const MIN_TTL: u64 = 1;
 
+/// The longest certificate lifetime believed (ten years): a NotAfter
+/// further out is treated as this far.
+pub const MAX_CERT_LIFETIME: u64 = 10 * 365 * 24 * 3600;
+
+/// The least wait before the next renewal, re-issue or token refresh after
+/// `short` short answers in a row: 0, then 1 s, 2 s, 4 s … up to 5 minutes.
+pub fn short_backoff(short: u32) -> f64 {
+    if short == 0 {
+        0.0
+    } else {
+        2f64.powi(short.min(16) as i32 - 1).min(MAX_SHORT_BACKOFF)
+    }
+}
+
 /// A TTL under this many seconds is "short" ([`Held::short_answers`]).
 pub const SHORT_TTL: u64 = 2;
 
@@ -166,11 +180,17 @@ impl Held {
         let expiration = data["expiration"]
             .as_f64()
             .filter(|e| e.is_finite())
-            .map(|e| e.clamp(now, now + MAX_TTL as f64));
+            .map(|e| e.clamp(now, now + MAX_CERT_LIFETIME as f64));
         let certificate = data.get("certificate").is_some() && expiration.is_some();
         if lease_id.is_empty() && !certificate {
             return None;
         }
+        // What this answer granted, for the count of short answers: a
+        // certificate's lifetime, else the lease's TTL as sent.
+        let granted = match (certificate, expiration) {
+            (true, Some(exp)) => (exp - now).max(0.0) as u64,
+            _ => granted,
+        };
         let (duration, expires) = match (certificate, expiration) {
             (true, Some(exp)) => (
                 (exp - now).max(MIN_TTL as f64) as u64,
@@ -244,12 +264,7 @@ impl Held {
         } else {
             self.issued + self.duration as f64 * jitter(0.75, 0.85)
         };
-        if self.short_answers > 0 {
-            let floor = 2f64
-                .powi(self.short_answers.min(16) as i32 - 1)
-                .min(MAX_SHORT_BACKOFF);
-            self.due = self.due.max(now + floor);
-        }
+        self.due = self.due.max(now + short_backoff(self.short_answers));
     }
 
     /// Counts this answer's TTL after `before` (the answer it replaces):
@@ -386,7 +401,7 @@ impl Inner {
                         false,
                     )
                     .await?;
-                let ttl = answer.body["data"]["ttl"].as_f64().unwrap_or(0.0);
+                let ttl = seconds(&answer.body["data"]["ttl"]) as f64;
                 if answer.status == 200 && ttl > margin {
                     let mut h = held.clone();
                     h.expires = h.expires.min(now + ttl);
@@ -440,7 +455,13 @@ impl Inner {
                 {
                     h.expires = now + got as f64;
                     h.capped = got < asked;
-                    h.count_short(held.short_answers, granted);
+                    // A renewal cut short by the max TTL is Vault keeping
+                    // its word, not a short answer; one that grants all
+                    // that was asked, and that is next to nothing, is.
+                    h.count_short(
+                        held.short_answers,
+                        if got < asked { SHORT_TTL } else { granted },
+                    );
                     // The token that issued it may end first.
                     if let Some(end) = h.parent_end
                         && end < h.expires
@@ -470,8 +491,9 @@ impl Inner {
             Ok((answer, _)) => self.retry_later(
                 &held,
                 &format!("HTTP {}: {}", answer.status, answer.errors()),
+                answer.retry_after,
             ),
-            Err(e) => self.retry_later(&held, &e.to_string()),
+            Err(e) => self.retry_later(&held, &e.to_string(), e.retry_after),
         }
     }
 
@@ -536,8 +558,9 @@ impl Inner {
             Ok((answer, _)) => self.retry_later(
                 &held,
                 &format!("HTTP {}: {}", answer.status, answer.errors()),
+                answer.retry_after,
             ),
-            Err(e) => self.retry_later(&held, &e.to_string()),
+            Err(e) => self.retry_later(&held, &e.to_string(), e.retry_after),
         }
     }
 
@@ -546,8 +569,9 @@ impl Inner {
     /// out, the wait grows with how long ago that was (half of it, from
     /// 1 s up to 30 s): a value that no longer works is recovered quickly
     /// after a short outage, and a long one is not hammered. The first
-    /// failure is announced so that watch mode reports it.
-    fn retry_later(&self, held: &Held, why: &str) {
+    /// failure is announced so that watch mode reports it. A `Retry-After`
+    /// the server sent is waited for at least.
+    fn retry_later(&self, held: &Held, why: &str, asked: Option<Duration>) {
         let now = now();
         let mut ledger = self.ledger.lock().unwrap();
         if let Some(h) = ledger.held.get_mut(&held.key) {
@@ -559,7 +583,7 @@ impl Inner {
             } else {
                 (-left / 2.0).clamp(1.0, 30.0)
             };
-            h.due = now + wait * jitter(0.8, 1.2);
+            h.due = now + (wait * jitter(0.8, 1.2)).max(asked.unwrap_or_default().as_secs_f64());
             tracing::warn!(request = %h.key, lease = %h.lease_id, error = %why, retry_in_s = h.due - now, "cannot renew or re-issue a Vault secret; will retry");
             let first = h.trouble.is_none();
             h.trouble = Some(format!(
@@ -584,6 +608,10 @@ pub(super) async fn maintain(inner: &Arc<Inner>) {
     // The token's next action: (accessor, refreshed, due).
     let mut token_plan: Option<(String, f64, f64)> = None;
     let mut token_failures = 0u32;
+    // Tokens in a row that came with a TTL under SHORT_TTL: each doubles the
+    // least wait before the next refresh, so a Vault that grants nothing
+    // does not make envrender log in (and re-issue what it holds) in a loop.
+    let mut short_tokens = 0u32;
     loop {
         let now = now();
         let token = inner.token.lock().await.clone();
@@ -592,8 +620,15 @@ pub(super) async fn maintain(inner: &Arc<Inner>) {
                 .as_ref()
                 .is_some_and(|(a, r, _)| *a == t.accessor && *r == t.refreshed);
             if !same {
-                token_plan = super::auth::token_due(t, inner.auth.can_login())
-                    .map(|due| (t.accessor.clone(), t.refreshed, due));
+                let life = t.expires.map(|e| e - t.refreshed);
+                short_tokens = match life {
+                    Some(life) if life < SHORT_TTL as f64 => short_tokens + 1,
+                    _ => 0,
+                };
+                token_plan = super::auth::token_due(t, inner.auth.can_login()).map(|due| {
+                    let due = due.max(t.refreshed + short_backoff(short_tokens));
+                    (t.accessor.clone(), t.refreshed, due)
+                });
             }
         }
         let token_due = token_plan.as_ref().map_or(f64::INFINITY, |p| p.2);

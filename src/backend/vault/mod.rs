@@ -255,6 +255,7 @@ impl Vault {
                     super::http::redacted_text(&address)
                 )
             })?;
+        super::http::check_userinfo("Vault", &base)?;
         super::warn_if_plain_http("Vault", &base);
         let namespace = config
             .namespace
@@ -297,7 +298,9 @@ impl Vault {
             })
             .collect();
         let ledger = match &config.state_file {
-            Some(path) => lease::Ledger::load(path, base.as_str(), namespace.as_deref()),
+            Some(path) => {
+                lease::Ledger::load(path, &super::http::redacted(&base), namespace.as_deref())
+            }
             None => lease::Ledger::default(),
         };
         Ok(Vault {
@@ -929,7 +932,7 @@ impl Inner {
                 .ledger
                 .lock()
                 .unwrap()
-                .snapshot(self.base.as_str(), self.namespace.as_deref());
+                .snapshot(&self.shown, self.namespace.as_deref());
             if let Err(e) = lease::write_state(path, &snapshot) {
                 tracing::warn!(file = %path.display(), error = %e, "cannot write the Vault state file");
             }
