@@ -224,40 +224,58 @@ fn run_measured(cmd: support::Cmd) -> (i32, String, u64) {
     (libc::WEXITSTATUS(status), stderr, usage.ru_maxrss as u64)
 }
 
+/// Renders `template` with `env`; asserts exit 1 with an error naming
+/// `limit` and `setting`, and a peak RSS under `peak_kb`.
+fn refused_within(
+    d: &Dir,
+    template: &str,
+    env: &[(&str, &str)],
+    limit: &str,
+    setting: &str,
+    peak_kb: u64,
+) {
+    let mut cmd = d.cmd(&["render", "--template", template, "--timeout", "5s"]);
+    for (k, v) in env {
+        cmd = cmd.env(k, v);
+    }
+    let (code, stderr, peak) = run_measured(cmd);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("larger than the limit of {limit}")),
+        "{stderr}"
+    );
+    assert!(stderr.contains(setting), "{stderr}");
+    assert!(peak < peak_kb, "peak RSS {peak} kB\n{stderr}");
+}
+
 #[test]
 fn answers_are_read_up_to_a_limit() {
     let d = Dir::new();
     d.write("t.hbs", "{{consul \"app/host\"}}");
+    d.write("v.hbs", "{{vault \"secret/app#x\"}}");
     // 100 MB streamed without a length: Consul's default limit (64 MiB)
     // stops it, and memory stays near the limit (it reached 469 MB).
     let consul = huge(100 << 20, false);
-    let (code, stderr, peak_kb) = run_measured(
-        d.cmd(&["render", "--template", "t.hbs:c.txt", "--timeout", "5s"])
-            .env("CONSUL_HTTP_ADDR", &consul),
+    let env = [("CONSUL_HTTP_ADDR", consul.as_str())];
+    refused_within(
+        &d,
+        "t.hbs:c.txt",
+        &env,
+        "64 MiB",
+        "[consul] max_answer_size",
+        200_000,
     );
-    assert_eq!(code, 1, "{stderr}");
-    assert!(
-        stderr.contains("larger than the limit of 64 MiB"),
-        "{stderr}"
-    );
-    assert!(stderr.contains("[consul] max_answer_size"), "{stderr}");
-    assert!(peak_kb < 200_000, "peak RSS {peak_kb} kB\n{stderr}");
-
     // Vault: 100 MB with its length announced is refused before reading.
     let vault = huge(100 << 20, true);
-    d.write("v.hbs", "{{vault \"secret/app#x\"}}");
-    let (code, stderr, peak_kb) = run_measured(
-        d.cmd(&["render", "--template", "v.hbs:v.txt", "--timeout", "5s"])
-            .env("VAULT_ADDR", &vault)
-            .env("VAULT_TOKEN", "t"),
+    let env = [("VAULT_ADDR", vault.as_str()), ("VAULT_TOKEN", "t")];
+    refused_within(
+        &d,
+        "v.hbs:v.txt",
+        &env,
+        "16 MiB",
+        "[vault] max_answer_size",
+        100_000,
     );
-    assert_eq!(code, 1, "{stderr}");
-    assert!(
-        stderr.contains("larger than the limit of 16 MiB"),
-        "{stderr}"
-    );
-    assert!(stderr.contains("[vault] max_answer_size"), "{stderr}");
-    assert!(peak_kb < 100_000, "peak RSS {peak_kb} kB\n{stderr}");
 
     // The limit is a setting: a smaller one stops a smaller answer.
     let small = huge(4 << 20, false);

@@ -75,47 +75,37 @@ fn watch_stops_during_a_hanging_reload_command() {
     assert_eq!(code, Some(0));
 }
 
-#[test]
-fn watch_stops_during_a_render_that_gets_no_answer() {
+/// Starts `mode` rendering a value from a Consul that never answers,
+/// sends it SIGTERM two seconds later; asserts it stopped within 5 s with
+/// `code` (an exit of its own, not the signal's default action, which as
+/// PID 1 would never come), and wrote nothing.
+fn stops_while_waiting_on_a_server(mode: &str, code: i32) {
     let (_listener, consul) = silent_server();
     let d = Dir::new();
     d.write("t.hbs", "{{consul \"app/host\"}}");
-    let mut watch = spawn(
-        d.cmd(&["watch", "--template", "t.hbs:out.txt", "--timeout", "60s"])
+    let mut child = spawn(
+        d.cmd(&[mode, "--template", "t.hbs:out.txt", "--timeout", "60s"])
             .env("CONSUL_HTTP_ADDR", &consul),
     );
     std::thread::sleep(Duration::from_secs(2));
-    let pid = watch.0.id();
-    let (took, code) = term_and_wait(&mut watch.0, pid);
+    let pid = child.0.id();
+    let (took, exited) = term_and_wait(&mut child.0, pid);
     assert!(
         took < Duration::from_secs(5),
-        "watch stopped after {took:?}"
+        "{mode} stopped after {took:?}"
     );
-    // Stopped by its own handler (exit 0), not by the signal's default.
-    assert_eq!(code, Some(0));
+    assert_eq!(exited, Some(code), "{mode}");
     assert!(!d.join("out.txt").exists());
 }
 
 #[test]
+fn watch_stops_during_a_render_that_gets_no_answer() {
+    stops_while_waiting_on_a_server("watch", 0);
+}
+
+#[test]
 fn render_stops_on_sigterm_with_nothing_written() {
-    let (_listener, consul) = silent_server();
-    let d = Dir::new();
-    d.write("t.hbs", "{{consul \"app/host\"}}");
-    let mut render = spawn(
-        d.cmd(&["render", "--template", "t.hbs:out.txt", "--timeout", "60s"])
-            .env("CONSUL_HTTP_ADDR", &consul),
-    );
-    std::thread::sleep(Duration::from_secs(2));
-    let pid = render.0.id();
-    let (took, code) = term_and_wait(&mut render.0, pid);
-    assert!(
-        took < Duration::from_secs(5),
-        "render stopped after {took:?}"
-    );
-    // An exit of its own with 128+15, not death by the signal's default
-    // action (which, as PID 1, would never come).
-    assert_eq!(code, Some(143));
-    assert!(!d.join("out.txt").exists());
+    stops_while_waiting_on_a_server("render", 143);
 }
 
 /// The pid of the only child of `parent`.

@@ -392,9 +392,6 @@ impl Client {
             )
             .hint("set CONSUL_HTTP_ADDR (or [consul] address) to the agent itself, not to something that redirects"));
         }
-        let retry_after = matches!(status.as_u16(), 429 | 503)
-            .then(|| http::retry_after(response.headers()))
-            .flatten();
         let header = |name: &str| {
             response
                 .headers()
@@ -408,26 +405,14 @@ impl Client {
                 .unwrap_or(0)
                 .min(u64::from(u32::MAX)),
         );
-        let body = http::read_limited(response, self.max_answer_size)
-            .await
-            .map_err(|e| match e {
-                http::BodyError::TooLarge { limit } => FetchError::new(
-                    ErrorKind::Invalid,
-                    "consul",
-                    action(),
-                    format!(
-                        "Consul's answer is larger than the limit of {}",
-                        http::Size(limit)
-                    ),
-                )
-                .hint("read a narrower prefix, or raise [consul] max_answer_size (e.g. \"128MiB\") if answers this large are expected"),
-                http::BodyError::Read(e) => FetchError::new(
-                    ErrorKind::Transient,
-                    "consul",
-                    action(),
-                    format!("reading the answer failed: {}", error_chain(&e)),
-                ),
-            })?;
+        let (retry_after, body) = http::read_answer(
+            response,
+            self.max_answer_size,
+            "consul",
+            &action(),
+            "[consul] max_answer_size",
+        )
+        .await?;
         Ok((
             Answer {
                 status,

@@ -2,7 +2,7 @@
 //! Vault server is trusted with a token, not with envrender's memory, its
 //! schedule or the token's destination:
 //!
-//! - answers are read up to a size limit ([`read_limited`]), so a huge or
+//! - answers are read up to a size limit ([`read_answer`]), so a huge or
 //!   endless body fails with an error naming the limit instead of growing
 //!   the process past its container's memory;
 //! - redirects never carry a token off the configured origin or off https
@@ -15,6 +15,8 @@ use std::time::{Duration, SystemTime};
 
 use reqwest::Url;
 
+use super::{ErrorKind, FetchError};
+
 /// The longest `Retry-After` honoured: a server asking for more is waited
 /// on for this long, then asked again.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
@@ -25,35 +27,60 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
 pub const CONSUL_MAX_ANSWER: u64 = 64 << 20;
 pub const VAULT_MAX_ANSWER: u64 = 16 << 20;
 
-/// Why a body could not be read.
-#[derive(Debug)]
-pub enum BodyError {
-    /// It is (or announced it would be) larger than the limit.
-    TooLarge { limit: u64 },
-    /// The connection failed while reading it.
-    Read(reqwest::Error),
-}
-
-/// Reads a response body, refusing more than `limit` bytes. A
-/// `Content-Length` over the limit is refused before anything is read;
-/// a body without one is read chunk by chunk and abandoned as soon as it
-/// passes the limit, so at most `limit` bytes (plus one chunk) are held.
-pub async fn read_limited(
+/// A backend's answer, read within its limit: its `Retry-After` (on a 429
+/// or 503) and its body. A `Content-Length` over the limit is refused
+/// before anything is read; a body without one is read chunk by chunk and
+/// abandoned as soon as it passes the limit, so at most `limit` bytes (plus
+/// one chunk) are held. Too large is an error naming the limit and
+/// `setting`; a connection cut while reading is transient.
+pub async fn read_answer(
     mut response: reqwest::Response,
     limit: u64,
-) -> Result<Vec<u8>, BodyError> {
-    let announced = response.content_length();
-    if announced.is_some_and(|n| n > limit) {
-        return Err(BodyError::TooLarge { limit });
+    backend: &'static str,
+    action: &str,
+    setting: &str,
+) -> Result<(Option<Duration>, Vec<u8>), FetchError> {
+    let waited = matches!(response.status().as_u16(), 429 | 503)
+        .then(|| retry_after(response.headers()))
+        .flatten();
+    let too_large = || {
+        FetchError::new(
+            ErrorKind::Invalid,
+            backend,
+            action,
+            format!("the answer is larger than the limit of {}", Size(limit)),
+        )
+        .hint(format!(
+            "raise {setting} (e.g. \"{}\") if answers this large are expected",
+            Size(limit.saturating_mul(2))
+        ))
+    };
+    if response.content_length().is_some_and(|n| n > limit) {
+        return Err(too_large());
     }
-    let mut body = Vec::with_capacity(announced.unwrap_or(0).min(limit) as usize);
-    while let Some(chunk) = response.chunk().await.map_err(BodyError::Read)? {
+    // What the server announces is not reserved beyond a megabyte.
+    let reserve = response
+        .content_length()
+        .unwrap_or(0)
+        .min(limit)
+        .min(1 << 20);
+    let mut body = Vec::with_capacity(reserve as usize);
+    loop {
+        let chunk = response.chunk().await.map_err(|e| {
+            FetchError::new(
+                ErrorKind::Transient,
+                backend,
+                action,
+                format!("reading the answer failed: {}", super::error_chain(&e)),
+            )
+        })?;
+        let Some(chunk) = chunk else { break };
         if (body.len() + chunk.len()) as u64 > limit {
-            return Err(BodyError::TooLarge { limit });
+            return Err(too_large());
         }
         body.extend_from_slice(&chunk);
     }
-    Ok(body)
+    Ok((waited, body))
 }
 
 /// `Retry-After` as seconds or an HTTP date, clamped to

@@ -484,29 +484,14 @@ impl Inner {
             err
         })?;
         let status = response.status().as_u16();
-        let retry_after = matches!(status, 429 | 503)
-            .then(|| super::http::retry_after(response.headers()))
-            .flatten();
-        let bytes = super::http::read_limited(response, self.config.max_answer_size)
-            .await
-            .map_err(|e| match e {
-                super::http::BodyError::TooLarge { limit } => FetchError::new(
-                    ErrorKind::Invalid,
-                    "vault",
-                    action.clone(),
-                    format!(
-                        "Vault's answer is larger than the limit of {}",
-                        super::http::Size(limit)
-                    ),
-                )
-                .hint("raise [vault] max_answer_size (e.g. \"64MiB\") if secrets this large are expected"),
-                super::http::BodyError::Read(e) => FetchError::new(
-                    ErrorKind::Transient,
-                    "vault",
-                    action.clone(),
-                    format!("reading the answer failed: {}", super::error_chain(&e)),
-                ),
-            })?;
+        let (retry_after, bytes) = super::http::read_answer(
+            response,
+            self.config.max_answer_size,
+            "vault",
+            &action,
+            "[vault] max_answer_size",
+        )
+        .await?;
         let body = if bytes.iter().all(u8::is_ascii_whitespace) {
             Value::Null
         } else {
