@@ -70,6 +70,15 @@ fn redirector(to: String) -> (String, Seen) {
     (serve_loopback(app), seen)
 }
 
+/// Runs `cmd` (a watch) for `secs` seconds, its stderr dropped, then
+/// stops it; whether it was still running then.
+fn run_for(cmd: support::Cmd, secs: u64) -> bool {
+    let mut command = cmd.command;
+    let mut child = KillOnDrop(command.stderr(std::process::Stdio::null()).spawn().unwrap());
+    std::thread::sleep(Duration::from_secs(secs));
+    child.0.try_wait().unwrap().is_none()
+}
+
 fn template(d: &Dir, text: &str) -> String {
     d.write("t.hbs", text);
     "t.hbs:out.txt".to_string()
@@ -367,15 +376,7 @@ fn tokens_of_a_second_do_not_make_a_login_loop() {
             "[vault]\naddress = \"{vault}\"\nauth = {{ method = \"approle\", role_id = \"r\" }}\n"
         ),
     );
-    let watch = d
-        .cmd(&["watch", "--template", "t.hbs:out.txt"])
-        .command
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let watch = KillOnDrop(watch);
-    std::thread::sleep(Duration::from_secs(8));
-    drop(watch);
+    run_for(d.cmd(&["watch", "--template", "t.hbs:out.txt"]), 8);
     let logins = v.logins.load(Ordering::SeqCst);
     let issued = v.issued.load(Ordering::SeqCst);
     assert!(
@@ -406,17 +407,13 @@ fn absurd_lease_durations_neither_abort_nor_spin() {
 
     // A watch under u64::MAX leases keeps running (it aborted).
     let (vault, _, _) = start_lease_vault(json!(18446744073709551615u64), true);
-    let watch = d
-        .cmd(&["watch", "--template", &t, "--listen", "127.0.0.1:0"])
-        .env("VAULT_ADDR", &vault)
-        .env("VAULT_TOKEN", "t")
-        .command
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut watch = KillOnDrop(watch);
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(watch.0.try_wait().unwrap().is_none(), "watch exited");
+    let running = run_for(
+        d.cmd(&["watch", "--template", &t, "--listen", "127.0.0.1:0"])
+            .env("VAULT_ADDR", &vault)
+            .env("VAULT_TOKEN", "t"),
+        2,
+    );
+    assert!(running, "watch exited");
 
     // Leases of 0 s: a handful of re-issues and reloads in 8 s, not
     // thousands (2,831 in 10 s before); renewable ones, a handful of
@@ -449,14 +446,8 @@ fn zero_ttl_watch(d: &Dir, t: &str, renewable: bool) -> (usize, usize, usize) {
             "0s",
         ])
         .env("VAULT_ADDR", &vault)
-        .env("VAULT_TOKEN", "t")
-        .command
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let watch = KillOnDrop(watch);
-    std::thread::sleep(Duration::from_secs(8));
-    drop(watch);
+        .env("VAULT_TOKEN", "t");
+    run_for(watch, 8);
     (
         issued.load(Ordering::SeqCst),
         renewed.load(Ordering::SeqCst),
@@ -554,16 +545,11 @@ fn blocking_queries_answered_at_once_keep_to_the_query_rate() {
     let mut counts = BTreeMap::new();
     for index in ["0", "backwards", "not-a-number"] {
         let (consul, count) = instant_consul(index);
-        let watch = d
-            .cmd(&["watch", "--template", &t])
-            .env("CONSUL_HTTP_ADDR", &consul)
-            .command
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let watch = KillOnDrop(watch);
-        std::thread::sleep(Duration::from_secs(3));
-        drop(watch);
+        run_for(
+            d.cmd(&["watch", "--template", &t])
+                .env("CONSUL_HTTP_ADDR", &consul),
+            3,
+        );
         counts.insert(index, count.load(Ordering::SeqCst));
     }
     // A burst of 2, then at most 10 a second: about 32 in 3 s.
