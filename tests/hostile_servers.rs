@@ -254,6 +254,7 @@ fn refused_within(
         "{stderr}"
     );
     assert!(stderr.contains(setting), "{stderr}");
+    println!("{template}: refused at {limit}, peak RSS {peak} kB");
     assert!(peak < peak_kb, "peak RSS {peak} kB\n{stderr}");
 }
 
@@ -379,6 +380,7 @@ fn tokens_of_a_second_do_not_make_a_login_loop() {
     run_for(d.cmd(&["watch", "--template", "t.hbs:out.txt"]), 8);
     let logins = v.logins.load(Ordering::SeqCst);
     let issued = v.issued.load(Ordering::SeqCst);
+    println!("tokens of 1 s, 8 s: {logins} logins, {issued} credentials issued");
     assert!(
         (1..=10).contains(&logins) && issued <= 10,
         "{logins} logins and {issued} credentials in 8 s"
@@ -420,6 +422,9 @@ fn absurd_lease_durations_neither_abort_nor_spin() {
     // renewals.
     for renewable in [false, true] {
         let (issues, renewals, reloads) = zero_ttl_watch(&d, &t, renewable);
+        println!(
+            "leases of 0 s, renewable {renewable}, 8 s: {issues} issued, {renewals} renewals, {reloads} reloads"
+        );
         assert!(
             (1..=10).contains(&issues) && renewals <= 10 && reloads <= 10,
             "renewable {renewable}: {issues} credentials issued, {renewals} renewals, {reloads} reloads in 8 s"
@@ -552,6 +557,7 @@ fn blocking_queries_answered_at_once_keep_to_the_query_rate() {
         );
         counts.insert(index, count.load(Ordering::SeqCst));
     }
+    println!("queries in 3 s: {counts:?}");
     // A burst of 2, then at most 10 a second: about 32 in 3 s.
     for (index, n) in &counts {
         assert!(*n <= 45, "index {index}: {n} queries in 3 s ({counts:?})");

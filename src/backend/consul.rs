@@ -447,16 +447,7 @@ impl Client {
             s if s >= 500 => (ErrorKind::Transient, None),
             _ => (ErrorKind::Invalid, None),
         };
-        let mut e = FetchError::new(
-            kind,
-            "consul",
-            action,
-            if text.is_empty() {
-                format!("HTTP {status}")
-            } else {
-                format!("HTTP {status}: {text}")
-            },
-        );
+        let mut e = FetchError::new(kind, "consul", action, super::http_status(status, text));
         e.hint = hint;
         e.retry_after = answer.retry_after;
         if kind == ErrorKind::Denied {

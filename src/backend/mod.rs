@@ -332,6 +332,16 @@ where
         .collect()
 }
 
+/// A server's status with its error text, for a message: `HTTP 403` or
+/// `HTTP 403: permission denied`.
+pub fn http_status(status: u16, text: &str) -> String {
+    if text.is_empty() {
+        format!("HTTP {status}")
+    } else {
+        format!("HTTP {status}: {text}")
+    }
+}
+
 /// Warns when a secret store is reached over plain HTTP across a network:
 /// its token and every value it answers travel unencrypted. A loopback
 /// address (a local agent) is not warned about.

@@ -455,11 +455,9 @@ async fn call(
     if (200..300).contains(&answer.status) {
         return Ok(answer.body);
     }
-    let text = answer.errors();
-    let code = answer.status;
-    let kind = match code {
+    let kind = match answer.status {
         400 | 401 | 403 => ErrorKind::Denied,
-        412 | 429 | 500 | 502 | 503 | 504 => ErrorKind::Transient,
+        s if super::transient(s) => ErrorKind::Transient,
         _ => ErrorKind::Invalid,
     };
     // The caller's hint is about the credentials; a server that is busy,
@@ -469,17 +467,7 @@ async fn call(
     } else {
         hint
     };
-    let mut err = FetchError::new(
-        kind,
-        "vault",
-        action,
-        if text.is_empty() {
-            format!("HTTP {code}")
-        } else {
-            format!("HTTP {code}: {text}")
-        },
-    )
-    .hint(hint);
+    let mut err = FetchError::new(kind, "vault", action, answer.summary()).hint(hint);
     err.retry_after = answer.retry_after;
     err.identity = Some(identity.to_string());
     Err(err)

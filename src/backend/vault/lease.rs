@@ -411,7 +411,7 @@ impl Inner {
                         ErrorKind::Transient,
                         "vault",
                         "PUT /v1/sys/leases/lookup",
-                        format!("HTTP {}: {}", answer.status, answer.errors()),
+                        answer.summary(),
                     ));
                 }
             }
@@ -488,11 +488,7 @@ impl Inner {
                 );
                 self.reissue(held).await;
             }
-            Ok((answer, _)) => self.retry_later(
-                &held,
-                &format!("HTTP {}: {}", answer.status, answer.errors()),
-                answer.retry_after,
-            ),
+            Ok((answer, _)) => self.retry_later(&held, &answer.summary(), answer.retry_after),
             Err(e) => self.retry_later(&held, &e.to_string(), e.retry_after),
         }
     }
@@ -555,11 +551,7 @@ impl Inner {
                     }
                 }
             }
-            Ok((answer, _)) => self.retry_later(
-                &held,
-                &format!("HTTP {}: {}", answer.status, answer.errors()),
-                answer.retry_after,
-            ),
+            Ok((answer, _)) => self.retry_later(&held, &answer.summary(), answer.retry_after),
             Err(e) => self.retry_later(&held, &e.to_string(), e.retry_after),
         }
     }

@@ -214,6 +214,11 @@ impl Answer {
         }
     }
 
+    /// Its status and Vault's error text, for a message.
+    fn summary(&self) -> String {
+        super::http_status(self.status, &self.errors())
+    }
+
     fn invalid_token(&self) -> bool {
         self.status == 403 && self.errors().contains("invalid token")
     }
@@ -410,6 +415,12 @@ fn unreachable(action: impl Into<String>, detail: &str) -> FetchError {
     err
 }
 
+/// The statuses Vault answers when it is busy, sealed, failing or behind
+/// (412: a performance standby not caught up): asked again later.
+fn transient(status: u16) -> bool {
+    matches!(status, 412 | 429 | 500 | 502 | 503 | 504)
+}
+
 fn hcl(path: &str, caps: &str) -> String {
     format!("path \"{path}\" {{ capabilities = [{caps}] }}")
 }
@@ -571,23 +582,14 @@ impl Inner {
                 )
             }
             404 => (ErrorKind::NotFound, None),
-            412 | 429 | 500 | 502 | 503 | 504 => (
+            s if transient(s) => (
                 ErrorKind::Transient,
                 (status == 503 && text.contains("sealed"))
                     .then(|| "Vault is sealed; unseal it".to_string()),
             ),
             _ => (ErrorKind::Invalid, None),
         };
-        let mut e = FetchError::new(
-            kind,
-            "vault",
-            action,
-            if text.is_empty() {
-                format!("HTTP {status}")
-            } else {
-                format!("HTTP {status}: {text}")
-            },
-        );
+        let mut e = FetchError::new(kind, "vault", action, super::http_status(status, &text));
         e.hint = hint;
         e.retry_after = answer.retry_after;
         e.identity = Some(format!("{} ({})", self.auth.describe(), token.who()));
