@@ -101,7 +101,15 @@ struct Existing {
     link: Option<PathBuf>,
 }
 
-fn existing(path: &Path) -> Result<Option<Existing>, OutputError> {
+/// The largest existing destination read (to compare it, and to put it
+/// back if the commit fails), unless the new content is larger still.
+const READ_LIMIT: u64 = 256 << 20;
+
+/// What is at `path` now. `want` is the size of the content about to be
+/// written. A regular file larger than both `want` and [`READ_LIMIT`] is
+/// not read: it is replaced unseen, like a symlink (a sparse file of a
+/// terabyte planted by the app would otherwise be allocated for whole).
+fn existing(path: &Path, want: usize) -> Result<Option<Existing>, OutputError> {
     use std::io::Read as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let meta = match std::fs::symlink_metadata(path) {
@@ -138,16 +146,23 @@ fn existing(path: &Path) -> Result<Option<Existing>, OutputError> {
         Ok(f) => f,
         Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => return Ok(Some(other(&meta))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(err(path, "read the destination")(e)),
+        // Swapped for something that cannot be opened (a socket, a file
+        // under a lease) since the look: replaced unseen, like a symlink,
+        // so the app cannot hold every render back.
+        Err(_) => return Ok(Some(other(&meta))),
     };
     let now = file
         .metadata()
         .map_err(err(path, "inspect the destination"))?;
-    if !now.is_file() || (now.dev(), now.ino()) != (meta.dev(), meta.ino()) {
+    if !now.is_file()
+        || (now.dev(), now.ino()) != (meta.dev(), meta.ino())
+        || now.len() > (want as u64).max(READ_LIMIT)
+    {
         return Ok(Some(other(&now)));
     }
     let mut contents = Vec::with_capacity(now.len() as usize);
     (&file)
+        .take(now.len())
         .read_to_end(&mut contents)
         .map_err(err(path, "read the destination"))?;
     Ok(Some(Existing {
@@ -177,7 +192,12 @@ fn status_against(w: &FileWrite, e: Option<&Existing>) -> Status {
 pub fn preview(writes: &[FileWrite]) -> Result<Vec<Status>, OutputError> {
     writes
         .iter()
-        .map(|w| Ok(status_against(w, existing(&w.path)?.as_ref())))
+        .map(|w| {
+            Ok(status_against(
+                w,
+                existing(&w.path, w.contents.len())?.as_ref(),
+            ))
+        })
         .collect()
 }
 
@@ -217,7 +237,7 @@ fn prepare(writes: &[FileWrite]) -> Result<Vec<Staged<'_>>, OutputError> {
     // removed as `staged` drops.
     let mut staged = Vec::with_capacity(writes.len());
     for w in writes {
-        let before = existing(&w.path)?;
+        let before = existing(&w.path, w.contents.len())?;
         let status = status_against(w, before.as_ref());
         // Same content with another mode or owner is written anew too:
         // fixing the file in place would act on its path after the look
@@ -630,7 +650,10 @@ mod tests {
             write(&created, "c"),
             write(&last, "l"),
         ];
-        let before: Vec<_> = writes.iter().map(|w| existing(&w.path).unwrap()).collect();
+        let before: Vec<_> = writes
+            .iter()
+            .map(|w| existing(&w.path, w.contents.len()).unwrap())
+            .collect();
         let mut staged = Vec::new();
         for (w, b) in writes.iter().zip(before) {
             let status = status_against(w, b.as_ref());
@@ -661,7 +684,7 @@ mod tests {
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&target, &link).unwrap();
         let w = write(&link, "new");
-        let before = existing(&link).unwrap();
+        let before = existing(&link, 0).unwrap();
         let status = status_against(&w, before.as_ref());
         let mut staged = Staged {
             write: &w,
@@ -686,6 +709,20 @@ mod tests {
         assert_eq!(commit(&[write(&link, "new")]).unwrap(), [Status::Updated]);
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
         assert!(std::fs::symlink_metadata(&link).unwrap().is_file());
+    }
+
+    #[test]
+    fn a_huge_sparse_destination_is_replaced_unread() {
+        // A terabyte of holes planted where an output goes: allocating for
+        // it whole aborted the process.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 40)
+            .unwrap();
+        assert_eq!(commit(&[write(&path, "new")]).unwrap(), [Status::Updated]);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new");
     }
 
     #[test]

@@ -480,7 +480,7 @@ async fn supervise(
             tokio::select! {
                 _ = chld.recv() => None,
                 sig = signals.recv() => sig,
-                _ = sleep_until_opt(kill_at) => {
+                _ = watch::sleep_until_opt(kill_at) => {
                     tracing::warn!(grace = ?run.grace, "{} did not stop in time; killing its process group", run.argv[0]);
                     let _ = killpg(pid, Signal::SIGKILL);
                     kill_at = None;
@@ -721,13 +721,6 @@ async fn refresh(
                 let _ = killpg(pid, run.stop_signal);
             }
         }
-    }
-}
-
-async fn sleep_until_opt(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -964,8 +964,7 @@ async fn run_action(action: &Action, keep_env: &[String]) -> Result<(), String> 
         Action::Signal { signal, target } => {
             let pids = match target {
                 Target::PidFile(path) => {
-                    let text = std::fs::read_to_string(path)
-                        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                    let text = read_pid_file(path)?;
                     vec![pid_of(&text).map_err(|e| format!("{}: {e}", path.display()))?]
                 }
                 Target::ProcessName(name) => {
@@ -1003,11 +1002,14 @@ async fn run_action(action: &Action, keep_env: &[String]) -> Result<(), String> 
                 .kill_on_drop(true)
                 .spawn()
                 .map_err(|e| format!("cannot start {program}: {e}"))?;
-            let mut group = KillGroup(child);
-            let finished = tokio::time::timeout(*timeout, group.0.wait()).await;
+            let mut group = KillGroup(Some(child));
+            let finished = match group.0.as_mut() {
+                Some(child) => tokio::time::timeout(*timeout, child.wait()).await,
+                None => unreachable!("set just above"),
+            };
             if finished.is_ok() {
                 // It ended by itself: what it started on purpose may stay.
-                std::mem::forget(group);
+                group.0 = None;
             }
             match finished {
                 Ok(Ok(status)) if status.success() => Ok(()),
@@ -1060,13 +1062,34 @@ pub(crate) fn pid_of(text: &str) -> Result<i32, String> {
     Ok(pid)
 }
 
+/// A pid file's first bytes. The app may have written it, or put a FIFO,
+/// a symlink to `/dev/zero` or a huge file in its place: it is opened
+/// without following a symlink or blocking, must be a regular file, and at
+/// most 32 bytes are read.
+fn read_pid_file(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let cannot = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+        .map_err(cannot)?;
+    if !file.metadata().map_err(cannot)?.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    let mut text = String::new();
+    file.take(32).read_to_string(&mut text).map_err(cannot)?;
+    Ok(text)
+}
+
 /// A reload command whose whole process group is killed when this is
 /// dropped before the command ended.
-struct KillGroup(tokio::process::Child);
+struct KillGroup(Option<tokio::process::Child>);
 
 impl Drop for KillGroup {
     fn drop(&mut self) {
-        if let Some(pid) = self.0.id() {
+        if let Some(pid) = self.0.as_ref().and_then(|c| c.id()) {
             let _ = nix::sys::signal::killpg(
                 nix::unistd::Pid::from_raw(pid as i32),
                 nix::sys::signal::Signal::SIGKILL,
@@ -1167,6 +1190,32 @@ pub(crate) async fn serve(addr: SocketAddr, health: Arc<Health>) -> Result<(), E
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pid_files_are_read_safely() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        // A FIFO planted as the pid file: reading it by name blocked the
+        // watch for good.
+        assert!(
+            read_pid_file(&fifo)
+                .unwrap_err()
+                .contains("not a regular file")
+        );
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+        assert!(read_pid_file(&link).is_err());
+        let big = dir.path().join("big");
+        std::fs::write(&big, format!("42{}", " ".repeat(100_000))).unwrap();
+        assert_eq!(read_pid_file(&big).unwrap().len(), 32);
+    }
 
     #[test]
     fn readiness_follows_the_first_render_and_failures() {
