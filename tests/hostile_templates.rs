@@ -117,6 +117,14 @@ fn deep_nesting_is_an_input_error_not_a_stack_overflow() {
             "the limit is 100",
         ],
     );
+    // Handlebars allows space between `{{` and `#`, `/` or `else`.
+    let text = format!(
+        "{}x\n{}",
+        "{{ #if true}}\n{{~ #if true}}\n".repeat(n / 2),
+        "{{ /if}}\n{{~ /if}}\n".repeat(n / 2)
+    );
+    d.write("t.hbs", &text);
+    input_error(&d, &[], &["t.hbs:101:1", "the limit is 100"]);
     // Subexpressions nest too.
     let text = format!(
         "{{{{concat {}\"x\"{}}}}}",

@@ -225,6 +225,11 @@ pub fn scan(text: &str, max_depth: usize, piece: usize) -> Scan {
             j += 1;
         }
         let triple = lx.b.get(j) == Some(&b'{');
+        // Handlebars allows space between `{{` (or `{{~`) and `#`, `/`,
+        // `^` or `else`: `{{ #if x}}` opens a block all the same.
+        while lx.b.get(j).is_some_and(u8::is_ascii_whitespace) {
+            j += 1;
+        }
         let tag = match lx.b.get(j).copied() {
             Some(b'#') => Tag::Open,
             Some(b'/') => Tag::Close,
