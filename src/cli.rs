@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{LogFormat, LogLevel};
+use crate::telemetry::{LogFormat, LogLevel};
 
+/// The whole command line: global flags, then a subcommand.
 #[derive(Debug, Parser)]
 #[command(
     name = "envrender",
@@ -45,6 +46,7 @@ pub struct Cli {
     )]
     pub log_format: Option<LogFormat>,
 
+    /// What to do; `None` with a command after `--` is `run`.
     #[command(subcommand)]
     pub command: Option<Command>,
 
@@ -53,6 +55,7 @@ pub struct Cli {
     pub exec: Vec<String>,
 }
 
+/// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Print one resolved value on stdout (a map or list as JSON).
@@ -97,6 +100,8 @@ pub enum Command {
     ///
     /// Example: envrender copy /envrender-bin/
     Copy {
+        /// The file to write, or a directory (or a path ending in /) to put
+        /// envrender in.
         #[arg(value_name = "DEST")]
         dest: PathBuf,
     },
@@ -117,8 +122,10 @@ pub enum Command {
     },
 }
 
+/// The flags of `run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// --template and --output-root.
     #[command(flatten)]
     pub outputs: OutputArgs,
 
@@ -188,8 +195,10 @@ pub struct RunArgs {
     pub command: Vec<String>,
 }
 
+/// The flags of `watch`.
 #[derive(Debug, Args)]
 pub struct WatchArgs {
+    /// The flags of `render`.
     #[command(flatten)]
     pub render: RenderArgs,
 
@@ -241,6 +250,8 @@ pub struct WatchArgs {
     pub listen: Option<std::net::SocketAddr>,
 }
 
+/// The flags that add or move outputs: of `render`, `check`, `watch` and
+/// `run`.
 #[derive(Debug, Args)]
 pub struct OutputArgs {
     /// A template to render, in addition to the configuration's [[template]]s.
@@ -256,8 +267,10 @@ pub struct OutputArgs {
     pub output_root: Option<PathBuf>,
 }
 
+/// The flags of `render` (and of `watch`).
 #[derive(Debug, Args)]
 pub struct RenderArgs {
+    /// --template and --output-root.
     #[command(flatten)]
     pub outputs: OutputArgs,
 
@@ -272,7 +285,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_signal(s: &str) -> Result<nix::sys::signal::Signal, String> {
-    crate::watch::parse_signal(s)
+    crate::action::parse_signal(s)
 }
 
 /// `MIN[:MAX]`; MAX defaults to four times MIN.

@@ -8,64 +8,24 @@
 //! Flags and `ENVRENDER_*` variables are layered on top by the caller.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::action::{self, Action};
+use crate::backend::aws::AwsConfig;
 use crate::backend::consul::ConsulConfig;
 use crate::backend::vault::{AuthConfig, RoleId, VaultConfig};
-use crate::reference::{self, Reference, is_env_name};
+use crate::engine::{EnvFileOutput, EnvValue, TemplateOutput};
+use crate::output::{DEFAULT_MODE, EnvFormat, Owner};
+use crate::problem::ConfigError;
+use crate::reference::{self, is_env_name};
+use crate::telemetry::{LogFormat, LogLevel};
 
 /// The name looked for in the working directory when `--config` is not given.
 pub const DEFAULT_FILE: &str = "envrender.toml";
-
-/// A configuration problem, with where it is and how to fix it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConfigError {
-    /// The file, or the flag or variable the value came from.
-    pub origin: String,
-    pub line: Option<usize>,
-    pub column: Option<usize>,
-    pub message: String,
-    pub hint: Option<String>,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.origin)?;
-        if let Some(l) = self.line {
-            write!(f, ":{l}")?;
-            if let Some(c) = self.column {
-                write!(f, ":{c}")?;
-            }
-        }
-        write!(f, ": {}", self.message)?;
-        if let Some(h) = &self.hint {
-            write!(f, "\n    hint: {h}")?;
-        }
-        Ok(())
-    }
-}
-
-impl ConfigError {
-    pub fn new(origin: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError {
-            origin: origin.into(),
-            line: None,
-            column: None,
-            message: message.into(),
-            hint: None,
-        }
-    }
-
-    pub fn hint(mut self, hint: impl Into<String>) -> Self {
-        self.hint = Some(hint.into());
-        self
-    }
-}
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -217,111 +177,38 @@ struct RawEnvFile {
     owner: Option<Spanned<String>>,
 }
 
-/// The default mode of every file envrender writes: they hold secrets.
-pub const DEFAULT_MODE: u32 = 0o600;
-
-/// Who owns a written file. `None` leaves that id as the process's.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Owner {
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TemplateOutput {
-    pub source: PathBuf,
-    pub destination: PathBuf,
-    pub mode: u32,
-    pub owner: Option<Owner>,
-    /// Actions after this output changed (watch mode).
-    pub on_change: Vec<crate::watch::Action>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum EnvFormat {
-    /// `NAME='value'` lines, quoted so dotenv parsers read the value back exactly.
-    Dotenv,
-    /// One JSON object of names to values.
-    Json,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EnvFileOutput {
-    pub destination: PathBuf,
-    pub format: EnvFormat,
-    pub mode: u32,
-    pub owner: Option<Owner>,
-}
-
-/// The value of an environment variable envrender produces.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum EnvValue {
-    Reference(Reference),
-    /// Text that is not a reference, passed through as it is.
-    Literal(String),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogLevel {
-    Error,
-    Warn,
-    Info,
-    Debug,
-    Trace,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-/// Settings of the AWS backends (`ssm:`, `sm:`, `kms:`).
-#[derive(Clone, Debug, PartialEq)]
-pub struct AwsConfig {
-    /// The region for references that do not name one (ARNs do); otherwise
-    /// the SDK's chain: `AWS_REGION`, the profile, IMDS.
-    pub region: Option<String>,
-    /// Requests per second per service and region. SSM's default quota is
-    /// 40 per second for the whole account and region, shared by every
-    /// instance, so one instance stays well below it.
-    pub rate_limit: f64,
-    /// Wait a random time up to this long before the first request, so a
-    /// fleet that starts together does not call in step.
-    pub startup_jitter: Duration,
-    /// How often watch mode looks for new versions.
-    pub poll_interval: Duration,
-}
-
-impl Default for AwsConfig {
-    fn default() -> Self {
-        AwsConfig {
-            region: None,
-            rate_limit: 10.0,
-            startup_jitter: Duration::ZERO,
-            poll_interval: Duration::from_secs(60),
-        }
-    }
-}
-
 /// A validated configuration file.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Config {
+    /// The file it was read from; `None` when parsed from text, or for the
+    /// defaults when there is no file.
     pub file: Option<PathBuf>,
+    /// `render.timeout`: how long transient failures are retried;
+    /// `--timeout` (`ENVRENDER_TIMEOUT`) wins over it, 30s when unset.
     pub timeout: Option<Duration>,
     /// The most one template may render to (`render.max_output`).
     pub max_output: Option<usize>,
+    /// `log.level`; `--log-level` (`ENVRENDER_LOG_LEVEL`) wins over it,
+    /// `info` when unset.
     pub log_level: Option<LogLevel>,
+    /// `log.format`; `--log-format` (`ENVRENDER_LOG_FORMAT`) wins over it,
+    /// `text` when unset.
     pub log_format: Option<LogFormat>,
     /// A local values file answering references before any backend.
     pub local_values: Option<PathBuf>,
     /// Send network references missing from the values file to their backends.
     pub local_fallthrough: bool,
+    /// `[aws]`.
     pub aws: AwsConfig,
+    /// `[consul]`.
     pub consul: ConsulConfig,
+    /// `[vault]`.
     pub vault: VaultConfig,
+    /// `[[template]]`s, in file order; `--template` flags add to them.
     pub templates: Vec<TemplateOutput>,
+    /// `[env]`: each variable's name and value, references parsed.
     pub env: Vec<(String, EnvValue)>,
+    /// `[[env_file]]`s, in file order.
     pub env_files: Vec<EnvFileOutput>,
 }
 
@@ -530,12 +417,11 @@ impl Validator<'_> {
         }
     }
 
-    fn on_change(&mut self, at: &Spanned<RawOnChange>) -> Vec<crate::watch::Action> {
-        use crate::watch::{self, Action};
+    fn on_change(&mut self, at: &Spanned<RawOnChange>) -> Vec<Action> {
         let raw = at.get_ref();
         let mut actions = Vec::new();
         let signal = raw.signal.as_ref().and_then(|s| {
-            watch::parse_signal(s.get_ref())
+            action::parse_signal(s.get_ref())
                 .map_err(|e| self.error(s, format!("template.on_change.signal: {e}"), ""))
                 .ok()
         });
@@ -546,7 +432,7 @@ impl Validator<'_> {
             .map(|p| self.path(p, "template.on_change.pid_file"));
         // A signal that did not parse is reported once, above.
         let signal_given = raw.signal.is_some();
-        match watch::signal_action(signal, pid_file, text(&raw.process_name)) {
+        match action::signal_action(signal, pid_file, text(&raw.process_name)) {
             Ok(Some(a)) => actions.push(a),
             Ok(None) => {}
             Err(_) if signal_given && signal.is_none() => {}
@@ -558,7 +444,7 @@ impl Validator<'_> {
         }
         let timeout = self
             .duration(raw.timeout.as_ref(), "template.on_change.timeout")
-            .unwrap_or(watch::DEFAULT_EXEC_TIMEOUT);
+            .unwrap_or(action::DEFAULT_EXEC_TIMEOUT);
         if let Some(exec) = &raw.exec {
             let argv = match exec.get_ref() {
                 RawCommand::Line(line) => shlex::split(line),
@@ -575,7 +461,7 @@ impl Validator<'_> {
             }
         }
         if let Some(url) = &raw.http {
-            match watch::http_action(url.get_ref()) {
+            match action::http_action(url.get_ref()) {
                 Ok(a) => actions.push(a),
                 Err(e) => self.error(url, format!("template.on_change.http: {e}"), ""),
             }
@@ -903,6 +789,9 @@ pub fn env_value(s: &str) -> Result<EnvValue, reference::ParseError> {
     }
 }
 
+/// A duration as humantime writes it ("30s", "2m", "1m30s"), surrounding
+/// blanks ignored; the error quotes `s`. For the configuration and the
+/// flags alike.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| format!("\"{s}\" is not a duration ({e})"))
 }

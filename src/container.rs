@@ -57,7 +57,7 @@ pub fn probe_url(target: &str) -> Result<String, Error> {
         return Ok(target.to_string());
     }
     let usage = |message: String| {
-        Error::Config(vec![crate::config::ConfigError::new("envrender probe", message).hint(
+        Error::Config(vec![crate::problem::ConfigError::new("envrender probe", message).hint(
             "give the --listen address (127.0.0.1:9102, :9102) or a URL (http://127.0.0.1:9102/readyz)",
         )])
     };

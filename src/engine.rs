@@ -14,9 +14,11 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::config::{ConfigError, EnvFileOutput, EnvValue, TemplateOutput};
+use crate::action::Action;
 use crate::error::Error;
 use crate::output::{self, FileWrite};
+use crate::output::{EnvFormat, Owner};
+use crate::problem::ConfigError;
 use crate::reference::Reference;
 use crate::resolve::{Failure, FetchResults, Resolver};
 use crate::secret::Secret;
@@ -26,19 +28,62 @@ use crate::template::{TemplateError, Templates};
 /// because a template computes references from fetched data.
 pub const MAX_ROUNDS: usize = 5;
 
+/// A template and where it is rendered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TemplateOutput {
+    /// The template file.
+    pub source: PathBuf,
+    /// Where it is rendered to.
+    pub destination: PathBuf,
+    /// The mode of the written file.
+    pub mode: u32,
+    /// Who owns the written file, if not the process.
+    pub owner: Option<Owner>,
+    /// Actions after this output changed (watch mode).
+    pub on_change: Vec<Action>,
+}
+
+/// An env file of the `[env]` values.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnvFileOutput {
+    /// Where the file is written.
+    pub destination: PathBuf,
+    /// dotenv or JSON.
+    pub format: EnvFormat,
+    /// The mode of the written file.
+    pub mode: u32,
+    /// Who owns the written file, if not the process.
+    pub owner: Option<Owner>,
+}
+
+/// The value of an environment variable envrender produces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EnvValue {
+    /// A value to resolve.
+    Reference(Reference),
+    /// Text that is not a reference, passed through as it is.
+    Literal(String),
+}
+
 /// Everything a run does, validated.
 #[derive(Clone, Debug)]
 pub struct Settings {
+    /// The templates and where each is rendered.
     pub templates: Vec<TemplateOutput>,
+    /// The `[env]` variables: for env files, and `run`'s command.
     pub env: Vec<(String, EnvValue)>,
+    /// The env files written from `env`.
     pub env_files: Vec<EnvFileOutput>,
     /// Write every destination under this directory instead of `/`.
     pub output_root: Option<PathBuf>,
+    /// How long fetching may retry transient failures (`--timeout`).
     pub timeout: Duration,
     /// Limits on what templates may do (`render.max_output`).
     pub limits: crate::template::Limits,
 }
 
+/// What a run will do, checked: the templates compiled, the destinations
+/// told apart. Built before any network call.
 pub struct Plan {
     templates: Templates,
     template_outputs: Vec<TemplateOutput>,
@@ -49,10 +94,13 @@ pub struct Plan {
 
 /// The values of a run, and what could not be had.
 pub struct Resolution {
+    /// Each reference's value (its field selected, its default applied).
     pub values: Arc<HashMap<Reference, Secret>>,
+    /// What each source's fetch gave, kept between renders in watch mode.
     pub fetched: FetchResults,
     /// Every reference asked for, with who asked (a template, `env NAME`).
     pub users: BTreeMap<Reference, BTreeSet<String>>,
+    /// The references that could not be resolved, and why.
     pub failures: Vec<Failure>,
     /// Template errors that appeared once data was known.
     pub render_errors: Vec<TemplateError>,
@@ -81,6 +129,8 @@ impl Resolution {
 }
 
 impl Plan {
+    /// Reads and compiles every template and checks every destination;
+    /// every problem found is in the error.
     pub fn new(settings: &Settings) -> Result<Plan, Error> {
         let mut sources: Vec<(String, String)> = Vec::new();
         let mut errors = Vec::new();
@@ -314,8 +364,8 @@ impl Plan {
                 mode: f.mode,
                 owner: f.owner,
                 origin: match f.format {
-                    crate::config::EnvFormat::Dotenv => "env file (dotenv)",
-                    crate::config::EnvFormat::Json => "env file (json)",
+                    EnvFormat::Dotenv => "env file (dotenv)",
+                    EnvFormat::Json => "env file (json)",
                 }
                 .to_string(),
             });

@@ -6,9 +6,15 @@
 //! of mutating the real process environment, which is racy across threads.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 
+/// Where variables are read from.
 pub trait Environment: Send + Sync {
+    /// The variable's value, if it is set (and UTF-8).
     fn var(&self, name: &str) -> Option<String>;
+
+    /// Every variable, as the process has them (`run` hands them on).
+    fn vars_os(&self) -> Vec<(OsString, OsString)>;
 }
 
 /// The real process environment. Variables that are not valid UTF-8 are
@@ -20,6 +26,10 @@ impl Environment for ProcessEnv {
     fn var(&self, name: &str) -> Option<String> {
         std::env::var(name).ok()
     }
+
+    fn vars_os(&self) -> Vec<(OsString, OsString)> {
+        std::env::vars_os().collect()
+    }
 }
 
 /// A fixed set of variables.
@@ -27,6 +37,7 @@ impl Environment for ProcessEnv {
 pub struct MapEnv(pub BTreeMap<String, String>);
 
 impl MapEnv {
+    /// The variables given.
     pub fn new<K: Into<String>, V: Into<String>>(pairs: impl IntoIterator<Item = (K, V)>) -> Self {
         MapEnv(
             pairs
@@ -40,6 +51,10 @@ impl MapEnv {
 impl Environment for MapEnv {
     fn var(&self, name: &str) -> Option<String> {
         self.0.get(name).cloned()
+    }
+
+    fn vars_os(&self) -> Vec<(OsString, OsString)> {
+        self.0.iter().map(|(k, v)| (k.into(), v.into())).collect()
     }
 }
 

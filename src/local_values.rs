@@ -24,12 +24,14 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use crate::backend::{ErrorKind, FetchError, Fetched};
-use crate::config::ConfigError;
+use crate::problem::ConfigError;
 use crate::reference::{self, Source};
 use crate::secret::Secret;
 
+/// A values file, loaded: its values by source.
 #[derive(Debug)]
 pub struct LocalValues {
+    /// The file, as given; named in errors.
     pub path: PathBuf,
     /// Ask the backends for network sources the file does not have.
     pub fallthrough: bool,
@@ -72,6 +74,7 @@ impl LocalValues {
         })
     }
 
+    /// How many sources the file answers (its keys).
     pub fn count(&self) -> usize {
         self.values.len()
     }

@@ -22,9 +22,8 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(envrender::app::run(cli, Arc::new(ProcessEnv))) {
-        Ok(()) => ExitCode::SUCCESS,
         // `run`: the app's own code; it has said what it had to say.
-        Err(envrender::error::Error::Exit(code)) => ExitCode::from(code),
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(e.exit_code())

@@ -19,14 +19,37 @@ use std::io::Write as _;
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
-use crate::config::{EnvFormat, Owner};
+/// The default mode of every file envrender writes: they hold secrets.
+pub const DEFAULT_MODE: u32 = 0o600;
+
+/// Who owns a written file. `None` leaves that id as the process's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// The user id, or the process's.
+    pub uid: Option<u32>,
+    /// The group id, or the process's.
+    pub gid: Option<u32>,
+}
+
+/// How an env file is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EnvFormat {
+    /// `NAME='value'` lines, quoted so dotenv parsers read the value back exactly.
+    Dotenv,
+    /// One JSON object of names to values.
+    Json,
+}
 
 /// One file to write. Its contents are secret and never printed.
 #[derive(Clone, PartialEq, Eq)]
 pub struct FileWrite {
+    /// The destination.
     pub path: PathBuf,
+    /// The bytes to write: secret.
     pub contents: Vec<u8>,
+    /// Permission bits, e.g. `0o640` (default [`DEFAULT_MODE`]).
     pub mode: u32,
+    /// Who should own it; `None`: the process's user and group.
     pub owner: Option<Owner>,
     /// What produced it, for messages: a template path or "env file".
     pub origin: String,
@@ -43,13 +66,18 @@ impl fmt::Debug for FileWrite {
     }
 }
 
+/// What a commit did (or a preview would do) to one file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {
+    /// Nothing was at the destination.
     Created,
+    /// New content, or a symlink or special file replaced by a regular
+    /// file.
     Updated,
     /// Same content, but another mode or owner: replaced by a new file
     /// that has them, as for new content.
     Attributes,
+    /// Content, mode and owner already right: the file is not touched.
     Unchanged,
 }
 
@@ -64,11 +92,16 @@ impl fmt::Display for Status {
     }
 }
 
+/// A failure to write one output, and what became of the others.
 #[derive(Debug, thiserror::Error)]
 #[error("{path}: cannot {action}: {source}; {outcome}")]
 pub struct OutputError {
+    /// The destination it concerns.
     pub path: PathBuf,
+    /// What could not be done, after "cannot": `set the owner`,
+    /// `read the destination`…
     pub action: &'static str,
+    /// The operating system's error.
     #[source]
     pub source: std::io::Error,
     /// What became of the run's other outputs.

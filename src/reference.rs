@@ -30,18 +30,26 @@ use std::fmt;
 /// The backends a reference can name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Scheme {
+    /// Consul KV (`consul:app/prod/db_host`).
     Consul,
+    /// HashiCorp Vault or OpenBao (`vault:secret/app#password`).
     Vault,
+    /// SSM Parameter Store (`ssm:/app/prod/db/password`, or an SSM ARN).
     Ssm,
+    /// AWS Secrets Manager (`sm:prod/db`, or a Secrets Manager ARN).
     SecretsManager,
+    /// A base64 ciphertext decrypted by AWS KMS (`kms:AQICAH…`).
     Kms,
+    /// A local file or directory (`file:./values.yaml`).
     File,
+    /// An environment variable (`env:DB_PASSWORD`).
     Env,
     /// A Consul service's healthy instances (`service:web?tag=primary`).
     Service,
 }
 
 impl Scheme {
+    /// Every scheme, in the order they are listed in messages.
     pub const ALL: [Scheme; 8] = [
         Scheme::Consul,
         Scheme::Vault,
@@ -67,6 +75,7 @@ impl Scheme {
         }
     }
 
+    /// The scheme written as `s` before the colon; `None` for an unknown one.
     pub fn from_prefix(s: &str) -> Option<Scheme> {
         Scheme::ALL.into_iter().find(|scheme| scheme.prefix() == s)
     }
@@ -111,8 +120,11 @@ pub enum Form {
     Scheme,
     /// An AWS ARN (`arn:PARTITION:ssm:…` or `arn:PARTITION:secretsmanager:…`).
     Arn {
+        /// `aws`, `aws-cn`, `aws-us-gov`…
         partition: String,
+        /// The region the request goes to, whatever the default region.
         region: String,
+        /// The account id, as written.
         account: String,
     },
 }
@@ -120,13 +132,19 @@ pub enum Form {
 /// What has to be fetched: the unit of de-duplication, batching and caching.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Source {
+    /// The backend that serves it.
     pub scheme: Scheme,
     /// Key, path, parameter name, secret id, ciphertext, file path or variable
     /// name. For an SSM ARN this is the whole ARN (the API accepts it as a
     /// name); for a Secrets Manager ARN it is the ARN up to the secret name.
     pub path: String,
+    /// `@VERSION`: an SSM version or label, a Secrets Manager stage or
+    /// version id, a Vault KV v2 version; `None`: the current one.
     pub version: Option<String>,
+    /// `?NAME=VALUE` parameters, by name (Consul `dc`, `service:` filters,
+    /// KMS key and context, the body of a Vault write).
     pub params: BTreeMap<String, String>,
+    /// How it was written, to print it back the same way.
     pub form: Form,
 }
 
@@ -175,7 +193,9 @@ impl fmt::Display for Field {
 /// A parsed reference.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Reference {
+    /// What to fetch.
     pub source: Source,
+    /// `#FIELD`: what to select inside the fetched value; `None`: all of it.
     pub field: Option<Field>,
     /// A missing value is not an error: it renders as an empty string (or an
     /// empty map for a prefix).
@@ -194,10 +214,14 @@ impl Reference {
 /// A syntax error, pointing at the offending character.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParseError {
+    /// The reference as shown under the message: control characters
+    /// replaced, an over-long one cut short.
     pub input: String,
     /// Character offset (not byte offset) of the offending character.
     pub at: usize,
+    /// What is wrong, in a few words.
     pub message: String,
+    /// How to write it instead, when there is a likely fix.
     pub hint: Option<String>,
 }
 

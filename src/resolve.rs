@@ -17,37 +17,15 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::backend::{Backends, ErrorKind, FetchError, Fetched};
+use crate::backoff::Backoff;
 use crate::local_values::LocalValues;
 use crate::reference::{Field, Reference, Scheme, Source};
 use crate::secret::Secret;
 
-/// Backoff between retries of transient failures.
-#[derive(Clone, Copy, Debug)]
-pub struct Backoff {
-    pub first: Duration,
-    pub max: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff {
-            first: Duration::from_millis(200),
-            max: Duration::from_secs(5),
-        }
-    }
-}
-
-impl Backoff {
-    /// The delay before retry number `attempt` (0-based): exponential, capped,
-    /// with jitter so a fleet does not retry in step.
-    pub fn delay(&self, attempt: u32) -> Duration {
-        let base = self
-            .first
-            .saturating_mul(1u32 << attempt.min(16))
-            .min(self.max);
-        base.mul_f64(0.5 + fastrand::f64() / 2.0)
-    }
-}
+/// Between retries of transient failures: 200 ms doubling to 5 s, each in
+/// the second half of its step.
+pub const RETRY: Backoff =
+    Backoff::new(Duration::from_millis(200), Duration::from_secs(5)).jitter(0.5, 1.0);
 
 /// How long one attempt may take: a third of the time left, at least 5 s
 /// (and never past the deadline), so an answer that never comes still
@@ -65,12 +43,17 @@ fn attempt_cutoff(now: Instant, deadline: Instant) -> (Instant, Duration) {
 /// A reference that could not be resolved.
 #[derive(Clone, Debug)]
 pub struct Failure {
+    /// The reference as parsed.
     pub reference: Reference,
+    /// Why: its source's fetch error, or why its `#field` cannot be selected.
     pub error: FetchError,
 }
 
+/// The outcome of each distinct source fetched, by source.
 pub type FetchResults = HashMap<Source, Result<Fetched, FetchError>>;
 
+/// Resolves references through a run's backends, retrying transient
+/// failures, optionally answering from a local values file first.
 #[derive(Clone)]
 pub struct Resolver {
     backends: Backends,
@@ -79,10 +62,12 @@ pub struct Resolver {
 }
 
 impl Resolver {
+    /// A resolver on `backends`, with the default retry backoff
+    /// ([`RETRY`]) and no local values file.
     pub fn new(backends: Backends) -> Self {
         Resolver {
             backends,
-            backoff: Backoff::default(),
+            backoff: RETRY,
             local: None,
         }
     }
@@ -109,6 +94,7 @@ impl Resolver {
         })
     }
 
+    /// The backends it fetches from.
     pub fn backends(&self) -> &Backends {
         &self.backends
     }
@@ -613,7 +599,7 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        let b = Backoff::default();
+        let b = RETRY;
         assert!(b.delay(0) <= Duration::from_millis(200));
         assert!(b.delay(0) >= Duration::from_millis(100));
         assert!(b.delay(20) <= Duration::from_secs(5));

@@ -15,18 +15,22 @@ use serde_json::Value;
 pub struct Secret(Value);
 
 impl Secret {
+    /// Wraps a value.
     pub fn new(value: Value) -> Self {
         Secret(value)
     }
 
+    /// A string value.
     pub fn string(s: impl Into<String>) -> Self {
         Secret(Value::String(s.into()))
     }
 
+    /// The value itself: the caller answers for where it goes.
     pub fn expose(&self) -> &Value {
         &self.0
     }
 
+    /// The value itself, unwrapped: the caller answers for where it goes.
     pub fn into_exposed(self) -> Value {
         self.0
     }
@@ -61,6 +65,8 @@ pub fn describe(v: &Value) -> String {
     }
 }
 
+/// A value as text: strings as they are, numbers and booleans printed,
+/// maps and lists as compact JSON, null as the empty string.
 pub fn to_text(v: &Value) -> String {
     match v {
         Value::Null => String::new(),

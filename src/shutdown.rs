@@ -17,8 +17,8 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::config::ConfigError;
 use crate::error::Error;
+use crate::problem::ConfigError;
 
 /// SIGTERM and SIGINT, listened for.
 pub struct Stop {
@@ -30,14 +30,16 @@ pub struct Stop {
 /// default action.
 pub fn listen(kind: SignalKind) -> Result<tokio::signal::unix::Signal, Error> {
     signal(kind).map_err(|e| {
-        Error::Config(vec![ConfigError::new(
+        Error::Setup(ConfigError::new(
             "envrender",
             format!("cannot handle signals: {e}"),
-        )])
+        ))
     })
 }
 
 impl Stop {
+    /// Starts listening for SIGTERM and SIGINT; from then on neither ends
+    /// the process by itself.
     pub fn listen() -> Result<Stop, Error> {
         Ok(Stop {
             term: listen(SignalKind::terminate())?,

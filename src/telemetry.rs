@@ -12,8 +12,33 @@ use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
-use crate::config::{LogFormat, LogLevel};
+/// How much is logged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogLevel {
+    /// Failures only.
+    Error,
+    /// Failures and what may become one.
+    Warn,
+    /// What was written and done (the default).
+    Info,
+    /// What was fetched and why.
+    Debug,
+    /// Everything, with the libraries' own lines.
+    Trace,
+}
 
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Lines for people (the default).
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Sends logs to stderr: envrender's events at `level`, other crates' at
+/// `warn`; text is coloured only on a terminal. Once per process: later
+/// calls change nothing.
 pub fn init(level: LogLevel, format: LogFormat) {
     let level = match level {
         LogLevel::Error => LevelFilter::ERROR,

@@ -40,9 +40,13 @@ use crate::secret::Secret;
 /// A template error: which template, where, and what.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TemplateError {
+    /// The template's name: its source path as configured.
     pub template: String,
+    /// Where in it, from 1, when known.
     pub line: Option<usize>,
+    /// The column on that line, from 1, when known.
     pub column: Option<usize>,
+    /// What is wrong.
     pub message: String,
 }
 
@@ -142,6 +146,8 @@ pub struct Discovery {
     pub errors: Vec<TemplateError>,
 }
 
+/// Every template of a run, compiled into one registry with envrender's
+/// helpers, rendered in discovery passes and then for real.
 pub struct Templates {
     registry: Handlebars<'static>,
     state: Arc<Mutex<State>>,

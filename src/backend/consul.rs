@@ -13,7 +13,7 @@
 //! against the leader when that server's last contact with it is older than
 //! the bound.
 //!
-//! Watches ([`Backend::observe`]) use blocking queries, shared: under the
+//! Watches ([`Watching::observe`]) use blocking queries, shared: under the
 //! default policy every key is watched through the recursive query of its
 //! parent prefix, and prefixes inside another watched prefix are folded into
 //! it, so the number of long polls is the number of distinct prefixes, not
@@ -33,11 +33,18 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::{
-    Backend, BoxFuture, ErrorKind, FetchError, Fetched, Observation, PlannedCall, error_chain, http,
+    Backend, BoxFuture, ErrorKind, FetchError, Fetched, Observation, PlannedCall, Watching,
+    error_chain, http,
 };
+use crate::backoff::Backoff;
 use crate::environment::Environment;
 use crate::reference::{Scheme, Source};
 use crate::secret::Secret;
+
+/// Between blocking queries after errors: 500 ms doubling to 30 s, each in
+/// the second half of its step.
+const WATCH_BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(500), Duration::from_secs(30)).jitter(0.5, 1.0);
 
 /// How reads and watches group keys into requests (recursive reads and
 /// blocking queries).
@@ -54,19 +61,30 @@ pub enum WatchPolicy {
 /// Settings from `[consul]`; unset ones come from the standard variables.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ConsulConfig {
+    /// The agent, `host:port` or a URL; `None`: `CONSUL_HTTP_ADDR`, else
+    /// `127.0.0.1:8500`.
     pub address: Option<String>,
+    /// The ACL token; wins over `token_file`. `None` with no `token_file`:
+    /// `CONSUL_HTTP_TOKEN`, else `CONSUL_HTTP_TOKEN_FILE`, else anonymous.
     pub token: Option<String>,
+    /// A file holding the ACL token, read once when the backend is built.
     pub token_file: Option<PathBuf>,
+    /// The datacenter asked (`?dc=`) unless a reference names its own;
+    /// `None`: the agent's.
     pub datacenter: Option<String>,
+    /// A PEM CA bundle trusted besides the system's roots; `None`:
+    /// `CONSUL_CACERT`.
     pub ca_file: Option<PathBuf>,
     /// A client certificate and its key (PEM), for agents that verify
     /// incoming TLS connections (`verify_incoming`).
     pub client_cert: Option<PathBuf>,
+    /// The key of `client_cert` (PEM).
     pub client_key: Option<PathBuf>,
     /// Allow reads from any server when its data is at most this old.
     pub max_stale: Duration,
     /// How long one blocking query waits for a change.
     pub wait: Duration,
+    /// How keys are grouped into requests (default [`WatchPolicy::Prefix`]).
     pub watch: WatchPolicy,
     /// The largest answer read, in bytes; a larger one is an error.
     pub max_answer_size: u64,
@@ -908,20 +926,6 @@ impl Backend for Consul {
             .collect()
     }
 
-    fn watches(&self, sources: &[Source]) -> Vec<String> {
-        self.client
-            .watches_for(sources)
-            .into_iter()
-            .map(|(w, served)| {
-                format!(
-                    "blocking query: {w} ({} reference{})",
-                    served.len(),
-                    if served.len() == 1 { "" } else { "s" }
-                )
-            })
-            .collect()
-    }
-
     fn fetch<'a>(
         &'a self,
         sources: &'a [Source],
@@ -937,6 +941,26 @@ impl Backend for Consul {
             })
             .await
         })
+    }
+
+    fn watching(&self) -> Option<&dyn Watching> {
+        Some(self)
+    }
+}
+
+impl Watching for Consul {
+    fn watches(&self, sources: &[Source]) -> Vec<String> {
+        self.client
+            .watches_for(sources)
+            .into_iter()
+            .map(|(w, served)| {
+                format!(
+                    "blocking query: {w} ({} reference{})",
+                    served.len(),
+                    if served.len() == 1 { "" } else { "s" }
+                )
+            })
+            .collect()
     }
 
     fn blocks(&self) -> bool {
@@ -1061,10 +1085,7 @@ impl<'a> Pending<'a> {
         let served: Vec<Source> = served.iter().map(|&i| self.sources[i].clone()).collect();
         self.tasks.spawn(async move {
             if state.errors > 0 {
-                let backoff = Duration::from_millis(250)
-                    .saturating_mul(1 << state.errors.min(7))
-                    .min(Duration::from_secs(30))
-                    .mul_f64(0.5 + fastrand::f64() / 2.0);
+                let backoff = WATCH_BACKOFF.delay(state.errors - 1);
                 // A server that said when to come back is believed, within
                 // the clamp.
                 tokio::time::sleep(backoff.max(state.retry_after)).await;

@@ -25,6 +25,7 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(120);
 /// are the biggest answers envrender asks for (100,000 keys of ~100 bytes
 /// are about 25 MB of JSON); a Vault secret is rarely over a megabyte.
 pub const CONSUL_MAX_ANSWER: u64 = 64 << 20;
+/// The default for Vault (`[vault] max_answer_size`): 16 MiB.
 pub const VAULT_MAX_ANSWER: u64 = 16 << 20;
 
 /// A backend's answer, read within its limit: its `Retry-After` (on a 429

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
-use super::{Backend, BoxFuture, ErrorKind, FetchError, Fetched, PlannedCall};
+use super::{Backend, BoxFuture, ErrorKind, FetchError, Fetched, PlannedCall, Watching};
 use crate::environment::Environment;
 use crate::reference::Source;
 use crate::secret::Secret;
@@ -25,6 +25,7 @@ use crate::secret::Secret;
 /// Deepest directory level a `file:DIR/` read descends to.
 const MAX_DEPTH: usize = 16;
 
+/// `file:PATH` and `file:DIR/`.
 pub struct FileBackend;
 
 impl Backend for FileBackend {
@@ -67,6 +68,12 @@ impl Backend for FileBackend {
         })
     }
 
+    fn watching(&self) -> Option<&dyn Watching> {
+        Some(self)
+    }
+}
+
+impl Watching for FileBackend {
     fn poll_interval(&self) -> std::time::Duration {
         std::time::Duration::from_secs(2)
     }
@@ -136,14 +143,20 @@ async fn read_file(path: PathBuf) -> Result<Value, FetchError> {
 /// The kinds of document a values file can be, by extension.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
+    /// `.yaml`, `.yml`.
     Yaml,
+    /// `.json`.
     Json,
+    /// `.toml`.
     Toml,
+    /// `.env`, or a file named `.env`: a map of its variables.
     Dotenv,
+    /// Anything else: the file's text as one string.
     Text,
 }
 
 impl Format {
+    /// The format of `path`, by its extension (any case).
     pub fn of(path: &Path) -> Format {
         let name = path
             .file_name()
@@ -265,6 +278,7 @@ pub struct EnvBackend {
 }
 
 impl EnvBackend {
+    /// Reads variables from `env` (the process's, or a map in tests).
     pub fn new(env: Arc<dyn Environment>) -> Self {
         EnvBackend { env }
     }
@@ -273,11 +287,6 @@ impl EnvBackend {
 impl Backend for EnvBackend {
     fn name(&self) -> &'static str {
         "env"
-    }
-
-    /// Nothing to watch: the value cannot change while envrender runs.
-    fn watches(&self, _: &[Source]) -> Vec<String> {
-        Vec::new()
     }
 
     fn plan(&self, sources: &[Source]) -> Vec<PlannedCall> {
@@ -313,6 +322,17 @@ impl Backend for EnvBackend {
                 })
                 .collect()
         })
+    }
+
+    fn watching(&self) -> Option<&dyn Watching> {
+        Some(self)
+    }
+}
+
+impl Watching for EnvBackend {
+    /// Nothing to watch: the value cannot change while envrender runs.
+    fn watches(&self, _: &[Source]) -> Vec<String> {
+        Vec::new()
     }
 }
 

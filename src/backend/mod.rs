@@ -6,7 +6,7 @@
 //! concurrently; it answers one result per source, in order, so that one
 //! missing value never hides the others. [`Backend::plan`] describes the
 //! requests a fetch would make without making them (`envrender check`), and
-//! [`Backend::observe`] reports later changes (`envrender watch`).
+//! [`Watching::observe`] reports later changes (`envrender watch`).
 
 pub mod aws;
 pub mod consul;
@@ -26,11 +26,14 @@ use crate::environment::Environment;
 use crate::reference::{Scheme, Source};
 use crate::secret::Secret;
 
+/// A boxed, `Send` future: what [`Backend`]'s methods return, so that the
+/// trait stays object-safe.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A value as a backend returned it, with what is known about its version.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Fetched {
+    /// The value itself, never logged.
     pub value: Secret,
     /// The backend's own version (SSM version, Vault KV version, Consul
     /// modify index…), when it has one. Compared to detect changes.
@@ -40,6 +43,7 @@ pub struct Fetched {
 }
 
 impl Fetched {
+    /// A value with no version and no lease.
     pub fn new(value: Secret) -> Self {
         Fetched {
             value,
@@ -58,10 +62,15 @@ impl Fetched {
     }
 }
 
+/// A Vault lease on a fetched value.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lease {
+    /// Vault's lease id (`database/creds/app/…`).
     pub id: String,
+    /// The life left when the value was answered, at most Vault's default
+    /// max TTL (768h).
     pub duration: Duration,
+    /// Whether Vault allows the lease to be renewed.
     pub renewable: bool,
 }
 
@@ -81,20 +90,23 @@ pub enum ErrorKind {
     Transient,
     /// No backend serves this scheme.
     Unsupported,
+    /// No answer came before the run's deadline (`--timeout`): the time to
+    /// retry is up.
+    Deadline,
 }
 
 impl ErrorKind {
+    /// Whether asking again may help before the deadline.
     pub fn is_retryable(self) -> bool {
         self == ErrorKind::Transient
     }
 }
 
-const DEADLINE_MESSAGE: &str = "no answer before the deadline";
-
 /// A failure to fetch one source, with what a person needs to fix it. It never
 /// carries a value: messages are built from names, paths and statuses only.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FetchError {
+    /// The class of failure: decides whether it is retried or tolerated.
     pub kind: ErrorKind,
     /// `file`, `env`, `ssm`, `vault`, …
     pub backend: &'static str,
@@ -105,7 +117,9 @@ pub struct FetchError {
     pub resource: Option<String>,
     /// Who asked (AWS caller ARN, Vault token accessor and policies…).
     pub identity: Option<String>,
+    /// What went wrong, in a few words (`HTTP 403: permission denied`).
     pub message: String,
+    /// What to do about it, printed on a line of its own.
     pub hint: Option<String>,
     /// How long the server asked us to wait before asking again
     /// (`Retry-After` on a 429 or 503), already clamped to a sane range.
@@ -113,6 +127,8 @@ pub struct FetchError {
 }
 
 impl FetchError {
+    /// An error with no resource, identity, hint or `Retry-After`; the
+    /// builder methods below add them.
     pub fn new(
         kind: ErrorKind,
         backend: &'static str,
@@ -133,24 +149,33 @@ impl FetchError {
 
     /// The error of a call cut off by the run's deadline.
     pub fn deadline(backend: &'static str) -> Self {
-        FetchError::new(ErrorKind::Transient, backend, "fetch", DEADLINE_MESSAGE)
-            .hint("the backend is slow or unreachable; raise --timeout or check the network")
+        FetchError::new(
+            ErrorKind::Deadline,
+            backend,
+            "fetch",
+            "no answer before the deadline",
+        )
+        .hint("the backend is slow or unreachable; raise --timeout or check the network")
     }
 
+    /// Whether this is [`FetchError::deadline`]'s error.
     pub fn is_deadline(&self) -> bool {
-        self.action == "fetch" && self.message == DEADLINE_MESSAGE
+        self.kind == ErrorKind::Deadline
     }
 
+    /// With the resource the call was about.
     pub fn resource(mut self, resource: impl Into<String>) -> Self {
         self.resource = Some(resource.into());
         self
     }
 
+    /// With a hint on how to fix it.
     pub fn hint(mut self, hint: impl Into<String>) -> Self {
         self.hint = Some(hint.into());
         self
     }
 
+    /// With the wait the server asked for, if any (already clamped).
     pub fn retry_after(mut self, wait: Option<Duration>) -> Self {
         self.retry_after = wait;
         self
@@ -190,11 +215,16 @@ pub struct PlannedCall {
 /// What a later look at a source found.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Observation {
+    /// Same version (or content) as before.
     Unchanged,
+    /// A new value, to render again with.
     Changed(Fetched),
+    /// The look failed; watch mode reports it and backs off.
     Failed(FetchError),
 }
 
+/// Serves every source of one scheme: names itself, plans and fetches them,
+/// and says whether (and how) watch mode can follow them.
 pub trait Backend: Send + Sync {
     /// The backend's name in messages: `file`, `ssm`, …
     fn name(&self) -> &'static str;
@@ -208,6 +238,15 @@ pub trait Backend: Send + Sync {
         sources: &'a [Source],
     ) -> BoxFuture<'a, Vec<Result<Fetched, FetchError>>>;
 
+    /// How watch mode follows this backend's values; `None`: it does not.
+    fn watching(&self) -> Option<&dyn Watching> {
+        None
+    }
+}
+
+/// A backend's way of following its values in watch mode: blocking
+/// queries, polling, or a change feed of its own.
+pub trait Watching: Backend {
     /// The long-lived queries watch mode would hold open for these sources,
     /// described for `check`. Backends that are polled describe the polling.
     fn watches(&self, sources: &[Source]) -> Vec<String> {
@@ -222,15 +261,15 @@ pub trait Backend: Send + Sync {
         )]
     }
 
-    /// How often [`Backend::observe`] should be called when the backend has no
-    /// way to push changes.
+    /// How often [`Watching::observe`] should be called when the backend
+    /// has no way to push changes.
     fn poll_interval(&self) -> Duration {
         Duration::from_secs(60)
     }
 
-    /// Whether [`Backend::observe`] itself waits for a change (blocking
+    /// Whether [`Watching::observe`] itself waits for a change (blocking
     /// queries), so that watch mode calls it again at once instead of
-    /// sleeping for [`Backend::poll_interval`] first.
+    /// sleeping for [`Watching::poll_interval`] first.
     fn blocks(&self) -> bool {
         false
     }
@@ -525,7 +564,7 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
-/// How long to wait before the next [`Backend::observe`] of a polled
+/// How long to wait before the next [`Watching::observe`] of a polled
 /// backend: its interval, spread by ±10% so a fleet does not poll in step.
 pub fn poll_delay(interval: Duration) -> Duration {
     interval.mul_f64(0.9 + fastrand::f64() * 0.2)
@@ -535,7 +574,9 @@ pub fn poll_delay(interval: Duration) -> Duration {
 /// file): every source it would serve fails with the reason, and runs that
 /// do not use it are not affected.
 pub struct Unavailable {
+    /// The backend's name in messages (`consul`, `vault`).
     pub name: &'static str,
+    /// Why it cannot be built, the message of every source's error.
     pub reason: String,
 }
 
@@ -562,10 +603,6 @@ impl Backend for Unavailable {
             sources.iter().map(|_| Err(e.clone())).collect()
         })
     }
-
-    fn watches(&self, _: &[Source]) -> Vec<String> {
-        Vec::new()
-    }
 }
 
 /// A backend built the first time it is asked for anything, so that runs
@@ -581,6 +618,8 @@ pub struct OnFirstUse {
 type Builder = Box<dyn FnOnce() -> Result<Arc<dyn Backend>, String> + Send>;
 
 impl OnFirstUse {
+    /// A backend named `name` that `build` makes on first use; `build`'s
+    /// error makes it [`Unavailable`] with that reason.
     pub fn new(
         name: &'static str,
         build: impl FnOnce() -> Result<Arc<dyn Backend>, String> + Send + 'static,
@@ -626,32 +665,8 @@ impl Backend for OnFirstUse {
         self.get().fetch(sources)
     }
 
-    fn watches(&self, sources: &[Source]) -> Vec<String> {
-        self.get().watches(sources)
-    }
-
-    fn poll_interval(&self) -> Duration {
-        self.get().poll_interval()
-    }
-
-    fn blocks(&self) -> bool {
-        self.get().blocks()
-    }
-
-    fn watch_groups(&self, sources: &[Source]) -> Vec<Vec<usize>> {
-        self.get().watch_groups(sources)
-    }
-
-    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
-        self.get().changes()
-    }
-
-    fn background(&self) -> Option<BoxFuture<'static, ()>> {
-        self.get().background()
-    }
-
-    fn observe<'a>(&'a self, known: &'a [(Source, Fetched)]) -> BoxFuture<'a, Vec<Observation>> {
-        self.get().observe(known)
+    fn watching(&self) -> Option<&dyn Watching> {
+        self.get().watching()
     }
 }
 
@@ -670,10 +685,40 @@ impl Backends {
         Backends { by_scheme }
     }
 
+    /// Every backend of a run, from their settings: `file:` and `env:`, the
+    /// AWS ones, and Consul and Vault built on first use, so that a run
+    /// with no Consul or Vault reference never builds their HTTP clients.
+    pub fn build(
+        aws: aws::AwsConfig,
+        consul: consul::ConsulConfig,
+        vault: vault::VaultConfig,
+        env: Arc<dyn Environment>,
+    ) -> Self {
+        let mut backends = Backends::local(env.clone());
+        let aws = aws::register(&mut backends, aws, env.as_ref());
+        let consul: Arc<dyn Backend> = {
+            let env = env.clone();
+            Arc::new(OnFirstUse::new("consul", move || {
+                consul::Consul::new(consul, env.as_ref()).map(|c| Arc::new(c) as Arc<dyn Backend>)
+            }))
+        };
+        backends.insert(Scheme::Consul, consul.clone());
+        backends.insert(Scheme::Service, consul);
+        let vault: Arc<dyn Backend> = Arc::new(OnFirstUse::new("vault", move || {
+            vault::Vault::new(vault, env.as_ref(), Some(aws))
+                .map(|v| Arc::new(v) as Arc<dyn Backend>)
+        }));
+        backends.insert(Scheme::Vault, vault);
+        backends
+    }
+
+    /// Serves `scheme` with `backend`, in place of any other.
     pub fn insert(&mut self, scheme: Scheme, backend: Arc<dyn Backend>) {
         self.by_scheme.insert(scheme, backend);
     }
 
+    /// The backend serving `scheme`; an [`ErrorKind::Unsupported`] error
+    /// listing the schemes served when there is none.
     pub fn get(&self, scheme: Scheme) -> Result<Arc<dyn Backend>, FetchError> {
         self.by_scheme.get(&scheme).cloned().ok_or_else(|| {
             FetchError::new(

@@ -14,10 +14,12 @@ use base64::Engine as _;
 use tokio::task::JoinSet;
 
 use super::{Aws, sdk_error};
-use crate::backend::{Backend, BoxFuture, ErrorKind, FetchError, Fetched, PlannedCall};
+use crate::backend::{Backend, BoxFuture, ErrorKind, FetchError, Fetched, PlannedCall, Watching};
 use crate::reference::Source;
 use crate::secret::Secret;
 
+/// The `kms:` backend: decrypts each distinct ciphertext once and holds
+/// the plaintext for the life of the process.
 pub struct Kms {
     aws: Arc<Aws>,
     client: tokio::sync::OnceCell<aws_sdk_kms::Client>,
@@ -25,6 +27,8 @@ pub struct Kms {
 }
 
 impl Kms {
+    /// The backend, on the shared AWS context; its client is made on first
+    /// use.
     pub fn new(aws: Arc<Aws>) -> Self {
         Kms {
             aws,
@@ -139,11 +143,6 @@ impl Backend for Kms {
         "kms"
     }
 
-    /// Nothing to watch: the value cannot change while envrender runs.
-    fn watches(&self, _: &[Source]) -> Vec<String> {
-        Vec::new()
-    }
-
     fn plan(&self, sources: &[Source]) -> Vec<PlannedCall> {
         sources
             .iter()
@@ -204,6 +203,17 @@ impl Backend for Kms {
             self.aws.annotate(&mut denied).await;
             out
         })
+    }
+
+    fn watching(&self) -> Option<&dyn Watching> {
+        Some(self)
+    }
+}
+
+impl Watching for Kms {
+    /// Nothing to watch: the value cannot change while envrender runs.
+    fn watches(&self, _: &[Source]) -> Vec<String> {
+        Vec::new()
     }
 
     /// A ciphertext's plaintext never changes.

@@ -32,9 +32,36 @@ use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
 use super::{Backends, ErrorKind, FetchError};
-use crate::config::AwsConfig;
 use crate::environment::Environment;
 use crate::reference::Scheme;
+
+/// Settings of the AWS backends (`ssm:`, `sm:`, `kms:`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AwsConfig {
+    /// The region for references that do not name one (ARNs do); otherwise
+    /// the SDK's chain: `AWS_REGION`, the profile, IMDS.
+    pub region: Option<String>,
+    /// Requests per second per service and region. SSM's default quota is
+    /// 40 per second for the whole account and region, shared by every
+    /// instance, so one instance stays well below it.
+    pub rate_limit: f64,
+    /// Wait a random time up to this long before the first request, so a
+    /// fleet that starts together does not call in step.
+    pub startup_jitter: Duration,
+    /// How often watch mode looks for new versions.
+    pub poll_interval: Duration,
+}
+
+impl Default for AwsConfig {
+    fn default() -> Self {
+        AwsConfig {
+            region: None,
+            rate_limit: 10.0,
+            startup_jitter: Duration::ZERO,
+            poll_interval: Duration::from_secs(60),
+        }
+    }
+}
 
 /// Registers the `ssm:`, `sm:` and `kms:` backends; returns their shared
 /// context (Vault's AWS IAM login signs with it too).
@@ -52,10 +79,16 @@ pub fn register(backends: &mut Backends, config: AwsConfig, env: &dyn Environmen
 /// Who the calls are made as, from `sts:GetCallerIdentity`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
+    /// The caller's ARN (user, or assumed role with its session name);
+    /// `unknown` when STS did not say.
     pub arn: String,
+    /// The 12-digit account id; empty when STS did not say.
     pub account: String,
 }
 
+/// What the `ssm:`, `sm:` and `kms:` backends share: settings, the SDK
+/// configuration, the caller's identity and the rate limiters, each loaded
+/// or made on first use.
 pub struct Aws {
     config: AwsConfig,
     /// The region references without one use, as far as it can be known
@@ -68,6 +101,8 @@ pub struct Aws {
 }
 
 impl Aws {
+    /// A context from the settings; the region for plans falls back to
+    /// `AWS_REGION`, then `AWS_DEFAULT_REGION`. Loads nothing yet.
     pub fn new(config: AwsConfig, env: &dyn Environment) -> Self {
         let region_hint = config
             .region
@@ -95,6 +130,8 @@ impl Aws {
         aws
     }
 
+    /// How often watch mode polls SSM and Secrets Manager
+    /// ([`AwsConfig::poll_interval`]).
     pub fn poll_interval(&self) -> Duration {
         self.config.poll_interval
     }
@@ -208,6 +245,7 @@ pub struct RegionClients<C> {
 }
 
 impl<C: Clone> RegionClients<C> {
+    /// No clients yet.
     pub fn new() -> Self {
         RegionClients {
             clients: Mutex::new(HashMap::new()),
@@ -257,6 +295,8 @@ pub struct RateLimiter {
 }
 
 impl RateLimiter {
+    /// A limiter of `per_second` requests per second (at least one per
+    /// 1000 seconds).
     pub fn new(per_second: f64) -> Self {
         let per_second = per_second.max(0.001);
         RateLimiter {
@@ -266,6 +306,7 @@ impl RateLimiter {
         }
     }
 
+    /// Waits for the next slot.
     pub async fn acquire(&self) {
         let at = {
             let mut next = self.next.lock().await;

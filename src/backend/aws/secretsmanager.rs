@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 
 use super::{Aws, RegionClients, sdk_error};
 use crate::backend::{
-    Backend, BoxFuture, ErrorKind, FetchError, Fetched, Observation, PlannedCall,
+    Backend, BoxFuture, ErrorKind, FetchError, Fetched, Observation, PlannedCall, Watching,
 };
 use crate::reference::{Source, is_version_id};
 use crate::secret::Secret;
@@ -24,6 +24,7 @@ use crate::secret::Secret;
 /// `BatchGetSecretValue` takes at most this many secret ids.
 pub const BATCH: usize = 20;
 
+/// The `sm:` backend, with one client per region.
 pub struct SecretsManager {
     aws: Arc<Aws>,
     clients: RegionClients<Client>,
@@ -69,6 +70,7 @@ fn secret_value(
 }
 
 impl SecretsManager {
+    /// The backend, on the shared AWS context.
     pub fn new(aws: Arc<Aws>) -> Self {
         SecretsManager {
             aws,
@@ -406,6 +408,12 @@ impl Backend for SecretsManager {
         })
     }
 
+    fn watching(&self) -> Option<&dyn Watching> {
+        Some(self)
+    }
+}
+
+impl Watching for SecretsManager {
     fn poll_interval(&self) -> std::time::Duration {
         self.aws.poll_interval()
     }

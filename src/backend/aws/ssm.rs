@@ -19,19 +19,21 @@ use serde_json::Value;
 use tokio::task::JoinSet;
 
 use super::{Aws, RegionClients, parameter_arn, sdk_error};
-use crate::backend::{Backend, BoxFuture, ErrorKind, FetchError, Fetched, PlannedCall};
+use crate::backend::{Backend, BoxFuture, ErrorKind, FetchError, Fetched, PlannedCall, Watching};
 use crate::reference::Source;
 use crate::secret::Secret;
 
 /// `GetParameters` takes at most this many names.
 pub const BATCH: usize = 10;
 
+/// The `ssm:` backend, with one client per region.
 pub struct Ssm {
     aws: Arc<Aws>,
     clients: RegionClients<Client>,
 }
 
 impl Ssm {
+    /// The backend, on the shared AWS context.
     pub fn new(aws: Arc<Aws>) -> Self {
         Ssm {
             aws,
@@ -382,6 +384,12 @@ impl Backend for Ssm {
         })
     }
 
+    fn watching(&self) -> Option<&dyn Watching> {
+        Some(self)
+    }
+}
+
+impl Watching for Ssm {
     fn poll_interval(&self) -> std::time::Duration {
         self.aws.poll_interval()
     }

@@ -22,11 +22,16 @@ use crate::environment::Environment;
 /// appears in `Debug` output.
 #[derive(Clone, Serialize, Deserialize, PartialEq)]
 pub struct Token {
+    /// The token itself (`X-Vault-Token`): secret, never logged.
     pub id: String,
+    /// The token's accessor: names it in messages without giving it away.
     pub accessor: String,
+    /// The policies attached to it, for access errors.
     pub policies: Vec<String>,
     /// The TTL asked for at each renewal (the login's), seconds.
     pub ttl: u64,
+    /// Whether Vault allows it to be renewed; one that is not is replaced
+    /// by a new login, when the auth method can log in.
     pub renewable: bool,
     /// Unix seconds when it stops working; `None`: never (root tokens).
     pub expires: Option<f64>,
@@ -70,7 +75,7 @@ impl Token {
     }
 
     /// The token of a login's `auth` block. Its TTL is clamped like every
-    /// duration Vault sends ([`super::lease::seconds`]).
+    /// duration Vault sends ([`super::ttl::seconds`]).
     fn from_auth(body: &Value, action: &str, method: String) -> Result<Token, FetchError> {
         let auth = &body["auth"];
         let Some(id) = auth["client_token"].as_str().filter(|t| !t.is_empty()) else {
@@ -82,8 +87,8 @@ impl Token {
             )
             .hint("check that VAULT_ADDR points at Vault and the mount is an auth method"));
         };
-        let now = super::lease::now();
-        let ttl = super::lease::seconds(&auth["lease_duration"]);
+        let now = super::ttl::now();
+        let ttl = super::ttl::seconds(&auth["lease_duration"]);
         Ok(Token {
             id: id.to_string(),
             accessor: text(&auth["accessor"]),
@@ -369,9 +374,8 @@ impl Auth {
             &self.describe(),
         )
         .await?;
-        let got =
-            super::lease::seconds(&answer["auth"]["lease_duration"]).max(super::lease::MIN_TTL);
-        let now = super::lease::now();
+        let got = super::ttl::seconds(&answer["auth"]["lease_duration"]).max(super::ttl::MIN_TTL);
+        let now = super::ttl::now();
         let mut renewed = token.clone();
         renewed.expires = Some(now + got as f64);
         renewed.refreshed = now;
@@ -394,13 +398,13 @@ async fn lookup(inner: &Inner, id: String, method: String) -> Result<Token, Fetc
     )
     .await?;
     let data = &answer["data"];
-    let now = super::lease::now();
-    let left = super::lease::seconds(&data["ttl"]);
+    let now = super::ttl::now();
+    let left = super::ttl::seconds(&data["ttl"]);
     Ok(Token {
         id,
         accessor: text(&data["accessor"]),
         policies: strings(&data["policies"]),
-        ttl: super::lease::seconds(&data["creation_ttl"]),
+        ttl: super::ttl::seconds(&data["creation_ttl"]),
         renewable: data["renewable"].as_bool().unwrap_or(false),
         expires: (left > 0).then_some(now + left as f64),
         refreshed: now,
@@ -585,14 +589,19 @@ impl Inner {
     /// file (if Vault still takes it), else a new login.
     pub(super) async fn token(&self) -> Result<Token, FetchError> {
         let mut slot = self.token.lock().await;
-        let now = super::lease::now();
+        let now = super::ttl::now();
         if let Some(t) = slot.as_ref()
             && t.left(now).is_none_or(|l| l > 1.0)
         {
             return Ok(t.clone());
         }
         if slot.is_none() {
-            let handed = self.ledger.lock().unwrap().token.clone();
+            let handed = self
+                .ledger
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .token
+                .clone();
             if let Some(t) = handed
                 .filter(|t| t.method == self.auth.describe() && t.left(now).is_none_or(|l| l > 2.0))
             {
@@ -601,7 +610,10 @@ impl Inner {
                         tracing::info!(accessor = %found.accessor, "adopted the Vault token from the state file");
                         found.ttl = t.ttl.max(1);
                         found.capped = t.capped;
-                        self.ledger.lock().unwrap().token = Some(found.clone());
+                        self.ledger
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .token = Some(found.clone());
                         *slot = Some(found.clone());
                         return Ok(found);
                     }
@@ -648,9 +660,12 @@ impl Inner {
     /// when the old token was `revoked`).
     pub(super) fn replace_token(&self, slot: &mut Option<Token>, new: Token, revoked: bool) {
         let old = slot.replace(new.clone());
-        let now = super::lease::now();
+        let now = super::ttl::now();
         {
-            let mut ledger = self.ledger.lock().unwrap();
+            let mut ledger = self
+                .ledger
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let old = old.or_else(|| ledger.token.clone());
             if let Some(old) = old.filter(|o| o.accessor != new.accessor) {
                 let end = if revoked { Some(now) } else { old.expires };
@@ -682,7 +697,10 @@ impl Inner {
             let mut slot = self.token.lock().await;
             if slot.as_ref().is_some_and(|t| t.id == current.id) {
                 *slot = Some(renewed.clone());
-                self.ledger.lock().unwrap().token = Some(renewed);
+                self.ledger
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .token = Some(renewed);
                 drop(slot);
                 self.save();
             }
@@ -704,9 +722,9 @@ pub(super) fn token_due(t: &Token, can_login: bool) -> Option<f64> {
     let expires = t.expires?;
     let life = (expires - t.refreshed).max(0.0);
     if t.renewable && !t.capped {
-        Some(t.refreshed + life * super::lease::jitter(0.6, 0.7))
+        Some(t.refreshed + life * super::ttl::jitter(0.6, 0.7))
     } else if can_login {
-        Some(t.refreshed + life * super::lease::jitter(0.45, 0.55))
+        Some(t.refreshed + life * super::ttl::jitter(0.45, 0.55))
     } else {
         None
     }

@@ -22,88 +22,44 @@ use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use super::ttl::{
+    MAX_CERT_LIFETIME, MAX_TTL, MIN_TTL, SHORT_TTL, jitter, now, seconds, short_backoff,
+};
 use super::{Inner, Token, VaultConfig};
 use crate::backend::{ErrorKind, FetchError, Fetched, Lease};
+use crate::backoff::Backoff;
 use crate::reference::Source;
 use crate::secret::Secret;
 
-/// Unix time in seconds.
-pub fn now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
-/// The longest lease or token TTL envrender believes: Vault's default
-/// `max_lease_ttl` (768h). A longer one is renewed or re-read as if it
-/// were this long, so a server that sends 2^64 - 1 still gets its lease
-/// renewed, and no arithmetic on it can overflow.
-pub const MAX_TTL: u64 = 768 * 3600;
-
-/// The shortest: a TTL of 0 or less than a second (with a lease to keep)
-/// counts as one second, and answers that keep coming back this short are
-/// re-issued with exponential backoff ([`Held::short_answers`]).
-pub const MIN_TTL: u64 = 1;
-
-/// The longest certificate lifetime believed (ten years): a NotAfter
-/// further out is treated as this far.
-pub const MAX_CERT_LIFETIME: u64 = 10 * 365 * 24 * 3600;
-
-/// The least wait before the next renewal, re-issue or token refresh after
-/// `short` short answers in a row: 0, then 1 s, 2 s, 4 s … up to 5 minutes.
-pub fn short_backoff(short: u32) -> f64 {
-    if short == 0 {
-        0.0
-    } else {
-        2f64.powi(short.min(16) as i32 - 1).min(MAX_SHORT_BACKOFF)
-    }
-}
-
-/// A TTL under this many seconds is "short" ([`Held::short_answers`]).
-pub const SHORT_TTL: u64 = 2;
-
-/// The longest of those waits.
-const MAX_SHORT_BACKOFF: f64 = 300.0;
-
-/// A duration in seconds as Vault sent it (a number, or a string of
-/// digits), clamped to `0..=MAX_TTL`; anything else is 0.
-pub fn seconds(v: &Value) -> u64 {
-    let n = v
-        .as_f64()
-        .or_else(|| v.as_str().and_then(|s| s.trim().parse::<f64>().ok()))
-        .unwrap_or(0.0);
-    if n.is_nan() || n <= 0.0 {
-        0
-    } else {
-        n.min(MAX_TTL as f64) as u64
-    }
-}
-
-/// A random number in `[lo, hi)`.
-pub fn jitter(lo: f64, hi: f64) -> f64 {
-    lo + fastrand::f64() * (hi - lo)
-}
+/// Between failed renewals of a lease or the token: 1 s doubling to a
+/// minute (jittered where it is used, and within what is left of a lease).
+const RENEW_BACKOFF: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
 
 /// One answer that issued something: a leased secret or a certificate.
 #[derive(Clone, Serialize, Deserialize, PartialEq)]
 pub struct Held {
     /// The request that issued it (`GET database/creds/app`).
     pub key: String,
+    /// The HTTP method of that request: `GET`, or `POST` with parameters.
     pub method: String,
+    /// The request's logical path (`database/creds/app`).
     pub path: String,
+    /// The reference's `?params`, sent as the body of a write; empty for
+    /// a read.
     #[serde(default)]
     pub params: BTreeMap<String, String>,
     /// What Vault returned: secret, never logged.
     pub data: Value,
     /// Empty for a certificate issued without a lease.
     pub lease_id: String,
+    /// Whether Vault allows the lease to be renewed; never for a
+    /// certificate.
     pub renewable: bool,
     /// The TTL first granted (for a certificate, its lifetime), seconds.
     pub duration: u64,
@@ -112,6 +68,8 @@ pub struct Held {
     /// When it stops working as far as is known (lease end, certificate
     /// NotAfter, the end of the token that issued it).
     pub expires: f64,
+    /// A PKI certificate: re-issued at `pki_reissue_at` of its lifetime,
+    /// never renewed.
     pub certificate: bool,
     /// The accessor of the token that issued it.
     pub token_accessor: String,
@@ -238,6 +196,8 @@ impl Held {
         }
     }
 
+    /// The value to answer from what is held: versioned by
+    /// [`Held::version`], with the lease and the life it has left.
     pub fn fetched(&self) -> Fetched {
         let left = (self.expires - now()).max(0.0);
         Fetched {
@@ -292,7 +252,11 @@ impl Held {
 /// Everything held, and the latest token.
 #[derive(Default)]
 pub struct Ledger {
+    /// What is held, by the key of the request that issued it
+    /// ([`Held::key`]).
     pub held: BTreeMap<String, Held>,
+    /// The current token (after the last login or renewal), handed to the
+    /// next process in the state file.
     pub token: Option<Token>,
 }
 
@@ -341,6 +305,8 @@ impl Ledger {
         }
     }
 
+    /// The state file's content for the Vault at `address` (as it may be
+    /// printed) and `namespace`.
     pub fn snapshot(&self, address: &str, namespace: Option<&str>) -> State {
         State {
             version: 1,
@@ -376,7 +342,14 @@ impl Inner {
     /// process and still valid, or handed over and confirmed by Vault.
     /// Dropped (so that the caller issues a new one) when it is not.
     pub(super) async fn adopt(&self, key: &str) -> Result<Option<Held>, FetchError> {
-        let Some(held) = self.ledger.lock().unwrap().held.get(key).cloned() else {
+        let Some(held) = self
+            .ledger
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .held
+            .get(key)
+            .cloned()
+        else {
             return Ok(None);
         };
         let now = now();
@@ -416,7 +389,10 @@ impl Inner {
                 }
             }
         }
-        let mut ledger = self.ledger.lock().unwrap();
+        let mut ledger = self
+            .ledger
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match confirmed {
             Some(mut h) => {
                 h.verified = true;
@@ -449,7 +425,10 @@ impl Inner {
             Ok((answer, _)) if answer.status == 200 => {
                 let granted = seconds(&answer.body["lease_duration"]);
                 let got = granted.max(MIN_TTL);
-                let mut ledger = self.ledger.lock().unwrap();
+                let mut ledger = self
+                    .ledger
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 if let Some(h) = ledger.held.get_mut(&held.key)
                     && h.lease_id == held.lease_id
                 {
@@ -539,14 +518,18 @@ impl Inner {
                         );
                         self.ledger
                             .lock()
-                            .unwrap()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
                             .held
                             .insert(new.key.clone(), new);
                         self.changes.send_modify(|n| *n += 1);
                     }
                     None => {
                         tracing::warn!(request = %held.key, "Vault's new answer carries no lease or certificate; keeping the old one");
-                        self.ledger.lock().unwrap().held.remove(&held.key);
+                        self.ledger
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .held
+                            .remove(&held.key);
                         self.changes.send_modify(|n| *n += 1);
                     }
                 }
@@ -565,12 +548,15 @@ impl Inner {
     /// the server sent is waited for at least.
     fn retry_later(&self, held: &Held, why: &str, asked: Option<Duration>) {
         let now = now();
-        let mut ledger = self.ledger.lock().unwrap();
+        let mut ledger = self
+            .ledger
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(h) = ledger.held.get_mut(&held.key) {
             h.failures += 1;
             let left = h.expires - now;
             let wait = if left > 0.0 {
-                let backoff = (2f64.powi(h.failures.min(6) as i32 - 1)).min(60.0);
+                let backoff = RENEW_BACKOFF.delay(h.failures - 1).as_secs_f64();
                 backoff.min((left / 2.0).max(0.5))
             } else {
                 (-left / 2.0).clamp(1.0, 30.0)
@@ -627,7 +613,7 @@ pub(super) async fn maintain(inner: &Arc<Inner>) {
         let held_due = inner
             .ledger
             .lock()
-            .unwrap()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .held
             .values()
             .map(|h| h.due)
@@ -653,7 +639,7 @@ pub(super) async fn maintain(inner: &Arc<Inner>) {
                 }
                 Err(e) => {
                     token_failures += 1;
-                    let backoff = (2f64.powi(token_failures.min(6) as i32 - 1)).min(60.0);
+                    let backoff = RENEW_BACKOFF.delay(token_failures - 1).as_secs_f64();
                     tracing::warn!(error = %e, retry_in_s = backoff, "cannot renew the Vault token");
                     if let Some(p) = token_plan.as_mut() {
                         p.2 = now + backoff * jitter(0.8, 1.2);
@@ -664,7 +650,7 @@ pub(super) async fn maintain(inner: &Arc<Inner>) {
         let due: Vec<Held> = inner
             .ledger
             .lock()
-            .unwrap()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .held
             .values()
             .filter(|h| h.due <= now)

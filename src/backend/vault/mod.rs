@@ -26,6 +26,7 @@
 
 mod auth;
 pub mod lease;
+pub mod ttl;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -35,7 +36,9 @@ use reqwest::{Method, Url};
 use serde_json::{Map, Value};
 
 use super::aws::Aws;
-use super::{Backend, BoxFuture, ErrorKind, FetchError, Fetched, Observation, PlannedCall};
+use super::{
+    Backend, BoxFuture, ErrorKind, FetchError, Fetched, Observation, PlannedCall, Watching,
+};
 use crate::environment::Environment;
 use crate::reference::Source;
 use crate::secret::Secret;
@@ -48,10 +51,19 @@ pub const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/kubernetes.io/servicea
 /// Settings from `[vault]`; unset ones come from the standard variables.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VaultConfig {
+    /// The server's URL; `None`: `VAULT_ADDR`, else
+    /// `https://127.0.0.1:8200`.
     pub address: Option<String>,
+    /// The Vault Enterprise namespace sent with every request
+    /// (`X-Vault-Namespace`); `None`: `VAULT_NAMESPACE`.
     pub namespace: Option<String>,
+    /// A PEM CA bundle trusted besides the system's roots; `None`:
+    /// `VAULT_CACERT`.
     pub ca_file: Option<PathBuf>,
+    /// A client certificate (PEM) for mutual TLS, with `client_key`;
+    /// `None`: `VAULT_CLIENT_CERT`.
     pub client_cert: Option<PathBuf>,
+    /// The key of `client_cert` (PEM); `None`: `VAULT_CLIENT_KEY`.
     pub client_key: Option<PathBuf>,
     /// How to get a token; `None`: `VAULT_TOKEN`, else `~/.vault-token`.
     pub auth: Option<AuthConfig>,
@@ -97,15 +109,24 @@ impl Default for VaultConfig {
 pub enum AuthConfig {
     /// A token from a file (re-read at each use), else `VAULT_TOKEN`, else
     /// `~/.vault-token`.
-    Token { file: Option<PathBuf> },
+    Token {
+        /// The token file; `None`: `VAULT_TOKEN`, else `~/.vault-token`.
+        file: Option<PathBuf>,
+    },
+    /// An AppRole login with a role_id and (usually) a secret_id.
     AppRole {
+        /// The auth mount, trimmed of slashes (default `approle`).
         mount: String,
+        /// The role_id, given or read from a file.
         role_id: RoleId,
         /// Absent when the role does not bind a secret_id.
         secret_id_file: Option<PathBuf>,
     },
+    /// A Kubernetes login with the pod's service-account token.
     Kubernetes {
+        /// The auth mount, trimmed of slashes (default `kubernetes`).
         mount: String,
+        /// The Vault role to log in as.
         role: String,
         /// The service-account JWT, re-read at each login (projected tokens
         /// rotate).
@@ -113,19 +134,28 @@ pub enum AuthConfig {
     },
     /// A signed `sts:GetCallerIdentity` request, which Vault replays to AWS.
     Aws {
+        /// The auth mount, trimmed of slashes (default `aws`).
         mount: String,
+        /// The Vault role to log in as; `None`: not sent, Vault picks its
+        /// default for the IAM principal.
         role: Option<String>,
         /// The mount's `iam_server_id_header_value`, signed into the request.
         header_value: Option<String>,
         /// The STS region to sign for (default us-east-1, the global endpoint).
         region: Option<String>,
+        /// The STS URL the request is signed for; `None`:
+        /// `AWS_ENDPOINT_URL_STS`, else `AWS_ENDPOINT_URL`, else the
+        /// region's public endpoint.
         sts_endpoint: Option<String>,
     },
 }
 
+/// Where an AppRole login's role_id comes from.
 #[derive(Clone, Debug, PartialEq)]
 pub enum RoleId {
+    /// Given in the configuration (`role_id`).
     Value(String),
+    /// Read from this file at each login (`role_id_file`).
     File(PathBuf),
 }
 
@@ -597,7 +627,10 @@ impl Inner {
     }
 
     fn known_mount(&self, logical: &str) -> Option<Mount> {
-        let mounts = self.mounts.lock().unwrap();
+        let mounts = self
+            .mounts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         mounts
             .iter()
             .filter(|m| logical.starts_with(&m.path) || format!("{logical}/") == m.path)
@@ -667,7 +700,10 @@ impl Inner {
             }
         };
         tracing::debug!(mount = %mount.path, kind = %mount.kind, kv2 = mount.kv2, "Vault mount detected");
-        self.mounts.lock().unwrap().push(mount.clone());
+        self.mounts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(mount.clone());
         Ok(mount)
     }
 
@@ -904,7 +940,10 @@ impl Inner {
 
     fn hold(&self, held: lease::Held) {
         {
-            let mut ledger = self.ledger.lock().unwrap();
+            let mut ledger = self
+                .ledger
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             ledger.held.insert(held.key.clone(), held);
         }
         self.save();
@@ -914,11 +953,14 @@ impl Inner {
     /// Writes the state file, when there is one.
     fn save(&self) {
         if let Some(path) = &self.config.state_file {
-            let _serial = self.saving.lock().unwrap();
+            let _serial = self
+                .saving
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let snapshot = self
                 .ledger
                 .lock()
-                .unwrap()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .snapshot(&self.shown, self.namespace.as_deref());
             if let Err(e) = lease::write_state(path, &snapshot) {
                 tracing::warn!(file = %path.display(), error = %e, "cannot write the Vault state file");
@@ -987,6 +1029,12 @@ impl Backend for Vault {
         }))
     }
 
+    fn watching(&self) -> Option<&dyn Watching> {
+        Some(self)
+    }
+}
+
+impl Watching for Vault {
     fn watches(&self, sources: &[Source]) -> Vec<String> {
         if sources.is_empty() {
             return Vec::new();
@@ -1020,7 +1068,11 @@ impl Backend for Vault {
         Box::pin(async move {
             // Held values from the ledger; the rest (KV) read again, concurrently.
             let held: Vec<Option<lease::Held>> = {
-                let ledger = self.inner.ledger.lock().unwrap();
+                let ledger = self
+                    .inner
+                    .ledger
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 known
                     .iter()
                     .map(|(s, _)| ledger.held.get(&request_key(s)).cloned())

@@ -1,0 +1,173 @@
+//! Settings from the configuration and the flags: what to render (the
+//! same for every command), how `watch` acts and how `run` runs its command.
+
+use std::ffi::OsString;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::cli::{OutputArgs, RunArgs, WatchArgs};
+use crate::config::{self, Config};
+use crate::engine::Settings;
+use crate::error::Error;
+use crate::problem::ConfigError;
+use crate::run::{Refresh, RunSettings};
+use crate::watch::WatchSettings;
+
+/// How long `render` and `get` retry transient failures when nothing says.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The timeout a flag gives, else the configuration's, else the default.
+pub fn timeout_of(flag: &Option<Duration>, config: &Config) -> Duration {
+    flag.or(config.timeout).unwrap_or(DEFAULT_TIMEOUT)
+}
+
+/// The settings of `run`: the configuration's `[env]` with the process's
+/// variables that are references laid over it, and how the app is run.
+pub fn run_settings(
+    config: &Config,
+    args: RunArgs,
+    process_env: &[(OsString, OsString)],
+) -> Result<(Settings, RunSettings), Error> {
+    let timeout = timeout_of(&args.timeout, config);
+    let mut settings = settings_of(config, &args.outputs, timeout)?;
+    let references = crate::supervise::env::env_references(
+        process_env
+            .iter()
+            .filter_map(|(k, v)| Some((k.to_str()?.to_string(), v.to_str()?.to_string()))),
+    )?;
+    for (name, value) in references {
+        settings.env.retain(|(n, _)| *n != name);
+        settings.env.push((name, value));
+    }
+    let run = RunSettings {
+        argv: args.command,
+        stop_signal: args.stop_signal,
+        grace: args.grace,
+        subreaper: args.subreaper,
+        supervise: args.supervise || args.subreaper,
+        keep_env: args.keep_env,
+        secrets_dir: args.secrets_dir,
+        refresh: match (args.reload_signal, args.restart) {
+            (Some(sig), _) => Some(Refresh::Reload(sig)),
+            (None, true) => Some(Refresh::Restart),
+            (None, false) => None,
+        },
+        wait: args.wait.unwrap_or_default(),
+        listen: args.listen,
+        restart_on_exit: args.restart_on_exit,
+        splay: args.splay,
+    };
+    Ok((settings, run))
+}
+
+/// The actions and timing of `watch`, from its flags.
+pub fn watch_settings(args: &WatchArgs) -> Result<WatchSettings, Error> {
+    use crate::action::Action;
+    let usage = |message: &str, hint: &str| {
+        Error::Config(vec![
+            ConfigError::new("envrender watch", message).hint(hint),
+        ])
+    };
+    let mut actions = Vec::new();
+    if let Some(a) = crate::action::signal_action(
+        args.signal,
+        args.pid_file.clone(),
+        args.process_name.clone(),
+    )
+    .map_err(|e| {
+        usage(
+            &format!("--signal, --pid-file, --process-name: {e}"),
+            "e.g. --signal SIGHUP --process-name nginx",
+        )
+    })? {
+        actions.push(a);
+    }
+    if let Some(cmd) = &args.exec {
+        let argv = shlex::split(cmd).filter(|a| !a.is_empty()).ok_or_else(|| {
+            usage(
+                &format!("--exec \"{cmd}\" is not a command line (unbalanced quotes?)"),
+                "e.g. --exec 'nginx -s reload'",
+            )
+        })?;
+        actions.push(Action::Exec {
+            argv,
+            timeout: args.exec_timeout,
+        });
+    }
+    if let Some(url) = &args.http {
+        actions.push(crate::action::http_action(url).map_err(|e| {
+            usage(
+                &format!("--http: {e}"),
+                "e.g. --http http://127.0.0.1:9090/-/reload",
+            )
+        })?);
+    }
+    Ok(WatchSettings {
+        wait: args.wait.unwrap_or_default(),
+        actions,
+        listen: args.listen,
+        keep_env: args.keep_env.clone(),
+    })
+}
+
+/// The configuration file: the one given, or `./envrender.toml` if it exists,
+/// or none.
+pub fn load_config(path: Option<&Path>) -> Result<Config, Error> {
+    match path {
+        Some(p) => config::load(p).map_err(Error::Config),
+        None if Path::new(config::DEFAULT_FILE).is_file() => {
+            config::load(Path::new(config::DEFAULT_FILE)).map_err(Error::Config)
+        }
+        None => Ok(Config::default()),
+    }
+}
+
+/// The configuration with the command's flags laid over it.
+fn settings_of(config: &Config, args: &OutputArgs, timeout: Duration) -> Result<Settings, Error> {
+    let mut templates = config.templates.clone();
+    let mut errors = Vec::new();
+    for flag in &args.templates {
+        match config::parse_template_flag(flag) {
+            Ok(t) => templates.push(t),
+            Err(e) => errors.push(e),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(Error::Config(errors));
+    }
+    let mut limits = crate::template::Limits::default();
+    if let Some(max) = config.max_output {
+        limits.max_output = max;
+    }
+    Ok(Settings {
+        templates,
+        env: config.env.clone(),
+        env_files: config.env_files.clone(),
+        output_root: args.output_root.clone(),
+        timeout,
+        limits,
+    })
+}
+
+/// [`settings_of`], for a command that must have something to render.
+pub fn render_settings(
+    config: &Config,
+    args: &OutputArgs,
+    timeout: Duration,
+) -> Result<Settings, Error> {
+    let settings = settings_of(config, args, timeout)?;
+    if settings.templates.is_empty() && settings.env_files.is_empty() {
+        return Err(Error::Config(vec![
+            ConfigError::new(
+                config
+                    .file
+                    .as_ref()
+                    .map(|f| f.display().to_string())
+                    .unwrap_or_else(|| "envrender".into()),
+                "nothing to render: no templates and no env files",
+            )
+            .hint("add [[template]] or [[env_file]] to the configuration, or pass --template SRC:DEST"),
+        ]));
+    }
+    Ok(settings)
+}

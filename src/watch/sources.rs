@@ -1,0 +1,243 @@
+//! What a render's values come from, watched: one task per group of a
+//! backend's sources (blocking queries, polls, lease changes), each
+//! backend's background work (Vault's lease scheduler), and a file watcher
+//! on the templates and `file:` sources, all as one stream of [`Event`]s.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use super::files::{WatchedFiles, watch_files};
+use crate::backend::{Backend, FetchError, Fetched, Observation, poll_delay};
+use crate::backoff::Backoff;
+use crate::engine::Settings;
+use crate::reference::{Scheme, Source};
+use crate::resolve::{FetchResults, Resolver};
+
+/// How many events may wait for the main loop. Watchers wait for room, so a
+/// burst of changes slows the looks at backends rather than growing a queue.
+const EVENT_QUEUE: usize = 64;
+
+/// Between looks at a backend that failed: 1 s doubling to 30 s, ±20 %.
+const WATCH_BACKOFF: Backoff =
+    Backoff::new(Duration::from_secs(1), Duration::from_secs(30)).jitter(0.8, 1.2);
+
+/// Something a render may need to know.
+pub enum Event {
+    /// A backend looked at its sources.
+    Observed {
+        /// The backend's name.
+        backend: &'static str,
+        /// Which of the backend's watchers looked (see [`crate::backend::Watching::watch_groups`]).
+        watcher: usize,
+        /// The sources whose values changed, with the new values.
+        changed: Vec<(Source, Fetched)>,
+        /// The sources that could not be looked at, and why.
+        failed: Vec<(Source, FetchError)>,
+    },
+    /// Something changed in a watched directory.
+    Files,
+}
+
+/// The watches of one render's sources; dropped, every task stops.
+pub struct Sources {
+    tx: mpsc::Sender<Event>,
+    rx: mpsc::Receiver<Event>,
+    watchers: JoinSet<()>,
+    /// Background work of the backends (Vault's lease scheduler), once per
+    /// backend.
+    background: JoinSet<()>,
+    started: BTreeSet<&'static str>,
+    watching: BTreeSet<Source>,
+    files: Option<(WatchedFiles, notify::RecommendedWatcher)>,
+}
+
+impl Default for Sources {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        Sources {
+            tx,
+            rx,
+            watchers: JoinSet::new(),
+            background: JoinSet::new(),
+            started: BTreeSet::new(),
+            watching: BTreeSet::new(),
+            files: None,
+        }
+    }
+}
+
+impl Sources {
+    /// Watches what `cache` holds (backend watches restarted only when the
+    /// set of sources changed) and the files of `settings`. Returns how
+    /// many sources are watched.
+    pub fn follow(
+        &mut self,
+        resolver: &Resolver,
+        settings: &Settings,
+        cache: &FetchResults,
+    ) -> usize {
+        let known = watched(resolver, cache);
+        let now_watched: BTreeSet<Source> = known
+            .iter()
+            .flat_map(|(_, v)| v.iter().map(|(s, _)| s.clone()))
+            .collect();
+        if now_watched != self.watching {
+            self.start_watches(known);
+            self.watching = now_watched;
+        }
+        let inputs = WatchedFiles::new(settings, cache);
+        if self.files.as_ref().is_none_or(|(w, _)| *w != inputs) {
+            let tx = self.tx.clone();
+            // notify's own thread: waiting for room is fine there.
+            self.files = watch_files(&inputs, move || {
+                let _ = tx.blocking_send(Event::Files);
+            })
+            .map(|w| (inputs, w));
+        }
+        self.watching.len()
+    }
+
+    /// Only the backends' background work for what `cache` holds: leases
+    /// kept alive, nothing watched.
+    pub fn keep_alive(&mut self, resolver: &Resolver, cache: &FetchResults) {
+        for (backend, _) in watched(resolver, cache) {
+            self.start_background(&backend);
+        }
+    }
+
+    /// The next event. Cancel-safe: an event is either returned or left
+    /// queued.
+    pub async fn next(&mut self) -> Event {
+        match self.rx.recv().await {
+            Some(event) => event,
+            // `self` holds a sender: the channel never closes.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn start_background(&mut self, backend: &Arc<dyn Backend>) {
+        if self.started.insert(backend.name())
+            && let Some(work) = backend.watching().and_then(|w| w.background())
+        {
+            self.background.spawn(work);
+        }
+    }
+
+    /// One task per watch group of each backend, replacing those running.
+    fn start_watches(&mut self, known: Vec<(Arc<dyn Backend>, Known)>) {
+        self.watchers.abort_all();
+        for (backend, sources) in known {
+            self.start_background(&backend);
+            let Some(watching) = backend.watching() else {
+                continue;
+            };
+            let groups =
+                watching.watch_groups(&sources.iter().map(|(s, _)| s.clone()).collect::<Vec<_>>());
+            let mut sources: Vec<Option<(Source, Fetched)>> =
+                sources.into_iter().map(Some).collect();
+            for (watcher, group) in groups.into_iter().enumerate() {
+                let known: Vec<(Source, Fetched)> = group
+                    .iter()
+                    .filter_map(|&i| sources.get_mut(i)?.take())
+                    .collect();
+                if !known.is_empty() {
+                    self.watchers.spawn(watch_backend(
+                        backend.clone(),
+                        watcher,
+                        known,
+                        self.tx.clone(),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Sources and what was last fetched for each.
+type Known = Vec<(Source, Fetched)>;
+
+/// The fetched sources, by the backend that watches them; local ones
+/// (`file:` sources are watched through the file system, values answered
+/// by a local values file do not change) are left out.
+fn watched(resolver: &Resolver, cache: &FetchResults) -> Vec<(Arc<dyn Backend>, Known)> {
+    let mut by_backend: HashMap<&'static str, (Arc<dyn Backend>, Known)> = HashMap::new();
+    for (source, r) in cache {
+        let Ok(fetched) = r else { continue };
+        if source.scheme == Scheme::File || resolver.serves_locally(source) {
+            continue;
+        }
+        let Ok(backend) = resolver.backends().get(source.scheme) else {
+            continue;
+        };
+        by_backend
+            .entry(backend.name())
+            .or_insert_with(|| (backend.clone(), Vec::new()))
+            .1
+            .push((source.clone(), fetched.clone()));
+    }
+    let mut out: Vec<_> = by_backend.into_values().collect();
+    for (_, sources) in &mut out {
+        sources.sort_by(|a, b| a.0.cmp(&b.0));
+    }
+    out
+}
+
+/// Looks at one backend's sources again and again: at once for backends
+/// whose queries block until a change, else every poll interval (jittered)
+/// or when the backend says its values moved; after errors, with
+/// exponential backoff.
+async fn watch_backend(
+    backend: Arc<dyn Backend>,
+    watcher: usize,
+    mut known: Vec<(Source, Fetched)>,
+    tx: mpsc::Sender<Event>,
+) {
+    let Some(watching) = backend.watching() else {
+        return;
+    };
+    let mut changes = watching.changes();
+    let mut errors = 0u32;
+    loop {
+        if errors > 0 {
+            tokio::time::sleep(WATCH_BACKOFF.delay(errors - 1)).await;
+        } else if !watching.blocks() {
+            let delay = poll_delay(watching.poll_interval());
+            match changes.as_mut() {
+                Some(rx) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        r = rx.changed() => if r.is_err() { changes = None; },
+                    }
+                }
+                None => tokio::time::sleep(delay).await,
+            }
+        }
+        let observations = watching.observe(&known).await;
+        let mut changed = Vec::new();
+        let mut failed = Vec::new();
+        for ((source, fetched), o) in known.iter_mut().zip(observations) {
+            match o {
+                Observation::Unchanged => {}
+                Observation::Changed(new) => {
+                    *fetched = new.clone();
+                    changed.push((source.clone(), new));
+                }
+                Observation::Failed(e) => failed.push((source.clone(), e)),
+            }
+        }
+        errors = if failed.is_empty() { 0 } else { errors + 1 };
+        let event = Event::Observed {
+            backend: backend.name(),
+            watcher,
+            changed,
+            failed,
+        };
+        if tx.send(event).await.is_err() {
+            return;
+        }
+    }
+}
