@@ -247,7 +247,7 @@ pub fn parse(origin: &str, text: &str) -> Result<Config, Vec<ConfigError>> {
             column,
             message: e.message().trim_end().to_string(),
             hint: e.message().contains("unknown field").then(|| {
-                "see the configuration reference in README.md for the keys of each table"
+                "see the configuration reference in docs/configuration.md for the keys of each table"
                     .to_string()
             }),
         }]

@@ -75,7 +75,7 @@ pub const BACKEND_CREDENTIALS: &[&str] = &[
 /// AWS credentials, and the variables that say where to get them: the
 /// container credentials endpoint and its token, the web identity token
 /// and the role it is for, the shared credentials file. Reload commands do
-/// not get them unless kept by name; `run`'s app does (see the README: the
+/// not get them unless kept by name; `run`'s app does (see docs/run.md: the
 /// container's AWS identity is the app's too).
 pub const AWS_CREDENTIALS: &[&str] = &[
     "AWS_ACCESS_KEY_ID",
