@@ -17,6 +17,7 @@ mod cli;
 mod consul;
 mod crash;
 mod deploy;
+mod docs_links;
 mod faults;
 mod hostile_local;
 mod hostile_servers;
