@@ -1,9 +1,9 @@
 //! The Consul test server as a process of its own, for benchmarks and demos:
 //! `cargo run --example consul_test_server -- [--port 8500] [--service NAME@ADDR:PORT]... [KEY=VALUE]...`
 //! It serves the KV and service API subset described in
-//! `tests/support/consul.rs` on 127.0.0.1 until killed.
+//! `tests/it/support/consul.rs` on 127.0.0.1 until killed.
 
-#[path = "../tests/support/consul.rs"]
+#[path = "../tests/it/support/consul.rs"]
 #[allow(dead_code)]
 mod consul;
 

@@ -1,11 +1,11 @@
 //! The Vault test server as a process of its own, for benchmarks and demos:
 //! `cargo run --example vault_test_server -- [--port 8200]`
-//! It serves the API subset described in `tests/support/vault.rs` on
+//! It serves the API subset described in `tests/it/support/vault.rs` on
 //! 127.0.0.1 until killed, with a KV v2 mount `secret/`, a KV v1 mount `kv/`,
 //! a database engine (role `app`: 1h TTL, 24h max) and PKI (role `web`), and
 //! prints its address and root token.
 
-#[path = "../tests/support/vault.rs"]
+#[path = "../tests/it/support/vault.rs"]
 #[allow(dead_code)]
 mod vault;
 

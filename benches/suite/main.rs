@@ -13,7 +13,7 @@
 //! The servers: the Consul and Vault test servers in this process, and
 //! moto (the AWS emulator) as a child, all on loopback.
 
-#[path = "../../tests/support/mod.rs"]
+#[path = "../../tests/it/support/mod.rs"]
 mod support;
 
 mod fleet;

@@ -6,7 +6,7 @@
 //! `run` keep the last good outputs through an outage of each backend,
 //! report it in readiness, and recover by themselves.
 
-mod support;
+use crate::support;
 
 use std::os::unix::fs::MetadataExt as _;
 use std::process::{Child, Stdio};

@@ -5,9 +5,9 @@
 //! and after.
 //!
 //! `cargo test` runs 200 changes per mode; `ENVRENDER_HYGIENE_CYCLES=1000
-//! cargo test --test hygiene -- --nocapture` runs the full thousand.
+//! cargo test --test it hygiene:: -- --nocapture` runs the full thousand.
 
-mod support;
+use crate::support;
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};

@@ -4,7 +4,7 @@
 //! delivered); and `run --subreaper` leaves no descendant of its command
 //! behind. Each of these waited for its deadline (19-92 s) before.
 
-mod support;
+use crate::support;
 
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};

@@ -188,6 +188,14 @@ pub fn pip_install(spec: &str, dir_name: &str, override_var: &str) -> PathBuf {
     if dir.join(".complete").is_file() {
         return dir;
     }
+    // One install at a time in this process: tests on other threads that
+    // need the same packages wait for it, then find it complete (the
+    // partial directory is named by process, so two threads would share it).
+    static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = INSTALLING.lock().unwrap_or_else(|e| e.into_inner());
+    if dir.join(".complete").is_file() {
+        return dir;
+    }
     let partial = dir.with_extension(format!("partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&partial);
     eprintln!("installing {spec} into {}", dir.display());

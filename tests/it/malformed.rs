@@ -8,7 +8,7 @@
 //!
 //! To add a case, add a [`Case`] to [`corpus`].
 
-mod support;
+use crate::support;
 
 use support::fault::{Fault, FaultProxy};
 use support::{CANARY, Dir};

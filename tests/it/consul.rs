@@ -1,7 +1,7 @@
 //! Consul KV and services against the Consul test server: renders through the
 //! binary, and the blocking-query watch primitive through the library.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -577,7 +577,7 @@ fn the_test_server_satisfies_py_consul() {
         .arg("-s")
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/tests/support/consul_fidelity.py"
+            "/tests/it/support/consul_fidelity.py"
         ))
         .args([&host, &port])
         .env("PYTHONPATH", lib)

@@ -1,7 +1,7 @@
 //! The envrender binary, driven as a person or a script would: exit codes,
 //! messages, files on disk.
 
-mod support;
+use crate::support;
 
 use std::os::unix::fs::MetadataExt as _;
 

@@ -1,7 +1,7 @@
 //! SSM Parameter Store, KMS and Secrets Manager against the moto emulator,
 //! with a counting, fault-injecting proxy in front of it.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! `envrender run -- app` / `envrender -- app`: real child processes (shell
 //! scripts written here), their signals, exit codes, environment, zombies.
 
-mod support;
+use crate::support;
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};

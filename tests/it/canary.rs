@@ -8,7 +8,7 @@
 //! scanned: no canary anywhere but in the rendered files and in the command's
 //! environment, where they belong.
 
-mod support;
+use crate::support;
 
 use std::process::Stdio;
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! found before any request, with no output written; and references
 //! computed from values, and very large templates, must work.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -15,7 +15,7 @@
 //! tests say so and pass, unless ENVRENDER_REQUIRE_PODMAN is set (CI sets it);
 //! the process-level variant (`unshare`) runs everywhere.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};

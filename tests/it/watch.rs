@@ -2,7 +2,7 @@
 //! servers, the AWS emulator and the file system, with a process that counts
 //! the signals it receives.
 
-mod support;
+use crate::support;
 
 use std::os::unix::fs::MetadataExt as _;
 use std::process::{Child, Stdio};

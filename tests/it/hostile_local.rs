@@ -4,7 +4,7 @@
 //! files envrender writes. Tests run as root and play the other user with
 //! uid 65534 (nobody).
 
-mod support;
+use crate::support;
 
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::os::unix::process::CommandExt as _;

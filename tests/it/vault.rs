@@ -2,7 +2,7 @@
 //! Vault's API it reproduces (envelopes, token expiry, lease arithmetic,
 //! KV v2 deletions, mount detection, PKI).
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
@@ -75,7 +75,7 @@ fn the_test_server_satisfies_hvac() {
         .arg("-s")
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/tests/support/vault_fidelity.py"
+            "/tests/it/support/vault_fidelity.py"
         ))
         .args([&server.url, &server.root_token, &role_id, &secret_id])
         .env("PYTHONPATH", lib)

@@ -53,8 +53,9 @@ pub struct Moto {
 
 static SHARED: OnceLock<Moto> = OnceLock::new();
 
-/// The moto server shared by every test of this binary. Tests keep apart by
-/// using their own names (`/t/<test>/…`).
+/// The moto server shared by every test of the binary, whatever its module.
+/// Tests keep apart by using their own names (`/t/<test>/…`), distinct across
+/// modules too.
 pub fn moto() -> &'static Moto {
     SHARED.get_or_init(|| Moto::start(&[]))
 }
@@ -284,7 +285,7 @@ impl Proxy {
 pub fn auth_setup(url: &str, policy: &str, params: &[(&str, &str)]) -> (String, String) {
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/tests/support/moto_auth_setup.py"
+        "/tests/it/support/moto_auth_setup.py"
     );
     let out = Command::new("python3")
         .arg("-s")

@@ -8,7 +8,7 @@
 //! what an attacker would, in front of (or instead of) the protocol-faithful
 //! test servers of `support`.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -6,9 +6,9 @@
 //! gets to the end removes what the killed ones left behind.
 //!
 //! `cargo test` runs 1,000 cycles; `ENVRENDER_CRASH_CYCLES=10000 cargo test
-//! --test crash -- --nocapture` runs ten thousand and prints the tally.
+//! --test it crash:: -- --nocapture` runs ten thousand and prints the tally.
 
-mod support;
+use crate::support;
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::process::Stdio;

@@ -1,0 +1,32 @@
+//! envrender's integration tests, in one binary: the support code (the
+//! Consul and Vault test servers, the AWS emulator and its proxy, the fault
+//! proxy) compiles once instead of once per file. Each former `tests/*.rs`
+//! is a module here, so `cargo test --test it aws::` runs what
+//! `cargo test --test aws` ran.
+//!
+//! The modules share one process and run on parallel threads: a test must
+//! not change process-wide state (the environment, the current directory,
+//! the umask, signal dispositions, rlimits); it gives a child process what
+//! it needs through that child's `Command` instead.
+
+mod support;
+
+mod aws;
+mod canary;
+mod cli;
+mod consul;
+mod crash;
+mod deploy;
+mod docs_links;
+mod faults;
+mod hostile_local;
+mod hostile_servers;
+mod hostile_templates;
+mod hygiene;
+mod load;
+mod malformed;
+mod properties;
+mod run;
+mod shutdown;
+mod vault;
+mod watch;
