@@ -14,10 +14,13 @@
 //! moto (the AWS emulator) as a child, all on loopback.
 
 #[path = "../../tests/it/support/mod.rs"]
+#[allow(unsafe_code)]
 mod support;
 
 mod fleet;
 mod floor;
+// ptrace, wait4 and sysconf: the figures std cannot give.
+#[allow(unsafe_code)]
 mod measure;
 
 use std::collections::BTreeSet;

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use envrender::backend::aws::AwsConfig;
 use envrender::backend::aws::{Aws, secretsmanager::SecretsManager, ssm::Ssm};
-use envrender::backend::{Backend, Observation};
-use envrender::config::AwsConfig;
+use envrender::backend::{Backend, Observation, Watching};
 use support::aws::{
     ACCOUNT, Proxy, REGION, block_on, moto, put_parameters, put_parameters_in, sdk,
 };

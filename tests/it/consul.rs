@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use envrender::backend::consul::{Consul, ConsulConfig, WatchPolicy};
-use envrender::backend::{Backend, Observation};
+use envrender::backend::{Backend, Observation, Watching};
 use envrender::environment::MapEnv;
 use envrender::reference::{Source, parse};
 use support::Dir;

@@ -527,7 +527,7 @@ fn a_backtick_in_a_dotenv_value_runs_nothing_when_sourced() {
         "V".to_string(),
         "it's `touch pwned` $(touch pwned)".to_string(),
     )];
-    let text = envrender::output::env_file(&vars, envrender::config::EnvFormat::Dotenv);
+    let text = envrender::output::env_file(&vars, envrender::output::EnvFormat::Dotenv);
     std::fs::write(d.join("app.env"), &text).unwrap();
     let out = std::process::Command::new("/bin/sh")
         .current_dir(d.path())
@@ -592,7 +592,7 @@ proptest! {
 
     #[test]
     fn a_dotenv_file_sources_and_parses_back_exactly(value in hostile_value()) {
-        use envrender::config::EnvFormat;
+        use envrender::output::EnvFormat;
         let dir = tempfile::tempdir().unwrap();
         let vars = vec![
             ("FIRST".to_string(), value.clone()),

@@ -9,6 +9,9 @@
 //! the umask, signal dispositions, rlimits); it gives a child process what
 //! it needs through that child's `Command` instead.
 
+// The harness calls libc where std has no API: prctl for the AWS
+// emulator's death signal, wait4 for a child's peak memory.
+#[allow(unsafe_code)]
 mod support;
 
 mod aws;
@@ -20,9 +23,11 @@ mod deploy;
 mod docs_links;
 mod faults;
 mod hostile_local;
+#[allow(unsafe_code)]
 mod hostile_servers;
 mod hostile_templates;
 mod hygiene;
+mod layers;
 mod load;
 mod malformed;
 mod properties;

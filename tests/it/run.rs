@@ -56,10 +56,11 @@ fn exit_codes_are_the_commands() {
     assert_eq!(status.signal(), Some(15));
     // The short form.
     d.cmd(&["--", "sh", "-c", "exit 5"]).run().code(5);
-    // A command that does not exist is a usage error.
+    // A command that does not exist is found only after the values were
+    // fetched: not invalid input (2) but a failure to start (1).
     d.cmd(&["--", "/nonexistent/app"])
         .run()
-        .code(2)
+        .code(1)
         .stderr_has("cannot start /nonexistent/app");
 }
 

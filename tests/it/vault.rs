@@ -598,8 +598,8 @@ fn pki_issues_real_certificates() {
 
 // ---- the vault: backend, through the binary and the library ------------
 
-use envrender::backend::Backend;
 use envrender::backend::vault::{AuthConfig, RoleId, Vault, VaultConfig};
+use envrender::backend::{Backend, Watching};
 use envrender::environment::MapEnv;
 use support::{CANARY, Dir};
 
