@@ -3,6 +3,9 @@
 //! It serves the KV and service API subset described in
 //! `tests/it/support/consul.rs` on 127.0.0.1 until killed.
 
+// Harness code: a panic is a failed run with its line.
+#![allow(clippy::unwrap_used)]
+
 #[path = "../tests/it/support/consul.rs"]
 #[allow(dead_code)]
 mod consul;

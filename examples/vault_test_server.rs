@@ -5,6 +5,9 @@
 //! a database engine (role `app`: 1h TTL, 24h max) and PKI (role `web`), and
 //! prints its address and root token.
 
+// Harness code: a panic is a failed run with its line.
+#![allow(clippy::unwrap_used)]
+
 #[path = "../tests/it/support/vault.rs"]
 #[allow(dead_code)]
 mod vault;

@@ -13,6 +13,9 @@
 //! The servers: the Consul and Vault test servers in this process, and
 //! moto (the AWS emulator) as a child, all on loopback.
 
+// Harness code: a panic is a failed run with its line.
+#![allow(clippy::unwrap_used)]
+
 #[path = "../../tests/it/support/mod.rs"]
 #[allow(unsafe_code)]
 mod support;

@@ -9,6 +9,9 @@
 //! the umask, signal dispositions, rlimits); it gives a child process what
 //! it needs through that child's `Command` instead.
 
+// Harness code: a panic is a failed run with its line.
+#![allow(clippy::unwrap_used)]
+
 // The harness calls libc where std has no API: prctl for the AWS
 // emulator's death signal, wait4 for a child's peak memory.
 #[allow(unsafe_code)]

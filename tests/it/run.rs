@@ -9,17 +9,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::json;
-use support::Dir;
 use support::consul::ConsulServer;
 use support::vault::VaultServer;
-
-fn eventually(within: Duration, what: &str, cond: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < within, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use support::{Dir, eventually};
 
 /// Whether a process is gone (or a zombie nobody reaped yet).
 fn gone(pid: i32) -> bool {

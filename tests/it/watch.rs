@@ -8,19 +8,10 @@ use std::os::unix::fs::MetadataExt as _;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use support::Dir;
 use support::aws::block_on;
 use support::consul::ConsulServer;
 use support::vault::{Role, VaultServer};
-
-/// Polls `cond` every 20 ms for up to `within`.
-fn eventually(within: Duration, what: &str, cond: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < within, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use support::{Dir, eventually};
 
 /// A stand-in for the app: writes its pid to `app.pid` and a line to
 /// `hups` for each SIGHUP.
