@@ -119,7 +119,7 @@ impl<'a> Refresher<'a> {
         if self.debounce.done() && !self.reload_plan() {
             return None;
         }
-        let outcome = cycle(
+        let outcome = render_cycle(
             &self.plan,
             self.resolver,
             &self.settings,
@@ -127,6 +127,7 @@ impl<'a> Refresher<'a> {
             &self.health,
         )
         .await;
+        release_freed_memory();
         match outcome {
             Ok(mut cycle) => {
                 self.failures = 0;
@@ -224,20 +225,6 @@ pub struct Cycle {
     pub env: Vec<(String, String)>,
 }
 
-/// One render from the values held (fetching only what is missing), and
-/// a commit of what changed.
-async fn cycle(
-    plan: &Plan,
-    resolver: &Resolver,
-    settings: &Settings,
-    cache: &mut FetchResults,
-    health: &Health,
-) -> Result<Cycle, Error> {
-    let outcome = render_cycle(plan, resolver, settings, cache, health).await;
-    release_freed_memory();
-    outcome
-}
-
 /// Hands the memory a render freed (answers, rendered text) back to the
 /// system. glibc's allocator keeps freed pages for reuse, so a sidecar
 /// would otherwise idle holding its render's peak (36.3 MB anonymous memory
@@ -253,6 +240,8 @@ fn release_freed_memory() {
     }
 }
 
+/// One render from the values held (fetching only what is missing), and
+/// a commit of what changed.
 async fn render_cycle(
     plan: &Plan,
     resolver: &Resolver,
