@@ -35,6 +35,17 @@ pub fn run_settings(
             .iter()
             .filter_map(|(k, v)| Some((k.to_str()?.to_string(), v.to_str()?.to_string()))),
     )?;
+    // A variable set in the environment wins over the same name in
+    // `[env]`, whatever its value: an operator's override in a task
+    // definition is what the app gets (resolved first when it is a
+    // reference). envrender's own credentials are not the app's: `[env]`
+    // keeps those names unless `--keep-env` passes the environment's.
+    let overridden = |name: &str| {
+        let own = crate::environment::BACKEND_CREDENTIALS.contains(&name)
+            && !args.keep_env.iter().any(|k| k == name);
+        !own && process_env.iter().any(|(k, _)| k.to_str() == Some(name))
+    };
+    settings.env.retain(|(n, _)| !overridden(n));
     for (name, value) in references {
         settings.env.retain(|(n, _)| *n != name);
         settings.env.push((name, value));

@@ -432,3 +432,23 @@ fn with_restart_on_exit_a_command_that_exits_is_started_again() {
         .run()
         .code(4);
 }
+
+/// A variable set in the environment wins over the same name in `[env]`,
+/// whatever its value: an operator's override in a task definition
+/// (`LOG_LEVEL=debug`) is what the app gets, not the configuration's
+/// default.
+#[test]
+fn the_environment_wins_over_env_in_the_configuration() {
+    let d = Dir::new();
+    d.write(
+        "envrender.toml",
+        "[env]\nLOG_LEVEL = \"info\"\nREGION = \"eu-west-1\"\n",
+    );
+    d.cmd(&["--", "sh", "-c", "echo \"$LOG_LEVEL $REGION\" > seen"])
+        .env("LOG_LEVEL", "debug")
+        .run()
+        .success();
+    // The override wins; what the environment does not set comes from
+    // `[env]`.
+    assert_eq!(d.read("seen").trim(), "debug eu-west-1");
+}
