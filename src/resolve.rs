@@ -27,6 +27,9 @@ use crate::secret::Secret;
 pub const RETRY: Backoff =
     Backoff::new(Duration::from_millis(200), Duration::from_secs(5)).jitter(0.5, 1.0);
 
+/// The least time left worth one more attempt.
+const LAST_ATTEMPT: Duration = Duration::from_millis(100);
+
 /// How long one attempt may take: a third of the time left, at least 5 s
 /// (and never past the deadline), so an answer that never comes still
 /// leaves time to ask again. Returns the cut-off and the patience.
@@ -154,10 +157,19 @@ impl Resolver {
                 })
                 .max()
                 .unwrap_or_default();
-            let delay = self.backoff.delay(attempt).max(asked);
-            if Instant::now() + delay >= deadline {
+            // The timeout is the time allowed: a backoff step that would
+            // pass the deadline is cut short, for one last attempt just
+            // before it. Only a server's own `Retry-After` past the deadline,
+            // or too little time for an attempt, ends the retries early.
+            let left = deadline.saturating_duration_since(Instant::now());
+            if asked >= left || left <= LAST_ATTEMPT {
                 break;
             }
+            let delay = self
+                .backoff
+                .delay(attempt)
+                .max(asked)
+                .min(left - LAST_ATTEMPT);
             tracing::info!(
                 count = retry.len(),
                 retry_in_ms = delay.as_millis() as u64,

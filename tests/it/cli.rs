@@ -524,3 +524,29 @@ fn references_computed_from_fetched_data() {
         .success();
     assert_eq!(d.read("t.out"), "api 10.0.0.2 a\nweb 10.0.0.1 w\n");
 }
+
+/// `--timeout` is the time allowed: with a backend that never answers, the
+/// retries go on until it is nearly spent, not until the next backoff step
+/// would pass it (a 3 s timeout gave up after 2.3 s).
+#[test]
+fn the_timeout_is_the_time_allowed() {
+    let d = Dir::new();
+    d.write("t.hbs", "{{consul \"app/x\"}}");
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let start = std::time::Instant::now();
+    d.cmd(&["render", "--timeout", "3s", "--template", "t.hbs:x"])
+        .env("CONSUL_HTTP_ADDR", &nobody)
+        .run()
+        .code(1)
+        .stderr_has("cannot reach Consul");
+    let took = start.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(2800),
+        "gave up after {took:?} of 3 s"
+    );
+    assert!(took < std::time::Duration::from_secs(8), "took {took:?}");
+}
