@@ -159,10 +159,11 @@ impl Resolver {
                 .unwrap_or_default();
             // The timeout is the time allowed: a backoff step that would
             // pass the deadline is cut short, for one last attempt just
-            // before it. Only a server's own `Retry-After` past the deadline,
-            // or too little time for an attempt, ends the retries early.
+            // before it. A server's own `Retry-After` is never cut short: one
+            // that leaves no time for that attempt, or too little time
+            // left, ends the retries early.
             let left = deadline.saturating_duration_since(Instant::now());
-            if asked >= left || left <= LAST_ATTEMPT {
+            if asked + LAST_ATTEMPT > left || left <= LAST_ATTEMPT {
                 break;
             }
             let delay = self

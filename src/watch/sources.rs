@@ -104,7 +104,8 @@ impl Sources {
     /// Only the backends' background work for what `cache` holds: leases
     /// kept alive, nothing watched.
     pub fn keep_alive(&mut self, resolver: &Resolver, cache: &FetchResults) {
-        for (backend, _) in watched(resolver, cache) {
+        let fetched = cache.iter().filter(|(_, r)| r.is_ok());
+        for backend in fetched.filter_map(|(s, _)| watcher_of(resolver, s)) {
             self.start_background(&backend);
         }
     }
@@ -167,10 +168,7 @@ fn watched(resolver: &Resolver, cache: &FetchResults) -> Vec<(Arc<dyn Backend>, 
     let mut by_backend: HashMap<&'static str, (Arc<dyn Backend>, Known)> = HashMap::new();
     for (source, r) in cache {
         let Ok(fetched) = r else { continue };
-        if source.scheme == Scheme::File || resolver.serves_locally(source) {
-            continue;
-        }
-        let Ok(backend) = resolver.backends().get(source.scheme) else {
+        let Some(backend) = watcher_of(resolver, source) else {
             continue;
         };
         by_backend
@@ -184,6 +182,17 @@ fn watched(resolver: &Resolver, cache: &FetchResults) -> Vec<(Arc<dyn Backend>, 
         sources.sort_by(|a, b| a.0.cmp(&b.0));
     }
     out
+}
+
+/// The backend that follows `source` in watch mode: none for `file:`
+/// sources (the file watcher sees them), values answered by a local values
+/// file (they do not change), and backends that cannot watch.
+fn watcher_of(resolver: &Resolver, source: &Source) -> Option<Arc<dyn Backend>> {
+    if source.scheme == Scheme::File || resolver.serves_locally(source) {
+        return None;
+    }
+    let backend = resolver.backends().get(source.scheme).ok()?;
+    backend.watching().is_some().then_some(backend)
 }
 
 /// Looks at one backend's sources again and again: at once for backends

@@ -495,6 +495,19 @@ fn retry_after_is_honoured_within_the_deadline() {
         "{:?}",
         start.elapsed()
     );
+
+    // Nor is a Retry-After cut short to fit the deadline: 2 s asked with
+    // 2.05 s left leaves no time for that attempt, so the render ends
+    // instead of asking again after 1.95 s.
+    let fresh = VaultServer::start();
+    fresh.kv2_put("secret/", "app", json!({"password": "p"}));
+    fresh.fail(1, 503, Some("2"), "busy");
+    d.cmd(&["render", "--template", &t, "--timeout", "2050ms"])
+        .env("VAULT_ADDR", &fresh.url)
+        .env("VAULT_TOKEN", &fresh.root_token)
+        .run()
+        .code(1)
+        .stderr_has("HTTP 503");
 }
 
 #[test]
