@@ -225,10 +225,18 @@ pub fn scan(text: &str, max_depth: usize, piece: usize) -> Scan {
             j += 1;
         }
         let triple = lx.b.get(j) == Some(&b'{');
-        // Handlebars allows space between `{{` (or `{{~`) and `#`, `/`,
-        // `^` or `else`: `{{ #if x}}` opens a block all the same.
-        while lx.b.get(j).is_some_and(u8::is_ascii_whitespace) {
-            j += 1;
+        // Handlebars allows space around the `~` and before `#`, `/`, `^`
+        // or `else`: `{{ #if x}}` and `{{ ~ #if x}}` open blocks all the
+        // same.
+        let space = |mut j: usize| {
+            while lx.b.get(j).is_some_and(u8::is_ascii_whitespace) {
+                j += 1;
+            }
+            j
+        };
+        j = space(j);
+        if lx.b.get(j) == Some(&b'~') {
+            j = space(j + 1);
         }
         let tag = match lx.b.get(j).copied() {
             Some(b'#') => Tag::Open,
@@ -442,6 +450,20 @@ mod tests {
             scan("a\n\n  {{#if x}}{{#if y}}", 1, 0).too_deep,
             Some((3, 12))
         );
+    }
+
+    #[test]
+    fn space_before_the_tilde_still_opens_a_block() {
+        // Handlebars reads `{{ ~#if a}}` and `{{ ~ #if a}}` as blocks: an
+        // unclosed one does not compile, a closed one does.
+        let mut hb = handlebars::Handlebars::new();
+        assert!(hb.register_template_string("o", "{{ ~#if a}}x").is_err());
+        assert!(
+            hb.register_template_string("c", "{{ ~#if a}}x{{ ~ /if}}")
+                .is_ok()
+        );
+        assert!(!depth_ok("{{ ~#if a}}{{ ~ #if b}}x{{ ~/if}}{{ ~/if}}", 1));
+        assert!(depth_ok("{{ ~#if a}}{{ ~ #if b}}x{{ ~/if}}{{ ~/if}}", 2));
     }
 
     #[test]
