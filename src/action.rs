@@ -6,6 +6,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::backoff::Backoff;
+
 /// What to do after outputs changed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -38,6 +40,9 @@ pub enum Target {
     /// Every process of this name (`/proc/PID/comm` or its program).
     ProcessName(String),
 }
+
+/// Between the attempts of a failing action: 1 s, then 2 s.
+const RETRY: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(2));
 
 /// How long an `exec` action may run when nothing says.
 pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -140,7 +145,7 @@ pub async fn run_all(actions: &[Action], keep_env: &[String], mut done: impl FnM
                 }
                 Err(e) if attempt < 3 => {
                     tracing::warn!(action = %action, error = %e, attempt, "action failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(attempt)).await;
+                    tokio::time::sleep(RETRY.delay(attempt - 1)).await;
                 }
                 Err(e) => {
                     tracing::error!(action = %action, error = %e, "action failed");
@@ -221,7 +226,9 @@ pub async fn run(action: &Action, keep_env: &[String]) -> Result<(), String> {
                 .timeout(Duration::from_secs(10))
                 .send()
                 .await
-                .map_err(|e| crate::backend::error_chain(&e))?;
+                // reqwest names the URL in its errors, query and all; the
+                // query may carry a token.
+                .map_err(|e| crate::backend::error_chain(&e.without_url()))?;
             if response.status().is_success() {
                 Ok(())
             } else {
@@ -374,6 +381,15 @@ mod tests {
         assert_eq!(exec.to_string(), "run curl");
         let http = http_action("http://admin:s3cret@127.0.0.1:9090/-/reload?token=s3cret").unwrap();
         assert_eq!(http.to_string(), "POST http://127.0.0.1:9090/-/reload");
+    }
+
+    #[tokio::test]
+    async fn a_failed_post_does_not_print_its_url() {
+        // Nothing listens on port 1: the error is reqwest's, which names
+        // the URL, query and all, unless told not to.
+        let action = http_action("http://127.0.0.1:1/-/reload?token=s3cret").unwrap();
+        let e = run(&action, &[]).await.unwrap_err();
+        assert!(!e.contains("s3cret"), "{e}");
     }
 
     #[test]
