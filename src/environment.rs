@@ -92,12 +92,30 @@ pub const AWS_CREDENTIALS: &[&str] = &[
     "AWS_SHARED_CREDENTIALS_FILE",
 ];
 
+/// envrender's own settings that may hold a secret: the `--http` action's
+/// URL, whose query or userinfo may carry a token.
+pub const SETTINGS_WITH_SECRETS: &[&str] = &["ENVRENDER_HTTP"];
+
 /// The credential variables a reload command (`watch --exec`, an
 /// `on_change` `exec`) does not get: every one above, but those in `keep`.
 pub fn scrubbed_for_commands(keep: &[String]) -> impl Iterator<Item = &'static str> + '_ {
     BACKEND_CREDENTIALS
         .iter()
         .chain(AWS_CREDENTIALS)
+        .chain(SETTINGS_WITH_SECRETS)
         .copied()
         .filter(move |name| !keep.iter().any(|k| k == name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reload_commands_lose_the_http_actions_url() {
+        assert!(scrubbed_for_commands(&[]).any(|n| n == "ENVRENDER_HTTP"));
+        assert!(scrubbed_for_commands(&[]).any(|n| n == "VAULT_TOKEN"));
+        let keep = ["ENVRENDER_HTTP".to_string()];
+        assert!(!scrubbed_for_commands(&keep).any(|n| n == "ENVRENDER_HTTP"));
+    }
 }
