@@ -33,8 +33,8 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::{
-    Backend, BoxFuture, ErrorKind, FetchError, Fetched, Observation, PlannedCall, Watching,
-    error_chain, http,
+    Backend, BoxFuture, ErrorKind, FetchError, Fetched, Observation, PlannedCall, WatchGroup,
+    Watching, error_chain, http,
 };
 use crate::backoff::Backoff;
 use crate::environment::Environment;
@@ -973,7 +973,7 @@ impl Watching for Consul {
     }
 
     /// One watcher per blocking query (a key, a prefix, a service).
-    fn watch_groups(&self, sources: &[Source]) -> Vec<Vec<usize>> {
+    fn watch_groups(&self, sources: &[Source]) -> Vec<WatchGroup> {
         let mut groups: Vec<Vec<usize>> = self.client.watches_for(sources).into_values().collect();
         let mut seen = vec![false; sources.len()];
         for &i in groups.iter().flatten() {
@@ -983,7 +983,7 @@ impl Watching for Consul {
         if !rest.is_empty() {
             groups.push(rest);
         }
-        groups
+        groups.into_iter().map(WatchGroup::polled).collect()
     }
 
     fn observe<'a>(&'a self, known: &'a [(Source, Fetched)]) -> BoxFuture<'a, Vec<Observation>> {

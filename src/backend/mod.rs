@@ -274,15 +274,16 @@ pub trait Watching: Backend {
         false
     }
 
-    /// The sources watch mode looks at together, as groups of indices into
-    /// `sources`: one watcher per group, so that a change one group sees
-    /// does not cut and re-open the long polls of the others.
-    fn watch_groups(&self, sources: &[Source]) -> Vec<Vec<usize>> {
-        vec![(0..sources.len()).collect()]
+    /// The sources watch mode looks at together: one watcher per group, so
+    /// that a change one group sees does not cut and re-open the long polls
+    /// of the others, and values the backend pushes are not polled.
+    fn watch_groups(&self, sources: &[Source]) -> Vec<WatchGroup> {
+        vec![WatchGroup::polled((0..sources.len()).collect())]
     }
 
     /// A channel that moves when the backend's values change on their own
-    /// (Vault re-issuing a lease); watch mode observes again when it does.
+    /// (Vault re-issuing a lease); watch mode looks at the
+    /// [`WatchGroup::pushed`] groups when it does, at once.
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }
@@ -309,6 +310,35 @@ pub trait Watching: Backend {
                 })
                 .collect()
         })
+    }
+}
+
+/// Sources that watch mode looks at together.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchGroup {
+    /// Indices into the sources handed to [`Watching::watch_groups`].
+    pub members: Vec<usize>,
+    /// The backend keeps these values itself (Vault's leases): they are
+    /// looked at, with no request, each time [`Watching::changes`] moves,
+    /// and never polled; a failure among them is no reason to wait.
+    pub pushed: bool,
+}
+
+impl WatchGroup {
+    /// Sources looked at by blocking queries or polls.
+    pub fn polled(members: Vec<usize>) -> Self {
+        WatchGroup {
+            members,
+            pushed: false,
+        }
+    }
+
+    /// Sources whose changes the backend announces.
+    pub fn pushed(members: Vec<usize>) -> Self {
+        WatchGroup {
+            members,
+            pushed: true,
+        }
     }
 }
 

@@ -142,16 +142,23 @@ impl Sources {
                 sources.into_iter().map(Some).collect();
             for (watcher, group) in groups.into_iter().enumerate() {
                 let known: Vec<(Source, Fetched)> = group
+                    .members
                     .iter()
                     .filter_map(|&i| sources.get_mut(i)?.take())
                     .collect();
-                if !known.is_empty() {
-                    self.watchers.spawn(watch_backend(
-                        backend.clone(),
-                        watcher,
-                        known,
-                        self.tx.clone(),
-                    ));
+                if known.is_empty() {
+                    continue;
+                }
+                let watch = Watcher {
+                    backend: backend.clone(),
+                    watcher,
+                    known,
+                    tx: self.tx.clone(),
+                };
+                if group.pushed {
+                    self.watchers.spawn(watch.pushed());
+                } else {
+                    self.watchers.spawn(watch.polled());
                 }
             }
         }
@@ -195,40 +202,64 @@ fn watcher_of(resolver: &Resolver, source: &Source) -> Option<Arc<dyn Backend>> 
     backend.watching().is_some().then_some(backend)
 }
 
-/// Looks at one backend's sources again and again: at once for backends
-/// whose queries block until a change, else every poll interval (jittered)
-/// or when the backend says its values moved; after errors, with
-/// exponential backoff.
-async fn watch_backend(
+/// One watch group of one backend: its sources, what was last seen of
+/// them, and where to report.
+struct Watcher {
     backend: Arc<dyn Backend>,
     watcher: usize,
-    mut known: Vec<(Source, Fetched)>,
+    known: Vec<(Source, Fetched)>,
     tx: mpsc::Sender<Event>,
-) {
-    let Some(watching) = backend.watching() else {
-        return;
-    };
-    let mut changes = watching.changes();
-    let mut errors = 0u32;
-    loop {
-        if errors > 0 {
-            tokio::time::sleep(WATCH_BACKOFF.delay(errors - 1)).await;
-        } else if !watching.blocks() {
-            let delay = poll_delay(watching.poll_interval());
-            match changes.as_mut() {
-                Some(rx) => {
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        r = rx.changed() => if r.is_err() { changes = None; },
-                    }
-                }
-                None => tokio::time::sleep(delay).await,
+}
+
+impl Watcher {
+    /// Looks at the sources again and again: at once for backends whose
+    /// queries block until a change, else every poll interval (jittered);
+    /// after errors, with exponential backoff.
+    async fn polled(mut self) {
+        let backend = self.backend.clone();
+        let Some(watching) = backend.watching() else {
+            return;
+        };
+        let mut errors = 0u32;
+        loop {
+            if errors > 0 {
+                tokio::time::sleep(WATCH_BACKOFF.delay(errors - 1)).await;
+            } else if !watching.blocks() {
+                tokio::time::sleep(poll_delay(watching.poll_interval())).await;
+            }
+            let observations = watching.observe(&self.known).await;
+            let failed = self.report(observations).await;
+            let Some(failed) = failed else { return };
+            errors = if failed { errors + 1 } else { 0 };
+        }
+    }
+
+    /// Looks at sources the backend keeps itself each time it announces a
+    /// change: no request, so no backoff; a value it re-issued is reported
+    /// the moment it is announced.
+    async fn pushed(mut self) {
+        let backend = self.backend.clone();
+        let Some(watching) = backend.watching() else {
+            return;
+        };
+        let Some(mut changes) = watching.changes() else {
+            return;
+        };
+        loop {
+            changes.borrow_and_update();
+            let observations = watching.observe(&self.known).await;
+            if self.report(observations).await.is_none() || changes.changed().await.is_err() {
+                return;
             }
         }
-        let observations = watching.observe(&known).await;
+    }
+
+    /// Keeps what changed and sends what was observed; whether anything
+    /// failed, or `None` when the receiver is gone.
+    async fn report(&mut self, observations: Vec<Observation>) -> Option<bool> {
         let mut changed = Vec::new();
         let mut failed = Vec::new();
-        for ((source, fetched), o) in known.iter_mut().zip(observations) {
+        for ((source, fetched), o) in self.known.iter_mut().zip(observations) {
             match o {
                 Observation::Unchanged => {}
                 Observation::Changed(new) => {
@@ -238,15 +269,13 @@ async fn watch_backend(
                 Observation::Failed(e) => failed.push((source.clone(), e)),
             }
         }
-        errors = if failed.is_empty() { 0 } else { errors + 1 };
+        let any_failed = !failed.is_empty();
         let event = Event::Observed {
-            backend: backend.name(),
-            watcher,
+            backend: self.backend.name(),
+            watcher: self.watcher,
             changed,
             failed,
         };
-        if tx.send(event).await.is_err() {
-            return;
-        }
+        self.tx.send(event).await.ok().map(|()| any_failed)
     }
 }

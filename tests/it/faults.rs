@@ -441,6 +441,173 @@ fn a_vault_outage_longer_than_a_lease_reissues_once_on_recovery() {
     assert_eq!(server.count("logins"), 1);
 }
 
+/// A pod's Vault: a KV secret and database credentials that live 6 s,
+/// renewable up to 30 s, behind a fault proxy; `watch` renders both into one
+/// file, logged in with AppRole.
+struct DynamicPod {
+    server: VaultServer,
+    proxy: FaultProxy,
+    d: Dir,
+    r: Running,
+}
+
+impl DynamicPod {
+    fn start(vault_config: &str) -> DynamicPod {
+        let server = VaultServer::start();
+        server.policy(
+            "app",
+            &[
+                ("database/creds/app", &["read"]),
+                ("secret/data/app", &["read"]),
+            ],
+        );
+        server.database_role("app", 6, 30);
+        server.kv2_put("secret/", "app", json!({ "password": "kv-one" }));
+        let role_id = server.approle(
+            "app",
+            Role {
+                policies: vec!["app".into()],
+                ttl: 600,
+                ..Role::default()
+            },
+        );
+        let secret_id = server.secret_id("app", 0);
+        let proxy = FaultProxy::start(&server.url);
+        let d = Dir::new();
+        d.write("role-id", &role_id);
+        d.write("secret-id", &secret_id);
+        d.write(
+            "envrender.toml",
+            &format!(
+                "[vault]\nauth = {{ method = \"approle\", role_id_file = \"role-id\", secret_id_file = \"secret-id\" }}\n{vault_config}"
+            ),
+        );
+        d.write(
+            "db.hbs",
+            "user={{vault \"database/creds/app#username\"}}\npassword={{vault \"secret/app#password\"}}\n",
+        );
+        let listen = listen();
+        let r = Running::start(
+            d.cmd(&["watch", "--listen", &listen, "--template", "db.hbs:db.conf"])
+                .env("VAULT_ADDR", &proxy.url),
+            &d,
+            &listen,
+        );
+        DynamicPod {
+            server,
+            proxy,
+            d,
+            r,
+        }
+    }
+
+    /// The database user in the output.
+    fn user(&self) -> String {
+        let text = self.d.read("db.conf");
+        let line = text.lines().next().unwrap_or_default();
+        line.trim_start_matches("user=").to_string()
+    }
+
+    /// Waits for the output to name another user than `was`; returns the
+    /// new user and when the file first showed it.
+    fn next_user(&self, was: &str, within: Duration) -> (String, Instant) {
+        let give_up = Instant::now() + within;
+        loop {
+            let user = self.user();
+            if !user.is_empty() && user != was {
+                return (user, Instant::now());
+            }
+            assert!(
+                Instant::now() < give_up,
+                "no new credential within {within:?}\n{}",
+                self.r.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// When Vault issued the credential of `user`.
+    fn issued_at(&self, user: &str) -> Instant {
+        self.server
+            .issued()
+            .into_iter()
+            .find(|(_, u)| u == user)
+            .map(|(at, _)| at)
+            .unwrap_or_else(|| panic!("Vault never issued {user}"))
+    }
+}
+
+/// Vault answers 503 for longer than the credentials live, keeping its
+/// state; once it is back, the credentials it issues again reach the file
+/// within about a second, whatever the backoff of the watch on the KV
+/// secret that failed beside them, and one recovery issues one credential.
+#[test]
+fn after_a_vault_outage_the_new_credential_is_delivered_at_once() {
+    let pod = DynamicPod::start("kv_refresh = \"1s\"\n");
+    let first = pod.user();
+    assert!(!first.is_empty());
+    pod.proxy.inject(Fault::Status(503), None);
+    std::thread::sleep(Duration::from_secs(15));
+    assert_eq!(pod.user(), first, "rewritten during the outage");
+    assert!(!pod.server.valid_credentials().contains(&first));
+    pod.proxy.clear();
+    let (user, written) = pod.next_user(&first, Duration::from_secs(30));
+    let delay = written.duration_since(pod.issued_at(&user));
+    assert!(
+        delay < Duration::from_secs(2),
+        "written {delay:?} after Vault issued it\n{}",
+        pod.r.log()
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(pod.server.count("leases_issued"), 2, "{}", pod.r.log());
+    assert_eq!(pod.user(), user);
+    assert!(pod.server.valid_credentials().contains(&user));
+}
+
+/// The same through a restart that loses Vault's tokens and leases: a new
+/// login, one new credential, delivered at once.
+#[test]
+fn after_a_vault_restart_that_loses_its_leases_one_new_credential_is_delivered_at_once() {
+    let pod = DynamicPod::start("kv_refresh = \"1s\"\n");
+    let first = pod.user();
+    pod.proxy.inject(Fault::Status(503), None);
+    std::thread::sleep(Duration::from_secs(3));
+    pod.server.lose_sessions();
+    std::thread::sleep(Duration::from_secs(9));
+    pod.proxy.clear();
+    let (user, written) = pod.next_user(&first, Duration::from_secs(30));
+    let delay = written.duration_since(pod.issued_at(&user));
+    assert!(
+        delay < Duration::from_secs(2),
+        "written {delay:?} after Vault issued it\n{}",
+        pod.r.log()
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(pod.server.count("leases_issued"), 2, "{}", pod.r.log());
+    assert_eq!(pod.server.count("logins"), 2, "{}", pod.r.log());
+    assert_eq!(pod.user(), user);
+    assert!(pod.server.valid_credentials().contains(&user));
+}
+
+/// A lease re-issued (its renewal refused) is the only thing fetched:
+/// the KV secrets beside it are read on `kv_refresh`, not with it.
+#[test]
+fn a_reissued_lease_does_not_re_read_the_kv_secrets() {
+    let pod = DynamicPod::start("kv_refresh = \"1h\"\n");
+    let first = pod.user();
+    let reads = pod.server.count("kv_reads");
+    pod.server.revoke_leases();
+    let (user, _) = pod.next_user(&first, Duration::from_secs(15));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(pod.server.valid_credentials().contains(&user));
+    assert_eq!(
+        pod.server.count("kv_reads"),
+        reads,
+        "KV secrets read again with the re-issue\n{}",
+        pod.r.log()
+    );
+}
+
 #[test]
 fn consul_empty_answers_and_index_regressions_never_wipe_outputs() {
     let server = ConsulServer::start();

@@ -37,7 +37,8 @@ use serde_json::{Map, Value};
 
 use super::aws::Aws;
 use super::{
-    Backend, BoxFuture, ErrorKind, FetchError, Fetched, Observation, PlannedCall, Watching,
+    Backend, BoxFuture, ErrorKind, FetchError, Fetched, Observation, PlannedCall, WatchGroup,
+    Watching,
 };
 use crate::environment::Environment;
 use crate::reference::Source;
@@ -1050,6 +1051,25 @@ impl Watching for Vault {
 
     fn poll_interval(&self) -> Duration {
         self.inner.config.kv_refresh
+    }
+
+    /// What the scheduler holds (leases, certificates) is one group,
+    /// looked at when it announces a change; KV secrets are another, read
+    /// again every `kv_refresh`. A re-issue never re-reads KV, and a KV
+    /// read that fails never holds back a re-issued secret.
+    fn watch_groups(&self, sources: &[Source]) -> Vec<WatchGroup> {
+        let (held, read): (Vec<usize>, Vec<usize>) = {
+            let ledger = self
+                .inner
+                .ledger
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            (0..sources.len()).partition(|&i| ledger.held.contains_key(&request_key(&sources[i])))
+        };
+        [WatchGroup::pushed(held), WatchGroup::polled(read)]
+            .into_iter()
+            .filter(|g| !g.members.is_empty())
+            .collect()
     }
 
     fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {

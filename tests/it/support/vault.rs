@@ -122,6 +122,8 @@ struct State {
     leases: HashMap<String, Lease>,
     faults: Vec<(u16, Option<String>, String)>,
     counters: BTreeMap<&'static str, usize>,
+    /// When each database credential was issued (real time), and its user.
+    issued: Vec<(std::time::Instant, String)>,
     next_id: u64,
 }
 
@@ -610,6 +612,17 @@ impl VaultServer {
         }
     }
 
+    /// What a dev-mode Vault loses when it restarts: every token but the
+    /// root token, and every lease (gone, not revoked: renewing one answers
+    /// "lease not found"). Mounts, roles, policies and KV data stay, as a
+    /// setup script would put them back.
+    pub fn lose_sessions(&self) {
+        let mut st = self.state();
+        st.tokens
+            .retain(|_, t| t.policies.iter().any(|p| p == "root"));
+        st.leases.clear();
+    }
+
     pub fn database_role(&self, name: &str, ttl: u64, max_ttl: u64) {
         self.state().db_roles.insert(
             name.to_string(),
@@ -669,8 +682,14 @@ impl VaultServer {
         }
     }
 
+    /// When each database credential was issued (real time), with its
+    /// username, oldest first.
+    pub fn issued(&self) -> Vec<(std::time::Instant, String)> {
+        self.state().issued.clone()
+    }
+
     /// Counters: `logins`, `leases_issued`, `leases_renewed`, `leases_revoked`,
-    /// `requests`.
+    /// `kv_reads`, `requests`.
     pub fn count(&self, what: &str) -> usize {
         self.state()
             .counters
@@ -902,6 +921,9 @@ impl VaultServer {
             );
         }
         let rest = &path[mount_path.len().min(path.len())..];
+        if mount.kind == "kv" && op == "read" {
+            st.count("kv_reads");
+        }
         match (mount.kind, mount.version) {
             ("kv", Some("2")) => kv2(&mut st, &mount_path, rest, op, query, &data),
             ("kv", _) => kv1(&mut st, path, op, &data),
@@ -1568,6 +1590,8 @@ fn database(st: &mut State, token: &str, path: &str, rest: &str, op: &str) -> Re
             revoked: false,
         },
     );
+    st.issued
+        .push((std::time::Instant::now(), username.clone()));
     st.count("leases_issued");
     ok(envelope(
         json!({"username": username, "password": password}),
