@@ -222,14 +222,16 @@ impl Plan {
 
     /// [`Plan::resolve`], starting from values already fetched (watch mode
     /// keeps them between renders): only what `known` lacks, or failed to
-    /// get, is fetched.
+    /// get, is fetched; a value known to be absent is an answer, and is not
+    /// asked for again.
     pub async fn resolve_with(
         &self,
         resolver: &Resolver,
         deadline: Instant,
         known: FetchResults,
     ) -> Result<Resolution, Error> {
-        let prior: FetchResults = known.into_iter().filter(|(_, r)| r.is_ok()).collect();
+        let mut prior = known;
+        crate::resolve::keep_answers(&mut prior);
         let mut users: BTreeMap<Reference, BTreeSet<String>> = BTreeMap::new();
         for (name, value) in &self.env {
             if let EnvValue::Reference(r) = value {

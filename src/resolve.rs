@@ -55,6 +55,16 @@ pub struct Failure {
 /// The outcome of each distinct source fetched, by source.
 pub type FetchResults = HashMap<Source, Result<Fetched, FetchError>>;
 
+/// Keeps of `results` what is worth holding between renders: values, and
+/// absences (an absent value is an answer too); other failures are asked
+/// again.
+pub fn keep_answers(results: &mut FetchResults) {
+    results.retain(|_, r| match r {
+        Ok(_) => true,
+        Err(e) => e.kind == ErrorKind::NotFound,
+    });
+}
+
 /// Resolves references through a run's backends, retrying transient
 /// failures, optionally answering from a local values file first.
 #[derive(Clone)]

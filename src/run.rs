@@ -128,7 +128,7 @@ pub async fn run(
         .fetched
         .values()
         .any(|r| matches!(r, Ok(f) if f.lease.is_some()));
-    resolution.fetched.retain(|_, r| r.is_ok());
+    crate::resolve::keep_answers(&mut resolution.fetched);
     tracing::info!(
         references = resolution.users.len(),
         outputs = writes.len(),

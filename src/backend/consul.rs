@@ -33,7 +33,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::{
-    Backend, BoxFuture, ErrorKind, FetchError, Fetched, Observation, PlannedCall, WatchGroup,
+    Backend, BoxFuture, ErrorKind, FetchError, Fetched, Observation, PlannedCall, Seen, WatchGroup,
     Watching, error_chain, http,
 };
 use crate::backoff::Backoff;
@@ -986,7 +986,7 @@ impl Watching for Consul {
         groups.into_iter().map(WatchGroup::polled).collect()
     }
 
-    fn observe<'a>(&'a self, known: &'a [(Source, Fetched)]) -> BoxFuture<'a, Vec<Observation>> {
+    fn observe<'a>(&'a self, known: &'a [(Source, Seen)]) -> BoxFuture<'a, Vec<Observation>> {
         Box::pin(async move {
             let sources: Vec<Source> = known.iter().map(|(s, _)| s.clone()).collect();
             let client = &self.client;
@@ -1018,17 +1018,14 @@ impl Watching for Consul {
                         client.set_state(watch, state);
                         let mut changed = false;
                         for (&i, value) in served.iter().zip(values) {
-                            let old = &known[i].1;
-                            match value {
-                                Ok(new) if new.value != old.value => {
-                                    out[i] = Observation::Changed(new);
-                                    changed = true;
-                                }
-                                Ok(_) => {}
-                                Err(e) => {
-                                    out[i] = Observation::Failed(e);
-                                    changed = true;
-                                }
+                            // By value: a key's index moves with its
+                            // neighbours under a watched prefix.
+                            let o = Observation::compare(known[i].1.as_ref(), value, |a, b| {
+                                a.value != b.value
+                            });
+                            if o != Observation::Unchanged {
+                                out[i] = o;
+                                changed = true;
                             }
                         }
                         if changed || recovered {

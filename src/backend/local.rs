@@ -463,7 +463,7 @@ mod tests {
         std::fs::write(&path, "one").unwrap();
         let s = sources(&[&format!("file:{}", path.display())]);
         let first = FileBackend.fetch(&s).await.remove(0).unwrap();
-        let known = vec![(s[0].clone(), first)];
+        let known = vec![(s[0].clone(), Some(first))];
         assert_eq!(
             FileBackend.observe(&known).await,
             vec![Observation::Unchanged]
@@ -476,11 +476,21 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         assert!(matches!(
             FileBackend.observe(&known).await.remove(0),
-            Observation::Failed(FetchError {
+            Observation::Gone(FetchError {
                 kind: ErrorKind::NotFound,
                 ..
             })
         ));
+        let absent = vec![(s[0].clone(), None)];
+        assert_eq!(
+            FileBackend.observe(&absent).await,
+            vec![Observation::Unchanged]
+        );
+        std::fs::write(&path, "three").unwrap();
+        match FileBackend.observe(&absent).await.remove(0) {
+            Observation::Changed(f) => assert_eq!(f.value.expose(), "three"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

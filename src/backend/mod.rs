@@ -212,15 +212,41 @@ pub struct PlannedCall {
     pub detail: String,
 }
 
+/// What watch mode last saw of a source: its value, or `None` when the
+/// source was absent (absent is an answer, held like a value).
+pub type Seen = Option<Fetched>;
+
 /// What a later look at a source found.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Observation {
-    /// Same version (or content) as before.
+    /// Same version (or content) as before, or still absent.
     Unchanged,
-    /// A new value, to render again with.
+    /// A new value (or a value where there was none), to render again with.
     Changed(Fetched),
+    /// The value is gone: render again without it (a default, or a render
+    /// that fails and keeps the last good outputs).
+    Gone(FetchError),
     /// The look failed; watch mode reports it and backs off.
     Failed(FetchError),
+}
+
+impl Observation {
+    /// What a fresh answer says of a source last seen as `old`, with
+    /// `differs` telling two values apart.
+    pub fn compare(
+        old: Option<&Fetched>,
+        new: Result<Fetched, FetchError>,
+        differs: impl Fn(&Fetched, &Fetched) -> bool,
+    ) -> Observation {
+        match (old, new) {
+            (Some(old), Ok(new)) if differs(old, &new) => Observation::Changed(new),
+            (Some(_), Ok(_)) => Observation::Unchanged,
+            (None, Ok(new)) => Observation::Changed(new),
+            (None, Err(e)) if e.kind == ErrorKind::NotFound => Observation::Unchanged,
+            (Some(_), Err(e)) if e.kind == ErrorKind::NotFound => Observation::Gone(e),
+            (_, Err(e)) => Observation::Failed(e),
+        }
+    }
 }
 
 /// Serves every source of one scheme: names itself, plans and fetches them,
@@ -293,20 +319,19 @@ pub trait Watching: Backend {
         None
     }
 
-    /// Looks at each known source again and reports whether it changed. The
+    /// Looks at each known source again (`known` holds what was last seen
+    /// of each, absent included) and reports whether it changed. The
     /// default fetches again and compares versions (or content, when the
     /// backend has no versions); backends with change feeds override it.
-    fn observe<'a>(&'a self, known: &'a [(Source, Fetched)]) -> BoxFuture<'a, Vec<Observation>> {
+    fn observe<'a>(&'a self, known: &'a [(Source, Seen)]) -> BoxFuture<'a, Vec<Observation>> {
         Box::pin(async move {
             let sources: Vec<Source> = known.iter().map(|(s, _)| s.clone()).collect();
             let fresh = self.fetch(&sources).await;
             known
                 .iter()
                 .zip(fresh)
-                .map(|((_, old), new)| match new {
-                    Ok(new) if old.differs_from(&new) => Observation::Changed(new),
-                    Ok(_) => Observation::Unchanged,
-                    Err(e) => Observation::Failed(e),
+                .map(|((_, old), new)| {
+                    Observation::compare(old.as_ref(), new, Fetched::differs_from)
                 })
                 .collect()
         })

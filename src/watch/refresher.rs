@@ -203,8 +203,12 @@ fn apply(event: Event, cache: &mut FetchResults, debounce: &mut Debounce, health
                 debounce.changed();
             }
             for (source, fetched) in changed {
-                tracing::info!(backend, reference = %source, "changed");
-                cache.insert(source, Ok(fetched));
+                if fetched.is_ok() {
+                    tracing::info!(backend, reference = %source, "changed");
+                } else {
+                    tracing::info!(backend, reference = %source, "gone");
+                }
+                cache.insert(source, fetched);
             }
         }
         Event::Files => {
@@ -257,7 +261,7 @@ async fn render_cycle(
     let statuses = output::commit(&writes).map_err(Error::Output)?;
     let env = plan.env_vars(&resolution);
     *cache = resolution.fetched;
-    cache.retain(|_, r| r.is_ok());
+    crate::resolve::keep_answers(cache);
     let mut leases = BTreeMap::new();
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)

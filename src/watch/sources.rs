@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::files::{WatchedFiles, watch_files};
-use crate::backend::{Backend, FetchError, Fetched, Observation, poll_delay};
+use crate::backend::{Backend, ErrorKind, FetchError, Fetched, Observation, Seen, poll_delay};
 use crate::backoff::Backoff;
 use crate::engine::Settings;
 use crate::reference::{Scheme, Source};
@@ -33,8 +33,9 @@ pub enum Event {
         backend: &'static str,
         /// Which of the backend's watchers looked (see [`crate::backend::Watching::watch_groups`]).
         watcher: usize,
-        /// The sources whose values changed, with the new values.
-        changed: Vec<(Source, Fetched)>,
+        /// The sources whose values changed, with the new values (a
+        /// `NotFound` error: the value is gone).
+        changed: Vec<(Source, Result<Fetched, FetchError>)>,
         /// The sources that could not be looked at, and why.
         failed: Vec<(Source, FetchError)>,
     },
@@ -138,10 +139,9 @@ impl Sources {
             };
             let groups =
                 watching.watch_groups(&sources.iter().map(|(s, _)| s.clone()).collect::<Vec<_>>());
-            let mut sources: Vec<Option<(Source, Fetched)>> =
-                sources.into_iter().map(Some).collect();
+            let mut sources: Vec<Option<(Source, Seen)>> = sources.into_iter().map(Some).collect();
             for (watcher, group) in groups.into_iter().enumerate() {
-                let known: Vec<(Source, Fetched)> = group
+                let known: Vec<(Source, Seen)> = group
                     .members
                     .iter()
                     .filter_map(|&i| sources.get_mut(i)?.take())
@@ -165,16 +165,21 @@ impl Sources {
     }
 }
 
-/// Sources and what was last fetched for each.
-type Known = Vec<(Source, Fetched)>;
+/// Sources and what was last seen of each.
+type Known = Vec<(Source, Seen)>;
 
-/// The fetched sources, by the backend that watches them; local ones
+/// The sources fetched or found absent, by the backend that watches them;
+/// local ones
 /// (`file:` sources are watched through the file system, values answered
 /// by a local values file do not change) are left out.
 fn watched(resolver: &Resolver, cache: &FetchResults) -> Vec<(Arc<dyn Backend>, Known)> {
     let mut by_backend: HashMap<&'static str, (Arc<dyn Backend>, Known)> = HashMap::new();
     for (source, r) in cache {
-        let Ok(fetched) = r else { continue };
+        let seen = match r {
+            Ok(fetched) => Some(fetched.clone()),
+            Err(e) if e.kind == ErrorKind::NotFound => None,
+            Err(_) => continue,
+        };
         let Some(backend) = watcher_of(resolver, source) else {
             continue;
         };
@@ -182,7 +187,7 @@ fn watched(resolver: &Resolver, cache: &FetchResults) -> Vec<(Arc<dyn Backend>, 
             .entry(backend.name())
             .or_insert_with(|| (backend.clone(), Vec::new()))
             .1
-            .push((source.clone(), fetched.clone()));
+            .push((source.clone(), seen));
     }
     let mut out: Vec<_> = by_backend.into_values().collect();
     for (_, sources) in &mut out {
@@ -207,7 +212,7 @@ fn watcher_of(resolver: &Resolver, source: &Source) -> Option<Arc<dyn Backend>> 
 struct Watcher {
     backend: Arc<dyn Backend>,
     watcher: usize,
-    known: Vec<(Source, Fetched)>,
+    known: Vec<(Source, Seen)>,
     tx: mpsc::Sender<Event>,
 }
 
@@ -259,12 +264,16 @@ impl Watcher {
     async fn report(&mut self, observations: Vec<Observation>) -> Option<bool> {
         let mut changed = Vec::new();
         let mut failed = Vec::new();
-        for ((source, fetched), o) in self.known.iter_mut().zip(observations) {
+        for ((source, seen), o) in self.known.iter_mut().zip(observations) {
             match o {
                 Observation::Unchanged => {}
                 Observation::Changed(new) => {
-                    *fetched = new.clone();
-                    changed.push((source.clone(), new));
+                    *seen = Some(new.clone());
+                    changed.push((source.clone(), Ok(new)));
+                }
+                Observation::Gone(e) => {
+                    *seen = None;
+                    changed.push((source.clone(), Err(e)));
                 }
                 Observation::Failed(e) => failed.push((source.clone(), e)),
             }

@@ -383,7 +383,7 @@ fn secrets_manager_looks_at_describe_secret_before_fetching_again() {
             .await
             .remove(0)
             .unwrap();
-        let known = vec![(source.clone(), first)];
+        let known = vec![(source.clone(), Some(first))];
         proxy.reset_counts();
         assert_eq!(backend.observe(&known).await, vec![Observation::Unchanged]);
         assert_eq!(proxy.counts(), [("DescribeSecret".to_string(), 1)].into());
@@ -421,7 +421,7 @@ fn ssm_change_detection_compares_versions_in_batches() {
     let known: Vec<_> = sources
         .iter()
         .cloned()
-        .zip(fetched.into_iter().map(Result::unwrap))
+        .zip(fetched.into_iter().map(|f| Some(f.unwrap())))
         .collect();
     put_parameters(&moto.url, &[("/t/poll/p03", "changed", false)]);
     block_on(async {

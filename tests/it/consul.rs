@@ -318,7 +318,7 @@ fn stale_reads_are_repeated_against_the_leader_when_too_old() {
 /// Observes `known` on a thread of its own; the result arrives on the channel.
 fn observe_in_background(
     consul: Arc<Consul>,
-    known: Vec<(Source, envrender::backend::Fetched)>,
+    known: Vec<(Source, envrender::backend::Seen)>,
 ) -> std::sync::mpsc::Receiver<Vec<Observation>> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -348,12 +348,12 @@ fn wait_until_or(what: &str, f: impl Fn() -> bool, show: impl Fn() -> String) {
     }
 }
 
-fn known(consul: &Consul, refs: &[&str]) -> Vec<(Source, envrender::backend::Fetched)> {
+fn known(consul: &Consul, refs: &[&str]) -> Vec<(Source, envrender::backend::Seen)> {
     let sources: Vec<Source> = refs.iter().map(|r| source(r)).collect();
     let fetched = block_on(consul.fetch(&sources));
     sources
         .into_iter()
-        .zip(fetched.into_iter().map(Result::unwrap))
+        .zip(fetched.into_iter().map(|f| Some(f.unwrap())))
         .collect()
 }
 

@@ -608,6 +608,79 @@ fn a_reissued_lease_does_not_re_read_the_kv_secrets() {
     );
 }
 
+/// A key that is absent (its template gives a default) is held like a
+/// value: during a Consul outage a credential Vault re-issues is still
+/// written, because nothing asks Consul for the absent key again; and the
+/// key is watched, so it comes through once it exists.
+#[test]
+fn an_absent_value_is_held_so_a_consul_outage_does_not_hold_back_a_new_credential() {
+    let consul = ConsulServer::start();
+    let consul_proxy = FaultProxy::start(&consul.url);
+    let vault = VaultServer::start();
+    vault.database_role("app", 4, 600);
+    let d = Dir::new();
+    d.write("envrender.toml", "[consul]\nwait = \"2s\"\n");
+    d.write(
+        "http.hbs",
+        "max_conns={{consul \"app/prod/http/max_conns\" default=\"1024\"}}\n",
+    );
+    d.write("db.hbs", "user={{vault \"database/creds/app#username\"}}\n");
+    let listen = listen();
+    let r = Running::start(
+        d.cmd(&[
+            "watch",
+            "--listen",
+            &listen,
+            "--template",
+            "http.hbs:http.conf",
+            "--template",
+            "db.hbs:db.conf",
+        ])
+        .env("CONSUL_HTTP_ADDR", consul_proxy.addr())
+        .env("VAULT_ADDR", &vault.url)
+        .env("VAULT_TOKEN", &vault.root_token),
+        &d,
+        &listen,
+    );
+    assert_eq!(d.read("http.conf"), "max_conns=1024\n");
+    let first = d.read("db.conf");
+    consul_proxy.inject(Fault::Status(503), None);
+    eventually(
+        Duration::from_secs(20),
+        "degraded readiness naming consul",
+        || {
+            let (status, text) = r.ready();
+            status == 503 && text.contains("consul")
+        },
+    );
+    // Vault refuses the next renewal: a new credential is issued.
+    vault.revoke_leases();
+    eventually(
+        Duration::from_secs(15),
+        "the new credential written",
+        || d.read("db.conf") != first,
+    );
+    let user = d
+        .read("db.conf")
+        .trim()
+        .trim_start_matches("user=")
+        .to_string();
+    assert!(vault.valid_credentials().contains(&user), "{}", r.log());
+    assert_eq!(d.read("http.conf"), "max_conns=1024\n");
+    consul_proxy.clear();
+    consul.put("app/prod/http/max_conns", "2048");
+    eventually(Duration::from_secs(20), "the key, once it exists", || {
+        d.read("http.conf") == "max_conns=2048\n"
+    });
+    // And once it is gone again, the default.
+    consul.delete("app/prod/http/max_conns");
+    eventually(
+        Duration::from_secs(20),
+        "the default, once the key is gone",
+        || d.read("http.conf") == "max_conns=1024\n",
+    );
+}
+
 #[test]
 fn consul_empty_answers_and_index_regressions_never_wipe_outputs() {
     let server = ConsulServer::start();

@@ -1021,7 +1021,7 @@ async fn certificates_are_reissued_before_they_expire() {
         .remove(0)
         .unwrap();
     assert_ne!(serial(&renewed), serial(&first));
-    let known = [(cert.clone(), first)];
+    let known = [(cert.clone(), Some(first))];
     assert!(matches!(
         vault.observe(&known).await[0],
         envrender::backend::Observation::Changed(_)
@@ -1218,7 +1218,11 @@ async fn kv_secrets_are_looked_at_again_by_version() {
         .map(Result::unwrap)
         .collect();
     assert_eq!(first[0].version.as_deref(), Some("1"));
-    let known: Vec<_> = sources.iter().cloned().zip(first).collect();
+    let known: Vec<_> = sources
+        .iter()
+        .cloned()
+        .zip(first.into_iter().map(Some))
+        .collect();
     let unchanged = |o: &envrender::backend::Observation| {
         matches!(o, envrender::backend::Observation::Unchanged)
     };

@@ -219,7 +219,7 @@ impl Watching for Kms {
     /// A ciphertext's plaintext never changes.
     fn observe<'a>(
         &'a self,
-        known: &'a [(Source, Fetched)],
+        known: &'a [(Source, crate::backend::Seen)],
     ) -> BoxFuture<'a, Vec<crate::backend::Observation>> {
         Box::pin(async move {
             known

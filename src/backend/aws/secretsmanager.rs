@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 
 use super::{Aws, RegionClients, sdk_error};
 use crate::backend::{
-    Backend, BoxFuture, ErrorKind, FetchError, Fetched, Observation, PlannedCall, Watching,
+    Backend, BoxFuture, ErrorKind, FetchError, Fetched, Observation, PlannedCall, Seen, Watching,
 };
 use crate::reference::{Source, is_version_id};
 use crate::secret::Secret;
@@ -420,11 +420,11 @@ impl Watching for SecretsManager {
 
     /// `DescribeSecret` first; the value is fetched again only when the
     /// version carrying the stage has changed.
-    fn observe<'a>(&'a self, known: &'a [(Source, Fetched)]) -> BoxFuture<'a, Vec<Observation>> {
+    fn observe<'a>(&'a self, known: &'a [(Source, Seen)]) -> BoxFuture<'a, Vec<Observation>> {
         Box::pin(async move {
             let mut out = Vec::with_capacity(known.len());
             for (s, old) in known {
-                if s.version.as_deref().is_some_and(is_version_id) {
+                if s.version.as_deref().is_some_and(is_version_id) && old.is_some() {
                     // A version id names one immutable version.
                     out.push(Observation::Unchanged);
                     continue;
@@ -435,17 +435,19 @@ impl Watching for SecretsManager {
                 };
                 let client = self.client(&region).await;
                 let stage = s.version.as_deref().unwrap_or("AWSCURRENT");
-                let observation = match SecretsManager::current_version(
-                    &self.aws, &client, &region, &s.path, stage,
-                )
-                .await
-                {
-                    Err(e) => Observation::Failed(e),
-                    Ok(current) if current.is_some() && current == old.version => {
-                        Observation::Unchanged
+                let current =
+                    SecretsManager::current_version(&self.aws, &client, &region, &s.path, stage)
+                        .await;
+                let fresh = match current {
+                    Ok(current)
+                        if current.is_some()
+                            && current == old.as_ref().and_then(|o| o.version.clone()) =>
+                    {
+                        out.push(Observation::Unchanged);
+                        continue;
                     }
                     Ok(Some(id)) => {
-                        match SecretsManager::get(
+                        SecretsManager::get(
                             self.aws.clone(),
                             client,
                             region,
@@ -453,13 +455,11 @@ impl Watching for SecretsManager {
                             Some(id),
                         )
                         .await
-                        {
-                            Ok(new) => Observation::Changed(new),
-                            Err(e) => Observation::Failed(e),
-                        }
                     }
-                    Ok(None) => Observation::Failed(not_found(&s.path, Some(stage))),
+                    Ok(None) => Err(not_found(&s.path, Some(stage))),
+                    Err(e) => Err(e),
                 };
+                let observation = Observation::compare(old.as_ref(), fresh, Fetched::differs_from);
                 out.push(observation);
             }
             out

@@ -37,7 +37,7 @@ use serde_json::{Map, Value};
 
 use super::aws::Aws;
 use super::{
-    Backend, BoxFuture, ErrorKind, FetchError, Fetched, Observation, PlannedCall, WatchGroup,
+    Backend, BoxFuture, ErrorKind, FetchError, Fetched, Observation, PlannedCall, Seen, WatchGroup,
     Watching,
 };
 use crate::environment::Environment;
@@ -1084,7 +1084,7 @@ impl Watching for Vault {
     /// Held values (leases, certificates) are compared with the ledger,
     /// which the scheduler keeps current, with no request; KV secrets are
     /// read again and compared by version.
-    fn observe<'a>(&'a self, known: &'a [(Source, Fetched)]) -> BoxFuture<'a, Vec<Observation>> {
+    fn observe<'a>(&'a self, known: &'a [(Source, Seen)]) -> BoxFuture<'a, Vec<Observation>> {
         Box::pin(async move {
             // Held values from the ledger; the rest (KV) read again, concurrently.
             let held: Vec<Option<lease::Held>> = {
@@ -1130,11 +1130,11 @@ impl Watching for Vault {
                         ))
                     }),
                 };
-                out.push(match fresh {
-                    Ok(new) if old.differs_from(&new) => Observation::Changed(new),
-                    Ok(_) => Observation::Unchanged,
-                    Err(e) => Observation::Failed(e),
-                });
+                out.push(Observation::compare(
+                    old.as_ref(),
+                    fresh,
+                    Fetched::differs_from,
+                ));
             }
             out
         })
