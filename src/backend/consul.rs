@@ -41,10 +41,12 @@ use crate::environment::Environment;
 use crate::reference::{Scheme, Source};
 use crate::secret::Secret;
 
-/// Between blocking queries after errors: 500 ms doubling to 30 s, each in
-/// the second half of its step.
+/// Between blocking queries after errors: 500 ms doubling to 4 s, each in
+/// the second half of its step. Consul is usually an agent on the node: a
+/// query every few seconds costs it nothing, and an agent that is back is
+/// seen (and readiness restored) within seconds.
 const WATCH_BACKOFF: Backoff =
-    Backoff::new(Duration::from_millis(500), Duration::from_secs(30)).jitter(0.5, 1.0);
+    Backoff::new(Duration::from_millis(500), Duration::from_secs(4)).jitter(0.5, 1.0);
 
 /// How reads and watches group keys into requests (recursive reads and
 /// blocking queries).
@@ -1089,8 +1091,12 @@ impl<'a> Pending<'a> {
             } else if !spacing.is_zero() {
                 tokio::time::sleep(spacing).await;
             }
+            // After errors, a query that answers at once: the values are
+            // the same or not, and either way the watch is healthy again
+            // now, not when a blocking query with the old index returns.
+            let index = if state.errors > 0 { 0 } else { state.index };
             let refs: Vec<&Source> = served.iter().collect();
-            (w, client.poll(&watch, &refs, state.index).await)
+            (w, client.poll(&watch, &refs, index).await)
         });
     }
 

@@ -294,8 +294,8 @@ pub trait Watching: Backend {
     }
 
     /// Whether [`Watching::observe`] itself waits for a change (blocking
-    /// queries), so that watch mode calls it again at once instead of
-    /// sleeping for [`Watching::poll_interval`] first.
+    /// queries) and paces its own retries after errors, so that watch mode
+    /// calls it again at once instead of sleeping first.
     fn blocks(&self) -> bool {
         false
     }

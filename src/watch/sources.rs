@@ -218,8 +218,9 @@ struct Watcher {
 
 impl Watcher {
     /// Looks at the sources again and again: at once for backends whose
-    /// queries block until a change, else every poll interval (jittered);
-    /// after errors, with exponential backoff.
+    /// queries block until a change (they pace their own retries), else
+    /// every poll interval (jittered), after errors with exponential
+    /// backoff.
     async fn polled(mut self) {
         let backend = self.backend.clone();
         let Some(watching) = backend.watching() else {
@@ -227,9 +228,11 @@ impl Watcher {
         };
         let mut errors = 0u32;
         loop {
-            if errors > 0 {
+            if watching.blocks() {
+                // Blocking queries pace themselves, errors included.
+            } else if errors > 0 {
                 tokio::time::sleep(WATCH_BACKOFF.delay(errors - 1)).await;
-            } else if !watching.blocks() {
+            } else {
                 tokio::time::sleep(poll_delay(watching.poll_interval())).await;
             }
             let observations = watching.observe(&self.known).await;

@@ -681,6 +681,50 @@ fn an_absent_value_is_held_so_a_consul_outage_does_not_hold_back_a_new_credentia
     );
 }
 
+/// After a Consul outage, readiness is back within seconds of Consul
+/// answering again with the same data, not when the next blocking query
+/// returns (up to its `wait`: 20 s here, a minute by default).
+#[test]
+fn readiness_returns_within_seconds_of_consul_answering_again() {
+    let consul = ConsulServer::start();
+    consul.put("app/k", "v");
+    let proxy = FaultProxy::start(&consul.url);
+    let d = Dir::new();
+    d.write("envrender.toml", "[consul]\nwait = \"20s\"\n");
+    d.write("t.hbs", "k={{consul \"app/k\"}}\n");
+    let listen = listen();
+    let r = Running::start(
+        d.cmd(&["watch", "--listen", &listen, "--template", "t.hbs:out.conf"])
+            .env("CONSUL_HTTP_ADDR", proxy.addr()),
+        &d,
+        &listen,
+    );
+    // The blocking query is open when Consul goes away.
+    std::thread::sleep(Duration::from_millis(500));
+    proxy.inject(Fault::Status(503), None);
+    eventually(
+        Duration::from_secs(30),
+        "degraded readiness naming consul",
+        || {
+            let (status, text) = r.ready();
+            status == 503 && text.contains("consul")
+        },
+    );
+    std::thread::sleep(Duration::from_secs(12));
+    proxy.clear();
+    let back = Instant::now();
+    eventually(Duration::from_secs(20), "readiness", || r.ready().0 == 200);
+    let took = back.elapsed();
+    assert!(
+        took < Duration::from_secs(7),
+        "ready {took:?} after Consul answered again\n{}",
+        r.log()
+    );
+    let (_, text) = r.ready();
+    assert!(!text.contains("503"), "{text}");
+    assert_eq!(d.read("out.conf"), "k=v\n");
+}
+
 #[test]
 fn consul_empty_answers_and_index_regressions_never_wipe_outputs() {
     let server = ConsulServer::start();
