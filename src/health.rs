@@ -58,6 +58,13 @@ impl Health {
         self.last_success.store(unix_now(), Ordering::SeqCst);
     }
 
+    /// A lease was renewed: it now ends at `expires` (Unix seconds).
+    pub fn lease_renewed(&self, reference: &str, expires: f64) {
+        if let Some(at) = lock(&self.leases).get_mut(reference) {
+            *at = expires;
+        }
+    }
+
     /// A render failed; the last good outputs stay.
     pub fn render_failed(&self) {
         self.render_errors.fetch_add(1, Ordering::SeqCst);

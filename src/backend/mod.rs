@@ -63,13 +63,16 @@ impl Fetched {
 }
 
 /// A Vault lease on a fetched value.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Lease {
     /// Vault's lease id (`database/creds/app/…`).
     pub id: String,
     /// The life left when the value was answered, at most Vault's default
     /// max TTL (768h).
     pub duration: Duration,
+    /// When it ends unless renewed, in Unix seconds, as last known:
+    /// renewals move it.
+    pub expires: f64,
     /// Whether Vault allows the lease to be renewed.
     pub renewable: bool,
 }
@@ -223,6 +226,8 @@ pub enum Observation {
     Unchanged,
     /// A new value (or a value where there was none), to render again with.
     Changed(Fetched),
+    /// The same value, its lease extended: held, not rendered again.
+    Renewed(Fetched),
     /// The value is gone: render again without it (a default, or a render
     /// that fails and keeps the last good outputs).
     Gone(FetchError),
@@ -238,8 +243,13 @@ impl Observation {
         new: Result<Fetched, FetchError>,
         differs: impl Fn(&Fetched, &Fetched) -> bool,
     ) -> Observation {
+        let extended = |old: &Fetched, new: &Fetched| match (&old.lease, &new.lease) {
+            (Some(a), Some(b)) => b.expires - a.expires >= 1.0,
+            _ => false,
+        };
         match (old, new) {
             (Some(old), Ok(new)) if differs(old, &new) => Observation::Changed(new),
+            (Some(old), Ok(new)) if extended(old, &new) => Observation::Renewed(new),
             (Some(_), Ok(_)) => Observation::Unchanged,
             (None, Ok(new)) => Observation::Changed(new),
             (None, Err(e)) if e.kind == ErrorKind::NotFound => Observation::Unchanged,

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -187,6 +187,7 @@ fn apply(event: Event, cache: &mut FetchResults, debounce: &mut Debounce, health
             backend,
             watcher,
             changed,
+            renewed,
             failed,
         } => {
             // Each watcher's trouble is its own: one that is fine does not
@@ -201,6 +202,12 @@ fn apply(event: Event, cache: &mut FetchResults, debounce: &mut Debounce, health
             }
             if !changed.is_empty() {
                 debounce.changed();
+            }
+            for (source, fetched) in renewed {
+                if let Some(lease) = &fetched.lease {
+                    health.lease_renewed(&source.to_string(), lease.expires);
+                }
+                cache.insert(source, Ok(fetched));
             }
             for (source, fetched) in changed {
                 if fetched.is_ok() {
@@ -263,16 +270,12 @@ async fn render_cycle(
     *cache = resolution.fetched;
     crate::resolve::keep_answers(cache);
     let mut leases = BTreeMap::new();
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0);
     for (source, r) in cache.iter() {
         if let Ok(Fetched {
             lease: Some(lease), ..
         }) = r
         {
-            leases.insert(source.to_string(), now + lease.duration.as_secs_f64());
+            leases.insert(source.to_string(), lease.expires);
         }
     }
     let mut written = Vec::new();

@@ -36,6 +36,8 @@ pub enum Event {
         /// The sources whose values changed, with the new values (a
         /// `NotFound` error: the value is gone).
         changed: Vec<(Source, Result<Fetched, FetchError>)>,
+        /// The sources whose leases were extended, value unchanged.
+        renewed: Vec<(Source, Fetched)>,
         /// The sources that could not be looked at, and why.
         failed: Vec<(Source, FetchError)>,
     },
@@ -266,10 +268,15 @@ impl Watcher {
     /// failed, or `None` when the receiver is gone.
     async fn report(&mut self, observations: Vec<Observation>) -> Option<bool> {
         let mut changed = Vec::new();
+        let mut renewed = Vec::new();
         let mut failed = Vec::new();
         for ((source, seen), o) in self.known.iter_mut().zip(observations) {
             match o {
                 Observation::Unchanged => {}
+                Observation::Renewed(new) => {
+                    *seen = Some(new.clone());
+                    renewed.push((source.clone(), new));
+                }
                 Observation::Changed(new) => {
                     *seen = Some(new.clone());
                     changed.push((source.clone(), Ok(new)));
@@ -286,6 +293,7 @@ impl Watcher {
             backend: self.backend.name(),
             watcher: self.watcher,
             changed,
+            renewed,
             failed,
         };
         self.tx.send(event).await.ok().map(|()| any_failed)

@@ -919,8 +919,9 @@ async fn a_short_lease_is_kept_valid_by_renewals_then_reissued_at_its_max_ttl() 
         "{}",
         server.count("leases_renewed")
     );
+    // Announced: each renewal (a new end) and the re-issue.
     assert!(changes.has_changed().unwrap());
-    assert_eq!(*changes.borrow_and_update(), 1);
+    assert!(*changes.borrow_and_update() >= 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

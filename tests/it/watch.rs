@@ -375,6 +375,48 @@ fn vault_renewals_rewrite_nothing_and_the_max_ttl_reissue_signals_once() {
     w.stop();
 }
 
+/// `envrender_lease_expiry_timestamp_seconds` moves with each renewal, so
+/// an alert on it does not fire while the lease is kept alive.
+#[test]
+fn the_lease_expiry_metric_follows_renewals() {
+    let server = VaultServer::start();
+    server.database_role("app", 4, 600);
+    let d = Dir::new();
+    d.write("db.hbs", "user={{vault \"database/creds/app#username\"}}\n");
+    let w = Watch::start(
+        d.cmd(&["watch", "--template", "db.hbs:db.conf"])
+            .env("VAULT_ADDR", &server.url)
+            .env("VAULT_TOKEN", &server.root_token),
+        &d,
+    );
+    let expiry = || -> f64 {
+        let metrics = w.get("/metrics").1;
+        metrics
+            .lines()
+            .find(|l| l.starts_with("envrender_lease_expiry_timestamp_seconds{"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no lease expiry in\n{metrics}"))
+    };
+    let first = expiry();
+    eventually(Duration::from_secs(15), "two renewals", || {
+        server.count("leases_renewed") >= 2
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let later = expiry();
+    assert!(
+        later > first + 1.0 && later > now,
+        "expiry {later} (first {first}) at {now}\n{}",
+        w.log()
+    );
+    assert_eq!(server.count("leases_issued"), 1);
+    w.stop();
+}
+
 #[test]
 fn template_edits_and_configmap_swaps_rerender() {
     let d = Dir::new();

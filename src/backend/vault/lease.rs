@@ -206,6 +206,7 @@ impl Held {
             lease: (!self.lease_id.is_empty()).then(|| Lease {
                 id: self.lease_id.clone(),
                 duration: Duration::from_secs_f64(left.min(MAX_TTL as f64)),
+                expires: self.expires,
                 renewable: self.renewable,
             }),
         }
@@ -453,8 +454,9 @@ impl Inner {
                     tracing::debug!(request = %h.key, lease = %h.lease_id, ttl_s = got, capped = h.capped, "Vault lease renewed");
                     if h.trouble.take().is_some() {
                         tracing::info!(request = %h.key, lease = %h.lease_id, "Vault lease renewed again after failures");
-                        self.changes.send_modify(|n| *n += 1);
                     }
+                    // Watch mode follows the new end (its expiry metric).
+                    self.changes.send_modify(|n| *n += 1);
                 }
             }
             Ok((answer, _)) if matches!(answer.status, 400 | 403 | 404) => {

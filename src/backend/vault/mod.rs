@@ -185,7 +185,8 @@ struct Inner {
     /// Held while the state file is written, so writes land in order.
     saving: Mutex<()>,
     config: VaultConfig,
-    /// Bumped whenever a held value is re-issued (for watch mode).
+    /// Bumped whenever a held value is re-issued, renewed or in trouble
+    /// (for watch mode).
     changes: tokio::sync::watch::Sender<u64>,
     /// Wakes the scheduler when something new is held.
     wake: tokio::sync::Notify,
@@ -359,7 +360,7 @@ impl Vault {
     }
 
     /// A receiver that sees a new number each time a held value (dynamic
-    /// secret, certificate) is re-issued.
+    /// secret, certificate) is re-issued, renewed, or fails to be kept.
     pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.changes.subscribe()
     }
