@@ -17,7 +17,7 @@ use toml::Spanned;
 use crate::action::{self, Action};
 use crate::backend::aws::AwsConfig;
 use crate::backend::consul::ConsulConfig;
-use crate::backend::vault::{AuthConfig, RoleId, VaultConfig};
+use crate::backend::vault::{AuthConfig, MAX_LEASE_OVERLAP, RoleId, VaultConfig};
 use crate::engine::{EnvFileOutput, EnvValue, TemplateOutput};
 use crate::output::{DEFAULT_MODE, EnvFormat, Owner};
 use crate::problem::ConfigError;
@@ -116,6 +116,9 @@ struct RawVault {
     state_file: Option<Spanned<String>>,
     kv_refresh: Option<Spanned<String>>,
     pki_reissue_at: Option<Spanned<f64>>,
+    lease_overlap: Option<Spanned<f64>>,
+    #[serde(default)]
+    lease_overlap_for: BTreeMap<String, Spanned<f64>>,
     #[serde(default)]
     kv_mounts: BTreeMap<String, Spanned<i64>>,
     max_answer_size: Option<Spanned<SizeValue>>,
@@ -472,6 +475,23 @@ impl Validator<'_> {
     /// One of `client_cert` / `client_key` under `[section]`, resolved
     /// against the configuration's folder; one without the other is an
     /// error (reported once, at the certificate).
+    /// A lease overlap: a share of the TTL, above 0 and at most
+    /// [`MAX_LEASE_OVERLAP`].
+    fn overlap(&mut self, share: &Spanned<f64>, name: &str) -> Option<f64> {
+        let value = *share.get_ref();
+        if value > 0.0 && value <= MAX_LEASE_OVERLAP {
+            return Some(value);
+        }
+        self.error(
+            share,
+            format!(
+                "{name} must be a share of the lease's TTL, above 0 and at most {MAX_LEASE_OVERLAP}"
+            ),
+            "e.g. 0.5: new credentials are in place while the old ones still have half their TTL",
+        );
+        None
+    }
+
     fn client_pair(
         &mut self,
         this: &Option<Spanned<String>>,
@@ -514,6 +534,18 @@ impl Validator<'_> {
             Some(f) => *f.get_ref(),
             None => defaults.pki_reissue_at,
         };
+        let lease_overlap = raw
+            .lease_overlap
+            .as_ref()
+            .and_then(|share| self.overlap(share, "vault.lease_overlap"))
+            .unwrap_or(defaults.lease_overlap);
+        let mut lease_overlap_for = Vec::new();
+        for (path, share) in &raw.lease_overlap_for {
+            let name = format!("vault.lease_overlap_for.\"{path}\"");
+            if let Some(share) = self.overlap(share, &name) {
+                lease_overlap_for.push((path.trim_matches('/').to_string(), share));
+            }
+        }
         let mut kv_mounts = Vec::new();
         for (path, version) in &raw.kv_mounts {
             let mount = path.trim_matches('/');
@@ -564,6 +596,8 @@ impl Validator<'_> {
                 .map(|p| self.path(p, "vault.state_file")),
             kv_refresh,
             pki_reissue_at,
+            lease_overlap,
+            lease_overlap_for,
             kv_mounts,
             max_answer_size: self
                 .size(raw.max_answer_size.as_ref(), "vault.max_answer_size")
@@ -998,6 +1032,35 @@ mode = "0400"
         assert_eq!(c.env_files[0].format, EnvFormat::Dotenv);
         assert_eq!(c.env_files[1].format, EnvFormat::Json);
         assert_eq!(c.env_files[1].mode, 0o400);
+    }
+
+    #[test]
+    fn lease_overlaps() {
+        let c = parse(
+            "envrender.toml",
+            "[vault]\nlease_overlap = 0.25\n[vault.lease_overlap_for]\n\"/database/creds/pool/\" = 0.5\n",
+        )
+        .unwrap();
+        assert_eq!(c.vault.lease_overlap_of("database/creds/app"), 0.25);
+        assert_eq!(c.vault.lease_overlap_of("database/creds/pool"), 0.5);
+        assert_eq!(
+            VaultConfig::default().lease_overlap_of("x"),
+            crate::backend::vault::DEFAULT_LEASE_OVERLAP
+        );
+        for bad in [
+            "lease_overlap = 0.0",
+            "lease_overlap = 0.9",
+            "lease_overlap_for = { \"a/b\" = -1.0 }",
+        ] {
+            let errors = parse("envrender.toml", &format!("[vault]\n{bad}\n")).unwrap_err();
+            assert_eq!(errors.len(), 1, "{bad}");
+            assert_eq!(errors[0].line, Some(2), "{bad}");
+            assert!(
+                errors[0].message.contains("share of the lease's TTL"),
+                "{}",
+                errors[0].message
+            );
+        }
     }
 
     #[test]

@@ -417,6 +417,60 @@ fn the_lease_expiry_metric_follows_renewals() {
     w.stop();
 }
 
+/// New credentials are written while the old ones still have their
+/// overlap left: a third of the TTL by default, half for a path configured
+/// so (an app's connection pool keeps old credentials that long).
+#[test]
+fn new_credentials_arrive_while_the_old_ones_keep_their_overlap() {
+    let server = VaultServer::start();
+    server.database_role("app", 6, 18);
+    server.database_role("pool", 6, 18);
+    let d = Dir::new();
+    d.write(
+        "envrender.toml",
+        "[vault.lease_overlap_for]\n\"database/creds/pool\" = 0.5\n",
+    );
+    d.write("app.hbs", "{{vault \"database/creds/app#username\"}}");
+    d.write("pool.hbs", "{{vault \"database/creds/pool#username\"}}");
+    let w = Watch::start(
+        d.cmd(&[
+            "watch",
+            "--template",
+            "app.hbs:app.conf",
+            "--template",
+            "pool.hbs:pool.conf",
+        ])
+        .env("VAULT_ADDR", &server.url)
+        .env("VAULT_TOKEN", &server.root_token),
+        &d,
+    );
+    let mut files = [("app.conf", 1.0 / 3.0), ("pool.conf", 0.5)]
+        .map(|(file, share)| (file, share, d.read(file), None));
+    let give_up = Instant::now() + Duration::from_secs(30);
+    while files.iter().any(|f| f.3.is_none()) {
+        assert!(Instant::now() < give_up, "no new credentials\n{}", w.log());
+        for (file, _, first, written) in &mut files {
+            if written.is_none() && d.read(file) != *first {
+                *written = Some(std::time::SystemTime::now());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (file, share, first, written) in files {
+        let left = server
+            .ends_at(&first)
+            .duration_since(written.unwrap())
+            .unwrap_or_default();
+        assert!(
+            left >= Duration::from_secs_f64(6.0 * share),
+            "{file}: written {left:?} before the old credential ended\n{}",
+            w.log()
+        );
+    }
+    assert_eq!(server.count("leases_issued"), 4);
+    w.stop();
+}
+
 #[test]
 fn template_edits_and_configmap_swaps_rerender() {
     let d = Dir::new();

@@ -3,12 +3,16 @@
 //! that hands them (and the token) from the init container to the sidecar;
 //! and the scheduler that keeps them alive.
 //!
-//! Timing, in the spirit of Vault's own `LifetimeWatcher`:
-//! - a renewable lease is renewed after 60–70% of its current TTL, asking
-//!   for its original TTL again;
+//! Timing, in the spirit of Vault's own `LifetimeWatcher`, around the
+//! lease overlap `s` (`lease_overlap`, a third of the TTL by default): the
+//! share of its TTL an old secret still has when its replacement is in
+//! place.
+//! - a renewable lease is renewed when `s` + 12–17% of its TTL is left (at
+//!   60–70% of it for a small overlap), asking for its original TTL again;
 //! - a renewal that comes back shorter than asked means the max TTL is near:
-//!   the lease is then re-issued after 40–50% of what is left, once;
-//! - a non-renewable lease is re-read after 75–85% of its life;
+//!   the lease is then re-issued, once, when `s` + 5–10% of its TTL is left
+//!   (at once if less is left already);
+//! - a non-renewable lease is re-read when `s` + 5–10% of its TTL is left;
 //! - a certificate is re-issued at `pki_reissue_at` (±3%) of its lifetime;
 //! - a lease whose renewal fails for good (revoked, expired, not found) is
 //!   re-issued at once; transient failures back off exponentially, always
@@ -179,7 +183,7 @@ impl Held {
             short_answers: 0,
             granted,
         };
-        held.schedule(now, config.pki_reissue_at);
+        held.schedule(now, config);
         Some(held)
     }
 
@@ -213,19 +217,32 @@ impl Held {
     }
 
     /// The next renewal or re-issue, from what is known at `now`.
-    fn schedule(&mut self, now: f64, pki_reissue_at: f64) {
+    ///
+    /// A secret that will not be extended (capped by its max TTL, or not
+    /// renewable) is re-issued while it still has its overlap (a share of
+    /// its TTL, `lease_overlap`) and a little more left: the new one is in
+    /// place while the old one still works for that long. A renewable
+    /// lease is renewed when a little more than that is left (and at most
+    /// at 70% of its TTL), so that the renewal that finds the max TTL near
+    /// still leaves time for the re-issue.
+    fn schedule(&mut self, now: f64, config: &VaultConfig) {
         let left = (self.expires - now).max(0.0);
+        let ttl = self.duration as f64;
+        let overlap = config.lease_overlap_of(&self.path);
         self.due = if self.certificate {
-            let at = jitter(pki_reissue_at - 0.03, pki_reissue_at + 0.03).clamp(0.05, 0.95);
-            (self.issued + self.duration as f64 * at).min(now + left * 0.95)
-        } else if self.capped {
-            now + left * jitter(0.4, 0.5)
-        } else if self.renewable {
-            now + left * jitter(0.6, 0.7)
+            let at = config.pki_reissue_at;
+            let at = jitter(at - 0.03, at + 0.03).clamp(0.05, 0.95);
+            (self.issued + ttl * at).min(now + left * 0.95)
+        } else if self.capped || !self.renewable {
+            self.expires - ttl * (overlap + jitter(0.05, 0.1))
         } else {
-            self.issued + self.duration as f64 * jitter(0.75, 0.85)
+            let share = jitter((overlap + 0.12).max(0.3), (overlap + 0.17).max(0.4));
+            self.expires - ttl * share
         };
-        self.due = self.due.max(now + short_backoff(self.short_answers));
+        self.due = self
+            .due
+            .max(now)
+            .max(now + short_backoff(self.short_answers));
     }
 
     /// Counts this answer's TTL after `before` (the answer it replaces):
@@ -450,7 +467,7 @@ impl Inner {
                         h.capped = true;
                     }
                     h.failures = 0;
-                    h.schedule(now, self.config.pki_reissue_at);
+                    h.schedule(now, &self.config);
                     tracing::debug!(request = %h.key, lease = %h.lease_id, ttl_s = got, capped = h.capped, "Vault lease renewed");
                     if h.trouble.take().is_some() {
                         tracing::info!(request = %h.key, lease = %h.lease_id, "Vault lease renewed again after failures");
@@ -511,7 +528,7 @@ impl Inner {
                     Some(mut new) => {
                         new.generation = held.generation + 1;
                         new.count_short(held.short_answers, new.granted);
-                        new.schedule(now(), self.config.pki_reissue_at);
+                        new.schedule(now(), &self.config);
                         tracing::info!(
                             request = %new.key,
                             lease = %new.lease_id,
@@ -690,22 +707,44 @@ mod tests {
     }
 
     #[test]
-    fn renewable_leases_are_renewed_at_about_two_thirds() {
+    fn renewable_leases_are_renewed_with_time_for_a_reissue_to_keep_the_overlap() {
         for _ in 0..100 {
+            // The default overlap (a third): renewed at 50-55% of the TTL.
             let h = lease(true, 300);
             let at = (h.due - h.issued) / 300.0;
-            assert!((0.6..0.7).contains(&at), "{at}");
+            assert!((0.49..0.56).contains(&at), "{at}");
             assert!(h.renews());
         }
+        let config = VaultConfig {
+            lease_overlap: 0.1,
+            ..VaultConfig::default()
+        };
+        let mut h = lease(true, 300);
+        // A small overlap: renewed at 60-70%, as Vault's own watcher does.
+        h.schedule(h.issued, &config);
+        let at = (h.due - h.issued) / 300.0;
+        assert!((0.6..0.7).contains(&at), "{at}");
     }
 
     #[test]
     fn capped_and_non_renewable_leases_are_reissued_before_they_end() {
+        // Not renewable: re-issued with the overlap and 5-10% left.
         let mut h = lease(false, 100);
         assert!(!h.renews());
-        let at = (h.due - h.issued) / 100.0;
-        assert!((0.75..0.85).contains(&at), "{at}");
+        let left = (h.expires - h.due) / 100.0;
+        assert!((0.38..0.44).contains(&left), "{left}");
+        // Capped by the max TTL at 40 s left: the same.
         let now = h.issued;
+        h.renewable = true;
+        h.capped = true;
+        h.expires = now + 40.0;
+        h.schedule(now, &VaultConfig::default());
+        let left = h.expires - h.due;
+        assert!((38.0..44.0).contains(&left), "{left}");
+        // With less left than that: at once.
+        h.expires = now + 20.0;
+        h.schedule(now, &VaultConfig::default());
+        assert_eq!(h.due, now);
         h.bound_by_token(now + 10.0, now);
         assert!(h.capped && h.due >= now + 4.0 && h.due < now + 5.0);
         assert_eq!((h.expires, h.parent_end), (now + 10.0, Some(now + 10.0)));

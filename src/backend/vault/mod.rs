@@ -75,6 +75,13 @@ pub struct VaultConfig {
     pub kv_refresh: Duration,
     /// The fraction of a certificate's lifetime after which it is re-issued.
     pub pki_reissue_at: f64,
+    /// The share of a lease's TTL the old secret still has left when its
+    /// replacement is in place (default a third): an app's connection pool
+    /// may keep old credentials that long.
+    pub lease_overlap: f64,
+    /// [`VaultConfig::lease_overlap`] for particular request paths
+    /// (`database/creds/app`).
+    pub lease_overlap_for: Vec<(String, f64)>,
     /// KV mounts declared in the configuration (path with its trailing
     /// slash, KV v2?): paths under them are read without asking Vault for
     /// the mount's version first.
@@ -98,10 +105,30 @@ impl Default for VaultConfig {
             state_file: None,
             kv_refresh: Duration::from_secs(300),
             pki_reissue_at: 0.67,
+            lease_overlap: DEFAULT_LEASE_OVERLAP,
+            lease_overlap_for: Vec::new(),
             kv_mounts: Vec::new(),
             max_answer_size: crate::backend::http::VAULT_MAX_ANSWER,
             redirect_origins: Vec::new(),
         }
+    }
+}
+
+/// The default [`VaultConfig::lease_overlap`]: a third of the TTL.
+pub const DEFAULT_LEASE_OVERLAP: f64 = 1.0 / 3.0;
+
+/// The largest [`VaultConfig::lease_overlap`]: a renewal has to find the
+/// max TTL near with time to spare.
+pub const MAX_LEASE_OVERLAP: f64 = 0.8;
+
+impl VaultConfig {
+    /// The lease overlap for secrets read at `path`.
+    pub fn lease_overlap_of(&self, path: &str) -> f64 {
+        let path = path.trim_matches('/');
+        self.lease_overlap_for
+            .iter()
+            .find(|(p, _)| p == path)
+            .map_or(self.lease_overlap, |(_, share)| *share)
     }
 }
 

@@ -688,6 +688,18 @@ impl VaultServer {
         self.state().issued.clone()
     }
 
+    /// When the credential of `user` stops working: its lease works through
+    /// the second it expires in.
+    pub fn ends_at(&self, user: &str) -> std::time::SystemTime {
+        let st = self.state();
+        let lease = st
+            .leases
+            .values()
+            .find(|l| l.username.as_deref() == Some(user))
+            .unwrap_or_else(|| panic!("no lease for {user}"));
+        std::time::UNIX_EPOCH + Duration::from_secs(lease.expire_time + 1 - st.clock_offset)
+    }
+
     /// Counters: `logins`, `leases_issued`, `leases_renewed`, `leases_revoked`,
     /// `kv_reads`, `requests`.
     pub fn count(&self, what: &str) -> usize {
