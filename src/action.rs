@@ -41,6 +41,31 @@ pub enum Target {
     ProcessName(String),
 }
 
+impl Action {
+    /// For a signal action, whether a process it would signal runs now;
+    /// `None` for other actions (they say nothing about the app).
+    pub fn target_running(&self) -> Option<bool> {
+        let Action::Signal { target, .. } = self else {
+            return None;
+        };
+        let pids = match target {
+            Target::PidFile(path) => read_pid_file(path)
+                .ok()
+                .and_then(|text| pid_of(&text).ok())
+                .into_iter()
+                .collect(),
+            Target::ProcessName(name) => processes_named(name),
+        };
+        // Signal 0 checks without sending; EPERM: it runs, as another user.
+        Some(pids.into_iter().any(|pid| {
+            match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+                Ok(()) => true,
+                Err(e) => e == nix::errno::Errno::EPERM,
+            }
+        }))
+    }
+}
+
 /// Between the attempts of a failing action: 1 s, then 2 s.
 const RETRY: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(2));
 

@@ -117,6 +117,7 @@ struct RawVault {
     kv_refresh: Option<Spanned<String>>,
     pki_reissue_at: Option<Spanned<f64>>,
     lease_overlap: Option<Spanned<f64>>,
+    revoke_on_stop: Option<bool>,
     #[serde(default)]
     lease_overlap_for: BTreeMap<String, Spanned<f64>>,
     #[serde(default)]
@@ -598,6 +599,7 @@ impl Validator<'_> {
             pki_reissue_at,
             lease_overlap,
             lease_overlap_for,
+            revoke_on_stop: raw.revoke_on_stop.unwrap_or(defaults.revoke_on_stop),
             kv_mounts,
             max_answer_size: self
                 .size(raw.max_answer_size.as_ref(), "vault.max_answer_size")

@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 mod settings;
 
-use crate::backend::Backends;
+use crate::backend::{Backends, Release};
 use crate::cli::{Cli, Command};
 use crate::config::Config;
 use crate::engine::{Plan, Settings};
@@ -63,7 +63,16 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<u8, Error> {
         Command::Run(args) => {
             let process_env = env.vars_os();
             let (settings, run) = run_settings(&config, args, &process_env)?;
-            crate::run::run(&resolver, settings, &run, process_env, stop).await
+            let outcome = crate::run::run(&resolver, settings, &run, process_env, stop).await;
+            // The command has exited (or never started): what was issued
+            // for it is of no further use.
+            let why = if outcome.is_ok() {
+                Release::Stopped
+            } else {
+                Release::Failed
+            };
+            resolver.backends().release(why).await;
+            outcome
         }
         Command::Get { reference, timeout } => {
             let timeout = timeout_of(&timeout, &config);
@@ -76,7 +85,13 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<u8, Error> {
         Command::Render(args) => {
             let timeout = timeout_of(&args.timeout, &config);
             let settings = render_settings(&config, &args.outputs, timeout)?;
-            match stop.or_stop(render(&resolver, &settings)).await {
+            let outcome = stop.or_stop(render(&resolver, &settings)).await;
+            if !matches!(outcome, Ok(Ok(()))) {
+                // Nothing was written: what the render issued reaches no
+                // output.
+                resolver.backends().release(Release::Failed).await;
+            }
+            match outcome {
                 Ok(outcome) => outcome.map(|()| 0),
                 Err(sig) => Ok(stopped(sig)),
             }

@@ -278,6 +278,29 @@ pub trait Backend: Send + Sync {
     fn watching(&self) -> Option<&dyn Watching> {
         None
     }
+
+    /// Gives back what this process obtained and nobody will use (Vault's
+    /// leases and token), as `why` says; nothing for most backends.
+    fn release(&self, why: Release) -> BoxFuture<'_, ()> {
+        let _ = why;
+        Box::pin(async {})
+    }
+}
+
+/// Why a process gives back what it obtained ([`Backend::release`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Release {
+    /// A render failed: the secrets it issued reach no output, so they are
+    /// revoked (always).
+    Failed,
+    /// The process stops for good, with the app gone: with `[vault]
+    /// revoke_on_stop`, every lease held and the token it logged in for
+    /// are revoked.
+    Stopped,
+    /// The process stops while the app it serves still runs: a sidecar
+    /// being restarted. With a state file, what it holds is handed to the
+    /// next process, not revoked; without one, as [`Release::Stopped`].
+    Restarting,
 }
 
 /// A backend's way of following its values in watch mode: blocking
@@ -733,6 +756,14 @@ impl Backend for OnFirstUse {
     fn watching(&self) -> Option<&dyn Watching> {
         self.get().watching()
     }
+
+    /// Only a backend that was built can have obtained anything.
+    fn release(&self, why: Release) -> BoxFuture<'_, ()> {
+        match self.built.get() {
+            Some(backend) => backend.release(why),
+            None => Box::pin(async {}),
+        }
+    }
 }
 
 /// The backends of one run, by scheme.
@@ -775,6 +806,17 @@ impl Backends {
         }));
         backends.insert(Scheme::Vault, vault);
         backends
+    }
+
+    /// Has every backend give back what it obtained (see [`Release`]).
+    pub async fn release(&self, why: Release) {
+        let mut seen = std::collections::BTreeSet::new();
+        for backend in self.by_scheme.values() {
+            // Consul serves two schemes through one backend.
+            if seen.insert(backend.name()) {
+                backend.release(why).await;
+            }
+        }
     }
 
     /// Serves `scheme` with `backend`, in place of any other.

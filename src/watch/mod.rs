@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::action::{self, Action};
+use crate::backend::Release;
 use crate::engine::{Plan, Settings};
 use crate::error::Error;
 use crate::health::Health;
@@ -98,6 +99,21 @@ pub async fn watch(
         }
     }
     tracing::info!("stopping");
+    // A sidecar stopped while the app it signals still runs is being
+    // restarted; once the app is gone, the pod or task is.
+    let app_runs = refresher
+        .settings()
+        .templates
+        .iter()
+        .flat_map(|t| t.on_change.iter())
+        .chain(&options.actions)
+        .any(|a| a.target_running() == Some(true));
+    let why = if app_runs {
+        Release::Restarting
+    } else {
+        Release::Stopped
+    };
+    resolver.backends().release(why).await;
     Ok(())
 }
 

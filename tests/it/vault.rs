@@ -1305,3 +1305,87 @@ fn plain_http_across_the_network_warns_and_loopback_does_not() {
         .code(1);
     assert!(!run.stderr.contains("plain HTTP"), "{}", run.stderr);
 }
+
+/// A render that fails writes nothing, so the credential it obtained
+/// reaches no one: it is revoked, not left to live out its TTL. A token
+/// that may not revoke leases one by one (the default policy) revokes
+/// itself, and its leases with it, when envrender logged in for it.
+#[test]
+fn a_failed_render_revokes_what_it_obtained() {
+    let (server, role_id, secret_id) = app_server();
+    let d = Dir::new();
+    d.write(
+        "t.hbs",
+        "user={{vault \"database/creds/app#username\"}}\nkey={{vault \"secret/app/missing#key\"}}\n",
+    );
+    // The root token may revoke the lease itself.
+    d.cmd(&["render", "--template", "t.hbs:out.conf"])
+        .env("VAULT_ADDR", &server.url)
+        .env("VAULT_TOKEN", &server.root_token)
+        .run()
+        .code(1)
+        .stderr_has("secret/app/missing")
+        .stderr_has("revoked the Vault leases that the failed render obtained");
+    assert!(!d.join("out.conf").exists());
+    assert_eq!(server.count("leases_issued"), 1);
+    assert_eq!(server.valid_credentials(), Vec::<String>::new());
+    // An AppRole login whose policies lack sys/leases/revoke.
+    d.write("role-id", &role_id);
+    d.write("secret-id", &secret_id);
+    d.write(
+        "envrender.toml",
+        "[vault]\nauth = { method = \"approle\", role_id_file = \"role-id\", secret_id_file = \"secret-id\" }\n",
+    );
+    d.cmd(&["render", "--template", "t.hbs:out.conf"])
+        .env("VAULT_ADDR", &server.url)
+        .run()
+        .code(1)
+        .stderr_has("revoked the Vault token envrender logged in for");
+    assert_eq!(server.count("leases_issued"), 2);
+    assert_eq!(server.valid_credentials(), Vec::<String>::new());
+    // A render that succeeds keeps its credential: it is in the output.
+    d.write("t.hbs", "user={{vault \"database/creds/app#username\"}}\n");
+    d.cmd(&["render", "--template", "t.hbs:out.conf"])
+        .env("VAULT_ADDR", &server.url)
+        .run()
+        .success();
+    assert_eq!(server.valid_credentials().len(), 1);
+}
+
+/// With `revoke_on_stop`, a wrapper that ends (its command exited) revokes
+/// the leases it held and the token it logged in for; without it, they live
+/// out their TTLs.
+#[test]
+fn a_wrapper_that_ends_revokes_its_leases_and_token_when_asked() {
+    let (server, role_id, secret_id) = app_server();
+    server.policy(
+        "app",
+        &[
+            ("database/creds/app", &["read"]),
+            ("sys/leases/revoke", &["update"]),
+        ],
+    );
+    let d = Dir::new();
+    d.write("role-id", &role_id);
+    d.write("secret-id", &secret_id);
+    let config = |extra: &str| {
+        format!(
+            "[vault]\nauth = {{ method = \"approle\", role_id_file = \"role-id\", secret_id_file = \"secret-id\" }}\n{extra}\n[env]\nDB_USER = \"vault:database/creds/app#username\"\n"
+        )
+    };
+    d.write("envrender.toml", &config(""));
+    let run = |d: &Dir| {
+        d.cmd(&["run", "--", "sh", "-c", "test -n \"$DB_USER\" && exit 3"])
+            .env("VAULT_ADDR", &server.url)
+            .run()
+    };
+    run(&d).code(3);
+    assert_eq!(server.valid_credentials().len(), 1);
+    d.write("envrender.toml", &config("revoke_on_stop = true"));
+    let before = server.valid_credentials();
+    run(&d)
+        .code(3)
+        .stderr_has("revoked the Vault token envrender logged in for");
+    assert_eq!(server.valid_credentials(), before, "{:?}", before);
+    assert_eq!(server.count("leases_issued"), 2);
+}

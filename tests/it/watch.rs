@@ -471,6 +471,60 @@ fn new_credentials_arrive_while_the_old_ones_keep_their_overlap() {
     w.stop();
 }
 
+/// With `revoke_on_stop` and a state file, a sidecar stopped while the app
+/// it signals still runs (a restart) leaves its lease to the next one; once
+/// the app is gone (the pod is), it revokes the lease and its token.
+#[test]
+fn a_sidecar_revokes_its_lease_when_the_app_is_gone_not_on_a_restart() {
+    let (server, role_id, secret_id) = {
+        let server = VaultServer::start();
+        server.policy("app", &[("database/creds/app", &["read"])]);
+        server.database_role("app", 3600, 7200);
+        let role_id = server.approle(
+            "app",
+            Role {
+                policies: vec!["app".into()],
+                ttl: 3600,
+                ..Role::default()
+            },
+        );
+        let secret_id = server.secret_id("app", 0);
+        (server, role_id, secret_id)
+    };
+    let d = Dir::new();
+    d.write("role-id", &role_id);
+    d.write("secret-id", &secret_id);
+    d.write(
+        "envrender.toml",
+        "[vault]\nstate_file = \"vault-state.json\"\nrevoke_on_stop = true\nauth = { method = \"approle\", role_id_file = \"role-id\", secret_id_file = \"secret-id\" }\n",
+    );
+    d.write("db.hbs", "user={{vault \"database/creds/app#username\"}}\n");
+    let cmd = || {
+        d.cmd(&[
+            "watch",
+            "--template",
+            "db.hbs:db.conf",
+            "--signal",
+            "SIGHUP",
+            "--pid-file",
+            "app.pid",
+        ])
+        .env("VAULT_ADDR", &server.url)
+    };
+    let app = App::start(&d);
+    let log = Watch::start(cmd(), &d).stop();
+    assert!(log.contains("stay in the state file"), "{log}");
+    assert_eq!(server.valid_credentials().len(), 1);
+    // The restarted sidecar adopts the lease; then the app goes away.
+    let w = Watch::start(cmd(), &d);
+    drop(app);
+    let log = w.stop();
+    assert!(log.contains("revoked the Vault token"), "{log}");
+    assert_eq!(server.valid_credentials(), Vec::<String>::new());
+    assert_eq!(server.count("leases_issued"), 1);
+    assert_eq!(server.count("logins"), 1);
+}
+
 #[test]
 fn template_edits_and_configmap_swaps_rerender() {
     let d = Dir::new();

@@ -36,7 +36,7 @@ use super::ttl::{
     MAX_CERT_LIFETIME, MAX_TTL, MIN_TTL, SHORT_TTL, jitter, now, seconds, short_backoff,
 };
 use super::{Inner, Token, VaultConfig};
-use crate::backend::{ErrorKind, FetchError, Fetched, Lease};
+use crate::backend::{ErrorKind, FetchError, Fetched, Lease, Release};
 use crate::backoff::Backoff;
 use crate::reference::Source;
 use crate::secret::Secret;
@@ -101,6 +101,9 @@ pub struct Held {
     /// Confirmed valid by this process (issued here, or looked up).
     #[serde(skip)]
     pub verified: bool,
+    /// Issued by this process (not handed over).
+    #[serde(skip)]
+    pub issued_here: bool,
     #[serde(skip)]
     failures: u32,
     /// Why the last renewal or re-issue failed, until one succeeds: watch
@@ -178,6 +181,7 @@ impl Held {
             due: now,
             generation: 0,
             verified: true,
+            issued_here: true,
             failures: 0,
             trouble: None,
             short_answers: 0,
@@ -596,6 +600,135 @@ impl Inner {
                 self.changes.send_modify(|n| *n += 1);
             }
         }
+    }
+}
+
+impl Inner {
+    /// Gives back what this process obtained, as `why` says (see
+    /// [`Release`]): leases revoked one by one (`sys/leases/revoke`); the
+    /// token, when envrender logged in for it, revoked with everything it
+    /// created (`auth/token/revoke-self`, which every token may call).
+    pub(super) async fn release(&self, why: Release) {
+        let everything = match why {
+            Release::Failed => false,
+            _ if !self.config.revoke_on_stop => return,
+            Release::Restarting if self.config.state_file.is_some() => {
+                tracing::info!(
+                    "the app still runs: the Vault leases and token stay in the state file for the next envrender"
+                );
+                return;
+            }
+            Release::Stopped | Release::Restarting => true,
+        };
+        let leases: Vec<Held> = self
+            .ledger
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .held
+            .values()
+            .filter(|h| !h.lease_id.is_empty() && (everything || h.issued_here))
+            .cloned()
+            .collect();
+        let ours = self.auth.can_login();
+        if leases.is_empty() && !(everything && ours) {
+            return;
+        }
+        let Some(token) = self.token.lock().await.clone() else {
+            return;
+        };
+        let mut denied = Vec::new();
+        let mut revoked = 0;
+        for held in leases {
+            let answer = self
+                .send(
+                    Method::PUT,
+                    "sys/leases/revoke",
+                    &[],
+                    Some(&token.id),
+                    Some(&json!({ "lease_id": held.lease_id, "sync": true })),
+                    false,
+                )
+                .await;
+            match answer {
+                Ok(a) if matches!(a.status, 200 | 204) => {
+                    revoked += 1;
+                    self.forget(&held.key);
+                }
+                // Gone already: nothing to give back.
+                Ok(a) if a.status == 400 => self.forget(&held.key),
+                Ok(a) if a.status == 403 => denied.push(held),
+                Ok(a) => {
+                    tracing::warn!(lease = %held.lease_id, error = %a.summary(), "cannot revoke a Vault lease; it ends with its TTL")
+                }
+                Err(e) => {
+                    tracing::warn!(lease = %held.lease_id, error = %e, "cannot revoke a Vault lease; it ends with its TTL")
+                }
+            }
+        }
+        // A token envrender logged in for goes with everything it created,
+        // the leases it may not revoke one by one included.
+        if ours && (everything || !denied.is_empty()) {
+            let answer = self
+                .send(
+                    Method::POST,
+                    "auth/token/revoke-self",
+                    &[],
+                    Some(&token.id),
+                    None,
+                    false,
+                )
+                .await;
+            match answer {
+                Ok(a) if matches!(a.status, 200 | 204) => {
+                    tracing::info!(accessor = %token.accessor, "revoked the Vault token envrender logged in for, and its leases");
+                    denied.retain(|held| {
+                        let went = held.token_accessor == token.accessor;
+                        if went {
+                            revoked += 1;
+                            self.forget(&held.key);
+                        }
+                        !went
+                    });
+                    *self.token.lock().await = None;
+                    self.ledger
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .token = None;
+                }
+                Ok(a) => {
+                    tracing::warn!(accessor = %token.accessor, error = %a.summary(), "cannot revoke the Vault token; it ends with its TTL")
+                }
+                Err(e) => {
+                    tracing::warn!(accessor = %token.accessor, error = %e, "cannot revoke the Vault token; it ends with its TTL")
+                }
+            }
+        }
+        for held in denied {
+            tracing::warn!(
+                lease = %held.lease_id,
+                identity = %format!("{} ({})", self.auth.describe(), token.who()),
+                "cannot revoke a Vault lease: HTTP 403 permission denied on PUT /v1/sys/leases/revoke; it ends with its TTL\nhint: add to one of the token's policies ({}): path \"sys/leases/revoke\" {{ capabilities = [\"update\"] }}",
+                token.policies.join(", ")
+            );
+        }
+        if revoked > 0 {
+            let when = if why == Release::Failed {
+                "that the failed render obtained"
+            } else {
+                "on the way out"
+            };
+            tracing::info!(revoked, "revoked the Vault leases {when}");
+        }
+        self.save();
+    }
+
+    /// Drops a held secret from the ledger.
+    fn forget(&self, key: &str) {
+        self.ledger
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .held
+            .remove(key);
     }
 }
 

@@ -37,8 +37,8 @@ use serde_json::{Map, Value};
 
 use super::aws::Aws;
 use super::{
-    Backend, BoxFuture, ErrorKind, FetchError, Fetched, Observation, PlannedCall, Seen, WatchGroup,
-    Watching,
+    Backend, BoxFuture, ErrorKind, FetchError, Fetched, Observation, PlannedCall, Release, Seen,
+    WatchGroup, Watching,
 };
 use crate::environment::Environment;
 use crate::reference::Source;
@@ -82,6 +82,9 @@ pub struct VaultConfig {
     /// [`VaultConfig::lease_overlap`] for particular request paths
     /// (`database/creds/app`).
     pub lease_overlap_for: Vec<(String, f64)>,
+    /// Revoke every lease held, and the token envrender logged in for,
+    /// when the process stops for good (see [`crate::backend::Release`]).
+    pub revoke_on_stop: bool,
     /// KV mounts declared in the configuration (path with its trailing
     /// slash, KV v2?): paths under them are read without asking Vault for
     /// the mount's version first.
@@ -107,6 +110,7 @@ impl Default for VaultConfig {
             pki_reissue_at: 0.67,
             lease_overlap: DEFAULT_LEASE_OVERLAP,
             lease_overlap_for: Vec::new(),
+            revoke_on_stop: false,
             kv_mounts: Vec::new(),
             max_answer_size: crate::backend::http::VAULT_MAX_ANSWER,
             redirect_origins: Vec::new(),
@@ -1060,6 +1064,10 @@ impl Backend for Vault {
 
     fn watching(&self) -> Option<&dyn Watching> {
         Some(self)
+    }
+
+    fn release(&self, why: Release) -> BoxFuture<'_, ()> {
+        Box::pin(self.inner.release(why))
     }
 }
 
