@@ -19,7 +19,7 @@ use crate::error::Error;
 use crate::output::{self, FileWrite};
 use crate::output::{EnvFormat, Owner};
 use crate::problem::ConfigError;
-use crate::reference::Reference;
+use crate::reference::{Reference, Scheme};
 use crate::resolve::{Failure, FetchResults, Resolver};
 use crate::secret::Secret;
 use crate::template::{TemplateError, Templates};
@@ -324,7 +324,7 @@ impl Plan {
                     EnvValue::Reference(r) => resolution
                         .values
                         .get(r)
-                        .map(Secret::to_text)
+                        .map(|v| env_text(r, v))
                         .unwrap_or_default(),
                 };
                 (name.clone(), text)
@@ -378,6 +378,22 @@ impl Plan {
 
 /// Where a destination is written, under `root` if given. (Under a root,
 /// [`Plan::new`] has refused destinations with `..`.)
+/// A variable's text: as a template writes the value, except that an SSM
+/// `StringList` is its items joined by commas, as ECS gives it to a task
+/// (`valueFrom`); a template still gets a list.
+fn env_text(r: &Reference, value: &Secret) -> String {
+    match value.expose() {
+        serde_json::Value::Array(items) if r.source.scheme == Scheme::Ssm && r.field.is_none() => {
+            items
+                .iter()
+                .map(crate::secret::to_text)
+                .collect::<Vec<_>>()
+                .join(",")
+        }
+        _ => value.to_text(),
+    }
+}
+
 fn destination_under(root: Option<&Path>, path: &Path) -> PathBuf {
     match root {
         None => path.to_path_buf(),

@@ -194,6 +194,55 @@ fn a_missing_name_is_reported_alone_and_the_rest_resolve() {
     assert_eq!(d.read("t.out"), "A[]B");
 }
 
+/// An SSM `StringList` is a list in a template and `a,b` in an environment
+/// variable or env file, as ECS's `valueFrom` gives it.
+#[test]
+fn a_string_list_is_comma_separated_in_the_environment_as_ecs_gives_it() {
+    let moto = moto();
+    let client = aws_sdk_ssm::Client::new(&sdk(&moto.url));
+    block_on(async {
+        client
+            .put_parameter()
+            .name("/t/list/hosts")
+            .value("a.example,b.example")
+            .r#type(aws_sdk_ssm::types::ParameterType::StringList)
+            .overwrite(true)
+            .send()
+            .await
+            .unwrap();
+    });
+    let d = Dir::new();
+    d.write(
+        "envrender.toml",
+        "[env]\nHOSTS = \"ssm:/t/list/hosts\"\n\n[[env_file]]\ndestination = \"app.env\"\n",
+    );
+    d.write(
+        "t.hbs",
+        "{{#each (ssm \"/t/list/hosts\")}}server {{this}}\n{{/each}}",
+    );
+    let out = d
+        .cmd(&[
+            "run",
+            "--template",
+            "t.hbs:t.out",
+            "--",
+            "sh",
+            "-c",
+            "echo \"$HOSTS|$FIRST\"",
+        ])
+        .env("FIRST", "ssm:/t/list/hosts#0")
+        .aws(&moto.url)
+        .run()
+        .success();
+    assert_eq!(out.stdout, "a.example,b.example|a.example\n");
+    assert_eq!(d.read("t.out"), "server a.example\nserver b.example\n");
+    assert!(
+        d.read("app.env").contains("HOSTS='a.example,b.example'\n"),
+        "{}",
+        d.read("app.env")
+    );
+}
+
 #[test]
 fn a_securestring_canary_never_reaches_stderr() {
     let moto = moto();
