@@ -9,15 +9,19 @@ use std::path::Path;
 
 use tokio::time::Instant;
 
-use crate::engine::{Plan, Resolution, Settings};
+use crate::engine::{EnvValue, Plan, Resolution, Settings};
 use crate::error::Error;
 use crate::output::{self, Status};
+use crate::reference::Source;
 use crate::resolve::Resolver;
 
 /// `envrender check`: the report for stdout, and the run's outcome.
+/// `overridden`: the names of `[env]` the environment sets to values of
+/// its own.
 pub async fn check(
     resolver: &Resolver,
     settings: &Settings,
+    overridden: &[String],
     config_file: Option<&Path>,
 ) -> Result<(String, Result<(), Error>), Error> {
     let plan = Plan::new(settings)?;
@@ -33,6 +37,7 @@ pub async fn check(
             .unwrap_or_else(|| "none (flags only)".into())
     );
     references_report(&mut out, resolver, &resolution);
+    environment_report(&mut out, settings, overridden);
     let result = match plan.outputs(&resolution) {
         Ok(writes) => match output::preview(&writes) {
             Ok(statuses) => {
@@ -60,6 +65,36 @@ pub async fn check(
         Err(e) => Err(e),
     };
     Ok((out, result))
+}
+
+/// The variables `run` would set for its command, and where each comes
+/// from; no value is shown.
+fn environment_report(out: &mut String, settings: &Settings, overridden: &[String]) {
+    if settings.env.is_empty() && overridden.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "\nenvironment (as run would give it to its command):");
+    let mut lines: Vec<(String, String)> = settings
+        .env
+        .iter()
+        .map(|(name, value)| {
+            let from = match value {
+                EnvValue::Literal(_) => "set in [env]".to_string(),
+                EnvValue::Reference(r) => format!("= {r}"),
+            };
+            (name.clone(), from)
+        })
+        .chain(overridden.iter().map(|name| {
+            (
+                name.clone(),
+                "set in the environment (wins over [env])".to_string(),
+            )
+        }))
+        .collect();
+    lines.sort();
+    for (name, from) in lines {
+        let _ = writeln!(out, "  {name}  {from}");
+    }
 }
 
 fn references_report(out: &mut String, resolver: &Resolver, resolution: &Resolution) {
@@ -149,7 +184,14 @@ fn references_report(out: &mut String, resolver: &Resolver, resolution: &Resolut
             continue;
         };
         let mut counts: BTreeMap<(Option<String>, String), usize> = BTreeMap::new();
-        for call in backend.plan(&sources) {
+        let absent: Vec<Source> = sources
+            .iter()
+            .filter(|s| {
+                matches!(resolution.fetched.get(*s), Some(Err(e)) if e.kind == crate::backend::ErrorKind::NotFound)
+            })
+            .cloned()
+            .collect();
+        for call in backend.plan_known(&sources, &absent) {
             *counts.entry((call.target, call.action)).or_default() += 1;
         }
         let calls: Vec<String> = counts

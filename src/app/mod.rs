@@ -22,7 +22,8 @@ use crate::resolve::{FetchResults, Resolver};
 use crate::shutdown::Stop;
 use crate::telemetry::{LogFormat, LogLevel};
 use settings::{
-    DEFAULT_TIMEOUT, load_config, render_settings, run_settings, timeout_of, watch_settings,
+    DEFAULT_TIMEOUT, check_settings, load_config, render_settings, run_settings, timeout_of,
+    watch_settings,
 };
 
 /// Runs one command; returns the exit code of a success (`run`: the
@@ -112,8 +113,9 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<u8, Error> {
         }
         Command::Check(args) => {
             let timeout = config.timeout.unwrap_or(DEFAULT_TIMEOUT);
-            let settings = render_settings(&config, &args, timeout)?;
-            let check = crate::check::check(&resolver, &settings, config.file.as_deref());
+            let (settings, overridden) = check_settings(&config, &args, timeout, &env.vars_os())?;
+            let check =
+                crate::check::check(&resolver, &settings, &overridden, config.file.as_deref());
             match stop.or_stop(check).await {
                 Ok(outcome) => {
                     let (report, result) = outcome?;

@@ -30,26 +30,7 @@ pub fn run_settings(
 ) -> Result<(Settings, RunSettings), Error> {
     let timeout = timeout_of(&args.timeout, config);
     let mut settings = settings_of(config, &args.outputs, timeout)?;
-    let references = crate::supervise::env::env_references(
-        process_env
-            .iter()
-            .filter_map(|(k, v)| Some((k.to_str()?.to_string(), v.to_str()?.to_string()))),
-    )?;
-    // A variable set in the environment wins over the same name in
-    // `[env]`, whatever its value: an operator's override in a task
-    // definition is what the app gets (resolved first when it is a
-    // reference). envrender's own credentials are not the app's: `[env]`
-    // keeps those names unless `--keep-env` passes the environment's.
-    let overridden = |name: &str| {
-        let own = crate::environment::BACKEND_CREDENTIALS.contains(&name)
-            && !args.keep_env.iter().any(|k| k == name);
-        !own && process_env.iter().any(|(k, _)| k.to_str() == Some(name))
-    };
-    settings.env.retain(|(n, _)| !overridden(n));
-    for (name, value) in references {
-        settings.env.retain(|(n, _)| *n != name);
-        settings.env.push((name, value));
-    }
+    overlay_environment(&mut settings, process_env, &args.keep_env)?;
     let run = RunSettings {
         argv: args.command,
         stop_signal: args.stop_signal,
@@ -69,6 +50,86 @@ pub fn run_settings(
         splay: args.splay,
     };
     Ok((settings, run))
+}
+
+/// Lays the process's environment over `[env]`, as `run` gives it to its
+/// command. A variable set in the environment wins over the same name in
+/// `[env]`, whatever its value: an operator's override in a task definition
+/// is what the app gets (resolved first when it is a reference).
+/// envrender's own credentials are not the app's: `[env]` keeps those names
+/// unless `keep_env` passes the environment's. Returns the names of
+/// `[env]` the environment set to values of its own.
+fn overlay_environment(
+    settings: &mut Settings,
+    process_env: &[(OsString, OsString)],
+    keep_env: &[String],
+) -> Result<Vec<String>, Error> {
+    let references = crate::supervise::env::env_references(
+        process_env
+            .iter()
+            .filter_map(|(k, v)| Some((k.to_str()?.to_string(), v.to_str()?.to_string()))),
+    )?;
+    let overridden = |name: &str| {
+        let own = crate::environment::BACKEND_CREDENTIALS.contains(&name)
+            && !keep_env.iter().any(|k| k == name);
+        !own && process_env.iter().any(|(k, _)| k.to_str() == Some(name))
+    };
+    let mut replaced = Vec::new();
+    settings.env.retain(|(n, _)| {
+        let keep = !overridden(n);
+        if !keep {
+            replaced.push(n.clone());
+        }
+        keep
+    });
+    for (name, value) in references {
+        replaced.retain(|n| *n != name);
+        settings.env.retain(|(n, _)| *n != name);
+        settings.env.push((name, value));
+    }
+    Ok(replaced)
+}
+
+/// The settings `check` checks: what `render` would write, and the
+/// environment `run` would give its command (`[env]` with the process's
+/// variables laid over it, references held in variables included), so that
+/// a wrapper's configuration is checked as it will run. Also returns the
+/// names of `[env]` the environment overrides with values of its own.
+pub fn check_settings(
+    config: &Config,
+    args: &OutputArgs,
+    timeout: Duration,
+    process_env: &[(OsString, OsString)],
+) -> Result<(Settings, Vec<String>), Error> {
+    let mut settings = settings_of(config, args, timeout)?;
+    let overridden = overlay_environment(&mut settings, process_env, &[])?;
+    if settings.templates.is_empty()
+        && settings.env_files.is_empty()
+        && settings.env.is_empty()
+        && overridden.is_empty()
+    {
+        return Err(nothing_to(
+            config,
+            "nothing to check: no templates, no env files, no [env] and no references in the environment",
+            "add [[template]], [[env_file]] or [env] to the configuration, pass --template SRC:DEST, or set a variable to a reference (DB_PASSWORD=ssm:/app/db/password)",
+        ));
+    }
+    Ok((settings, overridden))
+}
+
+/// The error of a command given nothing to do.
+fn nothing_to(config: &Config, message: &str, hint: &str) -> Error {
+    Error::Config(vec![
+        ConfigError::new(
+            config
+                .file
+                .as_ref()
+                .map(|f| f.display().to_string())
+                .unwrap_or_else(|| "envrender".into()),
+            message,
+        )
+        .hint(hint),
+    ])
 }
 
 /// The actions and timing of `watch`, from its flags.
@@ -168,17 +229,11 @@ pub fn render_settings(
 ) -> Result<Settings, Error> {
     let settings = settings_of(config, args, timeout)?;
     if settings.templates.is_empty() && settings.env_files.is_empty() {
-        return Err(Error::Config(vec![
-            ConfigError::new(
-                config
-                    .file
-                    .as_ref()
-                    .map(|f| f.display().to_string())
-                    .unwrap_or_else(|| "envrender".into()),
-                "nothing to render: no templates and no env files",
-            )
-            .hint("add [[template]] or [[env_file]] to the configuration, or pass --template SRC:DEST"),
-        ]));
+        return Err(nothing_to(
+            config,
+            "nothing to render: no templates and no env files",
+            "add [[template]] or [[env_file]] to the configuration, or pass --template SRC:DEST",
+        ));
     }
     Ok(settings)
 }

@@ -903,18 +903,34 @@ impl Backend for Consul {
     }
 
     fn plan(&self, sources: &[Source]) -> Vec<PlannedCall> {
-        self.client
-            .read_groups(sources)
-            .into_iter()
-            .map(|(watch, served)| match watch {
-                Some(Watch::Prefix { prefix, dc }) => PlannedCall {
-                    target: dc,
-                    action: "GET /v1/kv ?recurse".to_string(),
-                    detail: format!("{prefix} ({} keys)", served.len()),
-                },
+        self.plan_known(sources, &[])
+    }
+
+    /// A key absent from a recursive answer is read again on its own, for
+    /// the exact error (absent, or hidden by the token's ACL).
+    fn plan_known(&self, sources: &[Source], absent: &[Source]) -> Vec<PlannedCall> {
+        let mut calls = Vec::new();
+        for (watch, served) in self.client.read_groups(sources) {
+            match watch {
+                Some(Watch::Prefix { prefix, dc }) => {
+                    calls.push(PlannedCall {
+                        target: dc,
+                        action: "GET /v1/kv ?recurse".to_string(),
+                        detail: format!("{prefix} ({} keys)", served.len()),
+                    });
+                    let again = served
+                        .iter()
+                        .map(|&i| &sources[i])
+                        .filter(|s| !s.is_prefix() && absent.contains(s));
+                    calls.extend(again.map(|s| PlannedCall {
+                        target: self.client.dc(s).map(str::to_string),
+                        action: "GET /v1/kv".to_string(),
+                        detail: format!("{} (absent from the recursive answer)", s.path),
+                    }));
+                }
                 _ => {
                     let s = &sources[served[0]];
-                    PlannedCall {
+                    calls.push(PlannedCall {
                         target: self.client.dc(s).map(str::to_string),
                         action: match s.scheme {
                             Scheme::Service => "GET /v1/health/service".to_string(),
@@ -922,10 +938,11 @@ impl Backend for Consul {
                             _ => "GET /v1/kv".to_string(),
                         },
                         detail: s.path.clone(),
-                    }
+                    });
                 }
-            })
-            .collect()
+            }
+        }
+        calls
     }
 
     fn fetch<'a>(

@@ -268,6 +268,13 @@ pub trait Backend: Send + Sync {
     /// The requests [`Backend::fetch`] would make for these sources.
     fn plan(&self, sources: &[Source]) -> Vec<PlannedCall>;
 
+    /// [`Backend::plan`] once a fetch has shown which of `sources` are
+    /// `absent`: a backend that asks again about those says so.
+    fn plan_known(&self, sources: &[Source], absent: &[Source]) -> Vec<PlannedCall> {
+        let _ = absent;
+        self.plan(sources)
+    }
+
     /// Fetches every source; one result per source, in the same order.
     fn fetch<'a>(
         &'a self,
@@ -744,6 +751,10 @@ impl Backend for OnFirstUse {
 
     fn plan(&self, sources: &[Source]) -> Vec<PlannedCall> {
         self.get().plan(sources)
+    }
+
+    fn plan_known(&self, sources: &[Source], absent: &[Source]) -> Vec<PlannedCall> {
+        self.get().plan_known(sources, absent)
     }
 
     fn fetch<'a>(

@@ -550,3 +550,43 @@ fn the_timeout_is_the_time_allowed() {
     );
     assert!(took < std::time::Duration::from_secs(8), "took {took:?}");
 }
+
+/// A wrapper's configuration (only `[env]`) is checkable, with the
+/// references its environment holds, as `run` would see them.
+#[test]
+fn check_covers_a_wrapper_configuration_and_references_in_the_environment() {
+    let d = Dir::new();
+    d.write(
+        "envrender.toml",
+        "[local]\nvalues = \"local.yaml\"\n\n[env]\nDB_HOST = \"consul:app/db/host\"\nLOG_LEVEL = \"info\"\n",
+    );
+    d.write(
+        "local.yaml",
+        "\"consul:app/db/host\": db.internal\n\"ssm:/app/db/password\": pw\n",
+    );
+    d.cmd(&["check"])
+        .env("DB_PASSWORD", "ssm:/app/db/password")
+        .env("LOG_LEVEL", "debug")
+        .run()
+        .success()
+        .stdout_has("used by env DB_HOST")
+        .stdout_has("ssm:/app/db/password")
+        .stdout_has("used by env DB_PASSWORD")
+        .stdout_has("environment (as run would give it to its command):")
+        .stdout_has("DB_PASSWORD  = ssm:/app/db/password")
+        .stdout_has("LOG_LEVEL  set in the environment");
+    // A reference the environment holds that cannot be had fails the check.
+    d.cmd(&["check"])
+        .env("API_KEY", "ssm:/app/missing")
+        .run()
+        .code(1)
+        .stdout_has("ssm:/app/missing")
+        .stderr_has("ssm:/app/missing");
+    // Nothing at all to check.
+    let empty = Dir::new();
+    empty
+        .cmd(&["check"])
+        .run()
+        .code(2)
+        .stderr_has("nothing to check");
+}

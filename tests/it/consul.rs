@@ -820,3 +820,44 @@ fn consul_over_tls_with_a_private_ca() {
         .success();
     assert_eq!(d.read("t6.out"), "over-tls");
 }
+
+/// The requests `check` says a render makes are the requests it made: a
+/// key absent from a recursive answer is read again on its own (for the
+/// exact error: absent, or hidden by the token's ACL), and the plan counts
+/// that read.
+#[test]
+fn check_counts_the_follow_up_read_of_a_key_absent_from_a_recursive_answer() {
+    let server = ConsulServer::start();
+    server.put("app/a", "1");
+    let d = Dir::new();
+    d.write(
+        "t.hbs",
+        "{{consul \"app/a\"}} {{consul \"app/b\" default=\"2\"}} {{consul \"app/c\" default=\"3\"}}\n",
+    );
+    let before = server.requests();
+    let out = d
+        .cmd(&["check", "--template", "t.hbs:t.out"])
+        .env("CONSUL_HTTP_ADDR", &server.url)
+        .run()
+        .success();
+    let made = server.requests() - before;
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("consul:") && l.contains('×'))
+        .unwrap_or_else(|| panic!("no consul requests in\n{}", out.stdout));
+    let planned: usize = line
+        .split(", ")
+        .filter_map(|call| {
+            call.trim()
+                .trim_start_matches("consul:")
+                .trim()
+                .split(' ')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .sum();
+    assert_eq!(planned, made, "{line}");
+    assert_eq!(made, 3, "{line}");
+}
