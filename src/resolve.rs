@@ -9,7 +9,7 @@
 //! reports all of them at once rather than the first.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -71,7 +71,8 @@ pub fn keep_answers(results: &mut FetchResults) {
 pub struct Resolver {
     backends: Backends,
     backoff: Backoff,
-    local: Option<Arc<LocalValues>>,
+    /// The local values file, replaced whole when it is read again.
+    local: Option<Arc<RwLock<Arc<LocalValues>>>>,
 }
 
 impl Resolver {
@@ -88,21 +89,59 @@ impl Resolver {
     /// Serves the sources found in a local values file from it, before any
     /// backend is asked.
     pub fn with_local_values(mut self, local: LocalValues) -> Self {
-        self.local = Some(Arc::new(local));
+        self.local = Some(Arc::new(RwLock::new(Arc::new(local))));
         self
+    }
+
+    /// The local values file in use.
+    fn local(&self) -> Option<Arc<LocalValues>> {
+        let local = self.local.as_ref()?;
+        Some(
+            local
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+        )
+    }
+
+    /// The local values file's path, when there is one.
+    pub fn local_values_file(&self) -> Option<std::path::PathBuf> {
+        self.local().map(|l| l.path.clone())
+    }
+
+    /// Reads the local values file again (watch mode: it changed, or
+    /// SIGHUP), and drops from `held` what it answered before or answers
+    /// now, to be answered afresh. On an error the values in use stay.
+    pub fn reload_local_values(
+        &self,
+        held: &mut FetchResults,
+    ) -> Result<(), crate::problem::ConfigError> {
+        let (Some(slot), Some(old)) = (self.local.as_ref(), self.local()) else {
+            return Ok(());
+        };
+        let mut new = LocalValues::load(&old.path)?;
+        new.fallthrough = old.fallthrough;
+        let before: Vec<Source> = held
+            .keys()
+            .filter(|s| self.answers_locally(s))
+            .cloned()
+            .collect();
+        *slot
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(new);
+        held.retain(|s, _| !before.contains(s) && !self.answers_locally(s));
+        Ok(())
     }
 
     /// Whether a source is served from the local values file.
     pub fn serves_locally(&self, source: &Source) -> bool {
-        self.local
-            .as_ref()
-            .is_some_and(|l| l.lookup(source).is_some())
+        self.local().is_some_and(|l| l.lookup(source).is_some())
     }
 
     /// Whether a source is answered by the local values file, found or not:
     /// in airplane mode a network source never reaches its backend.
     pub fn answers_locally(&self, source: &Source) -> bool {
-        self.local.as_ref().is_some_and(|l| {
+        self.local().is_some_and(|l| {
             l.lookup(source).is_some() || (!l.fallthrough && !source.scheme.is_local())
         })
     }
@@ -205,7 +244,7 @@ impl Resolver {
         let mut groups: BTreeMap<_, Vec<Source>> = BTreeMap::new();
         let mut out = Vec::new();
         for s in sources {
-            if let Some(local) = self.local.as_ref().filter(|_| self.answers_locally(&s)) {
+            if let Some(local) = self.local().filter(|_| self.answers_locally(&s)) {
                 let answer = local.lookup(&s).ok_or_else(|| local.missing(&s));
                 out.push((s, answer));
                 continue;

@@ -21,12 +21,15 @@ pub struct WatchedFiles {
 }
 
 impl WatchedFiles {
-    pub fn new(settings: &Settings, cache: &FetchResults) -> Self {
+    /// The files of `settings` (templates), of `cache` (`file:` sources)
+    /// and the local values file.
+    pub fn new(settings: &Settings, cache: &FetchResults, values: Option<PathBuf>) -> Self {
         let mut w = WatchedFiles::default();
         let mut files: Vec<PathBuf> = settings
             .templates
             .iter()
             .map(|t| t.source.clone())
+            .chain(values)
             .collect();
         for source in cache.keys().filter(|s| s.scheme == Scheme::File) {
             if source.is_prefix() {

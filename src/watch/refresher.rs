@@ -93,6 +93,7 @@ impl<'a> Refresher<'a> {
     pub fn reload(&mut self, settings: Settings) -> Result<(), Error> {
         self.plan = Plan::new(&settings)?;
         self.settings = settings;
+        reread_values(self.resolver, &mut self.cache, &self.health);
         self.debounce.now();
         Ok(())
     }
@@ -103,7 +104,7 @@ impl<'a> Refresher<'a> {
         loop {
             let due = self.debounce.due();
             tokio::select! {
-                event = self.sources.next() => apply(event, &mut self.cache, &mut self.debounce, &self.health),
+                event = self.sources.next() => apply(event, self.resolver, &mut self.cache, &mut self.debounce, &self.health),
                 _ = crate::backoff::sleep_until(due) => return,
             }
         }
@@ -181,7 +182,13 @@ impl<'a> Refresher<'a> {
 
 /// Takes in one event: changed values into `cache` and failures into
 /// `health`; a render falls due in `debounce` when something changed.
-fn apply(event: Event, cache: &mut FetchResults, debounce: &mut Debounce, health: &Health) {
+fn apply(
+    event: Event,
+    resolver: &Resolver,
+    cache: &mut FetchResults,
+    debounce: &mut Debounce,
+    health: &Health,
+) {
     match event {
         Event::Observed {
             backend,
@@ -221,7 +228,23 @@ fn apply(event: Event, cache: &mut FetchResults, debounce: &mut Debounce, health
         Event::Files => {
             tracing::debug!("watched files changed");
             cache.retain(|s, _| s.scheme != Scheme::File);
+            reread_values(resolver, cache, health);
             debounce.files_changed();
+        }
+    }
+}
+
+/// Reads the local values file again, if there is one, so that what it
+/// answers is answered afresh; one that no longer loads leaves the values
+/// in use, and the health says why.
+fn reread_values(resolver: &Resolver, cache: &mut FetchResults, health: &Health) {
+    match resolver.reload_local_values(cache) {
+        Ok(()) => health.problem("values", None),
+        Err(e) => {
+            tracing::error!(
+                "the local values file no longer loads; keeping the values in use:\n{e}"
+            );
+            health.problem("values", Some(e.to_string()));
         }
     }
 }

@@ -92,7 +92,7 @@ impl Sources {
             self.start_watches(known);
             self.watching = now_watched;
         }
-        let inputs = WatchedFiles::new(settings, cache);
+        let inputs = WatchedFiles::new(settings, cache, resolver.local_values_file());
         if self.files.as_ref().is_none_or(|(w, _)| *w != inputs) {
             let tx = self.tx.clone();
             // notify's own thread: waiting for room is fine there.

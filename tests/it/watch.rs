@@ -525,6 +525,42 @@ fn a_sidecar_revokes_its_lease_when_the_app_is_gone_not_on_a_restart() {
     assert_eq!(server.count("logins"), 1);
 }
 
+/// `watch --values` reads the values file again when it changes; one that
+/// no longer loads leaves the outputs as they are and says so in readiness.
+#[test]
+fn watch_reads_the_local_values_file_again_when_it_changes() {
+    let d = Dir::new();
+    d.write("values.yaml", "\"ssm:/app/level\": one\n");
+    d.write("t.hbs", "level={{ssm \"/app/level\"}}\n");
+    let w = Watch::start(
+        d.cmd(&[
+            "--values",
+            "values.yaml",
+            "watch",
+            "--template",
+            "t.hbs:out.conf",
+        ]),
+        &d,
+    );
+    assert_eq!(d.read("out.conf"), "level=one\n");
+    d.write("values.yaml", "\"ssm:/app/level\": two\n");
+    eventually(Duration::from_secs(10), "the new value", || {
+        d.read("out.conf") == "level=two\n"
+    });
+    d.write("values.yaml", "\"ssm:/app/level\": [unclosed\n");
+    eventually(Duration::from_secs(10), "degraded readiness", || {
+        let (status, text) = w.ready();
+        status == 503 && text.contains("values.yaml")
+    });
+    assert_eq!(d.read("out.conf"), "level=two\n");
+    d.write("values.yaml", "\"ssm:/app/level\": three\n");
+    eventually(Duration::from_secs(10), "the value after the fix", || {
+        d.read("out.conf") == "level=three\n"
+    });
+    eventually(Duration::from_secs(10), "readiness", || w.ready().0 == 200);
+    w.stop();
+}
+
 #[test]
 fn template_edits_and_configmap_swaps_rerender() {
     let d = Dir::new();
