@@ -392,8 +392,8 @@ fn secrets_manager_names_keys_stages_arns_and_batches() {
         format!("second first first app\n{expected_many}\n")
     );
     assert_eq!(d.read("a.env"), "DB_PASSWORD='second'\n");
-    // 26 current secrets (the name and the ARN of t/sm/db are distinct ids) in
-    // two batches; the two stage reads go one by one.
+    // 26 current secrets (t/sm/db asked for once, by name, though its ARN
+    // is used too) in two batches; the two stage reads go one by one.
     assert_eq!(
         proxy.count("BatchGetSecretValue"),
         2,
@@ -409,6 +409,53 @@ fn secrets_manager_names_keys_stages_arns_and_batches() {
         .stderr_has("sm:t/sm/none  (used by m.hbs)")
         .stderr_has("ResourceNotFoundException")
         .stderr_has("sm:t/sm/db@AWSNOPE");
+}
+
+/// A secret named both by name and by ARN is asked for once: twenty
+/// secrets, one of them under both, fit one `BatchGetSecretValue`.
+#[test]
+fn secrets_manager_asks_once_for_a_secret_named_by_name_and_by_arn() {
+    let moto = moto();
+    let sm = aws_sdk_secretsmanager::Client::new(&sdk(&moto.url));
+    let arn = block_on(async {
+        let created = sm
+            .create_secret()
+            .name("t/dup/db")
+            .secret_string("db-secret")
+            .send()
+            .await
+            .unwrap();
+        for i in 0..19 {
+            sm.create_secret()
+                .name(format!("t/dup/many/{i:02}"))
+                .secret_string(format!("s{i:02}"))
+                .send()
+                .await
+                .unwrap();
+        }
+        created.arn().unwrap().to_string()
+    });
+    let d = Dir::new();
+    let many: String = (0..19)
+        .map(|i| format!("{{{{sm \"t/dup/many/{i:02}\"}}}},"))
+        .collect();
+    d.write(
+        "t.hbs",
+        &format!("{{{{sm \"t/dup/db\"}}}} {{{{secret \"{arn}\"}}}}\n{many}\n"),
+    );
+    let proxy = Proxy::start(&moto.url);
+    d.cmd(&["render", "--template", "t.hbs:t.out"])
+        .aws(&proxy.url)
+        .run()
+        .success();
+    assert!(d.read("t.out").starts_with("db-secret db-secret\ns00,"));
+    assert_eq!(
+        proxy.count("BatchGetSecretValue"),
+        1,
+        "{:?}",
+        proxy.counts()
+    );
+    assert_eq!(proxy.count("GetSecretValue"), 0, "{:?}", proxy.counts());
 }
 
 #[test]

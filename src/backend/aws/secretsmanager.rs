@@ -41,6 +41,121 @@ fn answers(name: Option<&str>, arn: Option<&str>, id: &str) -> bool {
     })
 }
 
+/// The secret name an ARN id names (`arn:aws:secretsmanager:REGION:ACCOUNT:secret:NAME-AbCdEf`,
+/// or without the random suffix); `None` for a name.
+fn arn_name(id: &str) -> Option<&str> {
+    let (_, name) = id.strip_prefix("arn:")?.split_once(":secret:")?;
+    let suffixed = name
+        .rsplit_once('-')
+        .filter(|(_, tail)| tail.len() == 6 && tail.chars().all(|c| c.is_ascii_alphanumeric()));
+    Some(suffixed.map_or(name, |(name, _)| name))
+}
+
+/// A secret a batch returned: its name, its ARN, its value.
+type Found = (Option<String>, Option<String>, Result<Fetched, FetchError>);
+
+/// What `BatchGetSecretValue` calls answered: each secret returned, and the
+/// errors by secret id.
+#[derive(Default)]
+struct Answered {
+    found: Vec<Found>,
+    errors: HashMap<String, FetchError>,
+}
+
+impl Answered {
+    /// Asks for `ids`, page after page.
+    async fn ask(&mut self, aws: &Aws, client: &Client, region: &str, ids: Vec<String>) {
+        if ids.is_empty() {
+            return;
+        }
+        let mut token = None;
+        loop {
+            aws.permit("secretsmanager", region).await;
+            tracing::debug!(
+                region,
+                secrets = ids.len(),
+                "secretsmanager:BatchGetSecretValue"
+            );
+            let out = client
+                .batch_get_secret_value()
+                .set_secret_id_list(Some(ids.clone()))
+                .set_next_token(token)
+                .send()
+                .await;
+            let out = match out {
+                Ok(out) => out,
+                Err(e) => {
+                    let err = sdk_error("sm", "secretsmanager:BatchGetSecretValue", &e);
+                    for id in ids {
+                        self.errors.insert(id, err.clone());
+                    }
+                    return;
+                }
+            };
+            for v in out.secret_values() {
+                let id = v.name().or(v.arn()).unwrap_or("?");
+                let value =
+                    secret_value(v.secret_string(), v.secret_binary().map(|b| b.as_ref()), id).map(
+                        |value| Fetched {
+                            value,
+                            version: v.version_id().map(str::to_string),
+                            lease: None,
+                        },
+                    );
+                self.found.push((
+                    v.name().map(str::to_string),
+                    v.arn().map(str::to_string),
+                    value,
+                ));
+            }
+            for e in out.errors() {
+                let Some(id) = e.secret_id() else { continue };
+                let code = e.error_code().unwrap_or("Error");
+                let kind = match code {
+                    "ResourceNotFoundException" => ErrorKind::NotFound,
+                    "AccessDeniedException" => ErrorKind::Denied,
+                    "ThrottlingException" | "InternalServiceError" => ErrorKind::Transient,
+                    _ => ErrorKind::Invalid,
+                };
+                let message = match e.message() {
+                    Some(m) if !m.is_empty() => format!("{code}: {m}"),
+                    _ => code.to_string(),
+                };
+                self.errors.insert(
+                    id.to_string(),
+                    FetchError::new(kind, "sm", "secretsmanager:BatchGetSecretValue", message),
+                );
+            }
+            token = out.next_token().map(str::to_string);
+            if token.is_none() {
+                break;
+            }
+        }
+    }
+
+    /// Whether a secret returned is the one `id` names.
+    fn covers(&self, id: &str) -> bool {
+        self.found
+            .iter()
+            .any(|(n, a, _)| answers(n.as_deref(), a.as_deref(), id))
+    }
+
+    /// The answer for `id`: its secret, its error, or "no such secret".
+    fn take(&mut self, id: &str) -> Result<Fetched, FetchError> {
+        match self
+            .found
+            .iter()
+            .find(|(n, a, _)| answers(n.as_deref(), a.as_deref(), id))
+        {
+            Some((_, _, r)) => r.clone(),
+            None => Err(self
+                .errors
+                .remove(id)
+                .unwrap_or_else(|| not_found(id, None))),
+        }
+    }
+}
+
 fn secret_value(
     string: Option<&str>,
     binary: Option<&[u8]>,
@@ -90,85 +205,28 @@ impl SecretsManager {
             .await
     }
 
+    /// One `BatchGetSecretValue` (page after page) for `ids`, answering
+    /// also for `also`: ARNs of secrets `ids` names by name, covered by the
+    /// same answers (asked for after all when they turn out not to be).
     async fn batch(
         aws: Arc<Aws>,
         client: Client,
         region: String,
         ids: Vec<String>,
+        also: Vec<String>,
     ) -> Vec<(String, Result<Fetched, FetchError>)> {
-        // (name, ARN, value) of each secret returned.
-        type Found = (Option<String>, Option<String>, Result<Fetched, FetchError>);
-        let mut found: Vec<Found> = Vec::new();
-        let mut errors: HashMap<String, FetchError> = HashMap::new();
-        let mut token = None;
-        loop {
-            aws.permit("secretsmanager", &region).await;
-            tracing::debug!(
-                region,
-                secrets = ids.len(),
-                "secretsmanager:BatchGetSecretValue"
-            );
-            let out = client
-                .batch_get_secret_value()
-                .set_secret_id_list(Some(ids.clone()))
-                .set_next_token(token)
-                .send()
-                .await;
-            let out = match out {
-                Ok(out) => out,
-                Err(e) => {
-                    let err = sdk_error("sm", "secretsmanager:BatchGetSecretValue", &e);
-                    return ids.into_iter().map(|id| (id, Err(err.clone()))).collect();
-                }
-            };
-            for v in out.secret_values() {
-                let id = v.name().or(v.arn()).unwrap_or("?");
-                let value =
-                    secret_value(v.secret_string(), v.secret_binary().map(|b| b.as_ref()), id).map(
-                        |value| Fetched {
-                            value,
-                            version: v.version_id().map(str::to_string),
-                            lease: None,
-                        },
-                    );
-                found.push((
-                    v.name().map(str::to_string),
-                    v.arn().map(str::to_string),
-                    value,
-                ));
-            }
-            for e in out.errors() {
-                let Some(id) = e.secret_id() else { continue };
-                let code = e.error_code().unwrap_or("Error");
-                let kind = match code {
-                    "ResourceNotFoundException" => ErrorKind::NotFound,
-                    "AccessDeniedException" => ErrorKind::Denied,
-                    "ThrottlingException" | "InternalServiceError" => ErrorKind::Transient,
-                    _ => ErrorKind::Invalid,
-                };
-                let message = match e.message() {
-                    Some(m) if !m.is_empty() => format!("{code}: {m}"),
-                    _ => code.to_string(),
-                };
-                errors.insert(
-                    id.to_string(),
-                    FetchError::new(kind, "sm", "secretsmanager:BatchGetSecretValue", message),
-                );
-            }
-            token = out.next_token().map(str::to_string);
-            if token.is_none() {
-                break;
-            }
-        }
+        let mut answered = Answered::default();
+        answered.ask(&aws, &client, &region, ids.clone()).await;
+        let missed: Vec<String> = also
+            .iter()
+            .filter(|id| !answered.covers(id))
+            .cloned()
+            .collect();
+        answered.ask(&aws, &client, &region, missed).await;
         ids.into_iter()
+            .chain(also)
             .map(|id| {
-                let result = match found
-                    .iter()
-                    .find(|(n, a, _)| answers(n.as_deref(), a.as_deref(), &id))
-                {
-                    Some((_, _, r)) => r.clone(),
-                    None => Err(errors.remove(&id).unwrap_or_else(|| not_found(&id, None))),
-                };
+                let result = answered.take(&id);
                 (id, result)
             })
             .collect()
@@ -292,12 +350,12 @@ impl Backend for SecretsManager {
     }
 
     fn plan(&self, sources: &[Source]) -> Vec<PlannedCall> {
-        let mut batched: HashMap<String, usize> = HashMap::new();
+        let mut batched: HashMap<String, Vec<&str>> = HashMap::new();
         let mut calls = Vec::new();
         for s in sources {
             let region = self.aws.region_label(s.region());
             match &s.version {
-                None => *batched.entry(region).or_default() += 1,
+                None => batched.entry(region).or_default().push(&s.path),
                 Some(v) => calls.push(PlannedCall {
                     target: Some(region),
                     action: "GetSecretValue".to_string(),
@@ -305,7 +363,14 @@ impl Backend for SecretsManager {
                 }),
             }
         }
-        for (region, n) in batched {
+        for (region, mut ids) in batched {
+            ids.sort();
+            ids.dedup();
+            // A secret named by name and by ARN is asked for once.
+            let n = ids
+                .iter()
+                .filter(|id| !arn_name(id).is_some_and(|name| ids.contains(&name)))
+                .count();
             for start in (0..n).step_by(BATCH) {
                 calls.push(PlannedCall {
                     target: Some(region.clone()),
@@ -352,8 +417,18 @@ impl Backend for SecretsManager {
             for (region, mut ids) in batched {
                 ids.sort();
                 ids.dedup();
+                // A secret named both by name and by ARN is asked for once,
+                // by name: the answer carries both.
+                let (mut same, asked): (Vec<String>, Vec<String>) = ids
+                    .iter()
+                    .cloned()
+                    .partition(|id| arn_name(id).is_some_and(|name| ids.iter().any(|n| n == name)));
                 let client = self.client(&region).await;
-                for chunk in ids.chunks(BATCH) {
+                for chunk in asked.chunks(BATCH) {
+                    let also: Vec<String>;
+                    (also, same) = same.into_iter().partition(|arn| {
+                        arn_name(arn).is_some_and(|name| chunk.iter().any(|n| n == name))
+                    });
                     let (aws, client, region, chunk) = (
                         self.aws.clone(),
                         client.clone(),
@@ -361,7 +436,7 @@ impl Backend for SecretsManager {
                         chunk.to_vec(),
                     );
                     tasks.spawn(async move {
-                        SecretsManager::batch(aws, client, region.clone(), chunk)
+                        SecretsManager::batch(aws, client, region.clone(), chunk, also)
                             .await
                             .into_iter()
                             .map(|(id, r)| (Key::Batched(region.clone(), id), r))
