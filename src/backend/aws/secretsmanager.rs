@@ -553,6 +553,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn arns_name_their_secret() {
+        let arn = "arn:aws:secretsmanager:eu-west-1:123456789012:secret:app/db-AbC123";
+        assert_eq!(arn_name(arn), Some("app/db"));
+        assert_eq!(
+            arn_name("arn:aws:secretsmanager:eu-west-1:123456789012:secret:app/db"),
+            Some("app/db")
+        );
+        assert_eq!(arn_name("app/db-AbC123"), None);
+    }
+
+    #[test]
     fn answers_by_name_full_arn_or_partial_arn() {
         let arn = "arn:aws:secretsmanager:us-east-1:1:secret:prod/db-AbCdEf";
         assert!(answers(Some("prod/db"), Some(arn), "prod/db"));
