@@ -245,6 +245,11 @@ pub struct WatchArgs {
     #[arg(long, env = "ENVRENDER_WAIT", value_name = "MIN[:MAX]", value_parser = parse_wait)]
     pub wait: Option<(Duration, Duration)>,
 
+    /// Wait a random extra time up to this before rendering changes (and
+    /// running the actions), so that a fleet does not reload in step.
+    #[arg(long, env = "ENVRENDER_SPLAY", default_value = "0s", value_name = "DUR", value_parser = parse_duration)]
+    pub splay: Duration,
+
     /// Serve /healthz, /readyz and /metrics on this address.
     #[arg(long, env = "ENVRENDER_LISTEN", value_name = "ADDR")]
     pub listen: Option<std::net::SocketAddr>,

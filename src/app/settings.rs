@@ -176,6 +176,7 @@ pub fn watch_settings(args: &WatchArgs) -> Result<WatchSettings, Error> {
     }
     Ok(WatchSettings {
         wait: args.wait.unwrap_or_default(),
+        splay: args.splay,
         actions,
         listen: args.listen,
         keep_env: args.keep_env.clone(),

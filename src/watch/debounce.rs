@@ -59,6 +59,12 @@ impl Debounce {
         if !self.pending {
             self.first = Some(Instant::now());
             self.offset = self.splay.mul_f64(fastrand::f64());
+            if !self.splay.is_zero() {
+                tracing::info!(
+                    splay_ms = self.offset.as_millis() as u64,
+                    "changes: rendering after a random delay (splay)"
+                );
+            }
         }
         self.last = Instant::now();
         self.pending = true;

@@ -41,6 +41,8 @@ pub struct WatchSettings {
     pub actions: Vec<Action>,
     /// Serve `/healthz`, `/readyz` and `/metrics` here.
     pub listen: Option<std::net::SocketAddr>,
+    /// A random extra delay, up to this, before rendering changes.
+    pub splay: Duration,
     /// Credential variables the commands of actions get anyway (see
     /// [`crate::environment::scrubbed_for_commands`]).
     pub keep_env: Vec<String>,
@@ -69,7 +71,7 @@ pub async fn watch(
         FetchResults::new(),
         health.clone(),
         options.wait,
-        Duration::ZERO,
+        options.splay,
     );
     refresher.render_now();
     loop {

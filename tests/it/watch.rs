@@ -561,6 +561,28 @@ fn watch_reads_the_local_values_file_again_when_it_changes() {
     w.stop();
 }
 
+/// `watch --splay` puts off the render of a change (and its actions) by a
+/// random time up to the splay; the first render is not put off.
+#[test]
+fn watch_splay_puts_off_the_render_of_a_change() {
+    let d = Dir::new();
+    d.write("v.txt", "one");
+    d.write("t.hbs", "{{file \"v.txt\"}}");
+    let w = Watch::start(
+        d.cmd(&["watch", "--splay", "1000h", "--template", "t.hbs:out"]),
+        &d,
+    );
+    assert_eq!(d.read("out"), "one");
+    d.write("v.txt", "two");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(d.read("out"), "one");
+    let log = w.stop();
+    assert!(
+        log.contains("rendering after a random delay (splay)"),
+        "{log}"
+    );
+}
+
 #[test]
 fn template_edits_and_configmap_swaps_rerender() {
     let d = Dir::new();
