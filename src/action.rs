@@ -7,6 +7,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::backoff::Backoff;
+use crate::error::Error;
+use crate::output::{self, FileWrite, Status};
+use crate::problem::ConfigError;
 
 /// What to do after outputs changed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,6 +67,89 @@ impl Action {
             }
         }))
     }
+}
+
+/// Runs a command (argv, no shell) with envrender's credentials removed
+/// from its environment, in a process group of its own, killed with its
+/// children after `timeout`. `quiet`: its output is dropped (it may quote
+/// a file holding secrets).
+async fn exec(
+    argv: &[String],
+    timeout: Duration,
+    keep_env: &[String],
+    quiet: bool,
+) -> Result<(), String> {
+    let Some((program, args)) = argv.split_first() else {
+        return Err("empty command".into());
+    };
+    let mut command = tokio::process::Command::new(program);
+    // A reload command needs none of envrender's credentials.
+    for name in crate::environment::scrubbed_for_commands(keep_env) {
+        command.env_remove(name);
+    }
+    if quiet {
+        command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+    }
+    // In a process group of its own, so that a command cut off (by
+    // its timeout, or by a stop signal dropping this future) takes
+    // its children with it: `sh -c 'a; b'` leaves no `b` behind.
+    let child = command
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start {program}: {e}"))?;
+    let mut group = KillGroup(Some(child));
+    let finished = match group.0.as_mut() {
+        Some(child) => tokio::time::timeout(timeout, child.wait()).await,
+        None => unreachable!("set just above"),
+    };
+    if finished.is_ok() {
+        // It ended by itself: what it started on purpose may stay.
+        group.0 = None;
+    }
+    match finished {
+        Ok(Ok(status)) if status.success() => Ok(()),
+        Ok(Ok(status)) => Err(format!("{program} exited with {status}")),
+        Ok(Err(e)) => Err(format!("{program}: {e}")),
+        Err(_) => Err(format!(
+            "{program} did not finish within {}; killed",
+            humantime::format_duration(timeout)
+        )),
+    }
+}
+
+/// Writes `writes` all or nothing (see [`output::commit`]) once each file
+/// that would change and has a check command has passed its check, run
+/// against the staged file (`{file}`) before anything is in place. A file
+/// refused leaves every output as it was.
+pub async fn commit_checked(writes: &[FileWrite]) -> Result<Vec<Status>, Error> {
+    let prepared = output::Prepared::new(writes).map_err(Error::Output)?;
+    let mut refused = Vec::new();
+    for (w, staged) in prepared.changed() {
+        let Some(check) = &w.check else { continue };
+        let file = staged.to_string_lossy();
+        let argv: Vec<String> = check.iter().map(|a| a.replace("{file}", &file)).collect();
+        if let Err(e) = exec(&argv, DEFAULT_EXEC_TIMEOUT, &[], true).await {
+            refused.push(
+                ConfigError::new(
+                    w.path.display().to_string(),
+                    format!("check `{}` refused the new content: {e}", check.join(" ")),
+                )
+                .hint(format!(
+                    "the file in place was kept; its output is not shown (it may quote secrets): render {} elsewhere and run the check on it",
+                    w.origin
+                )),
+            );
+        }
+    }
+    if !refused.is_empty() {
+        return Err(Error::Refused(refused));
+    }
+    prepared.finish().map_err(Error::Output)
 }
 
 /// Between the attempts of a failing action: 1 s, then 2 s.
@@ -207,44 +293,7 @@ pub async fn run(action: &Action, keep_env: &[String]) -> Result<(), String> {
             }
             Ok(())
         }
-        Action::Exec { argv, timeout } => {
-            let Some((program, args)) = argv.split_first() else {
-                return Err("empty command".into());
-            };
-            let mut command = tokio::process::Command::new(program);
-            // A reload command needs none of envrender's credentials.
-            for name in crate::environment::scrubbed_for_commands(keep_env) {
-                command.env_remove(name);
-            }
-            // In a process group of its own, so that a command cut off (by
-            // its timeout, or by a stop signal dropping this future) takes
-            // its children with it: `sh -c 'a; b'` leaves no `b` behind.
-            let child = command
-                .args(args)
-                .stdin(std::process::Stdio::null())
-                .process_group(0)
-                .kill_on_drop(true)
-                .spawn()
-                .map_err(|e| format!("cannot start {program}: {e}"))?;
-            let mut group = KillGroup(Some(child));
-            let finished = match group.0.as_mut() {
-                Some(child) => tokio::time::timeout(*timeout, child.wait()).await,
-                None => unreachable!("set just above"),
-            };
-            if finished.is_ok() {
-                // It ended by itself: what it started on purpose may stay.
-                group.0 = None;
-            }
-            match finished {
-                Ok(Ok(status)) if status.success() => Ok(()),
-                Ok(Ok(status)) => Err(format!("{program} exited with {status}")),
-                Ok(Err(e)) => Err(format!("{program}: {e}")),
-                Err(_) => Err(format!(
-                    "{program} did not finish within {}; killed",
-                    humantime::format_duration(*timeout)
-                )),
-            }
-        }
+        Action::Exec { argv, timeout } => exec(argv, *timeout, keep_env, false).await,
         Action::Http { url } => {
             let response = reqwest::Client::new()
                 .post(url)

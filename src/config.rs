@@ -150,6 +150,7 @@ struct RawTemplate {
     mode: Option<Spanned<String>>,
     owner: Option<Spanned<String>>,
     on_change: Option<Spanned<RawOnChange>>,
+    check: Option<Spanned<String>>,
 }
 
 /// What to do when a template's output changed (watch mode).
@@ -307,6 +308,7 @@ impl Validator<'_> {
                     .as_ref()
                     .map(|a| self.on_change(a))
                     .unwrap_or_default(),
+                check: t.check.as_ref().and_then(|c| self.check_command(c)),
             })
             .collect();
         let env = raw
@@ -418,6 +420,31 @@ impl Validator<'_> {
             max_answer_size: self
                 .size(raw.max_answer_size.as_ref(), "consul.max_answer_size")
                 .unwrap_or(defaults.max_answer_size),
+        }
+    }
+
+    /// A template's check command: a command line with `{file}` in it.
+    fn check_command(&mut self, at: &Spanned<String>) -> Option<Vec<String>> {
+        let hint =
+            "e.g. check = \"nginx -t -c {file}\": {file} is the new file, before it goes live";
+        match shlex::split(at.get_ref()).filter(|argv| !argv.is_empty()) {
+            None => {
+                self.error(
+                    at,
+                    "template.check is not a command line (unbalanced quotes?)",
+                    hint,
+                );
+                None
+            }
+            Some(argv) if !argv.iter().any(|a| a.contains("{file}")) => {
+                self.error(
+                    at,
+                    "template.check does not name the file it checks: {file} is missing",
+                    hint,
+                );
+                None
+            }
+            Some(argv) => Some(argv),
         }
     }
 
@@ -933,6 +960,7 @@ pub fn parse_template_flag(s: &str) -> Result<TemplateOutput, ConfigError> {
         mode,
         owner: None,
         on_change: Vec::new(),
+        check: None,
     })
 }
 
@@ -1034,6 +1062,35 @@ mode = "0400"
         assert_eq!(c.env_files[0].format, EnvFormat::Dotenv);
         assert_eq!(c.env_files[1].format, EnvFormat::Json);
         assert_eq!(c.env_files[1].mode, 0o400);
+    }
+
+    #[test]
+    fn check_commands_name_their_file() {
+        let ok = parse(
+            "envrender.toml",
+            "[[template]]\nsource = \"a\"\ndestination = \"b\"\ncheck = \"nginx -t -c '{file}'\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            ok.templates[0].check,
+            Some(vec![
+                "nginx".into(),
+                "-t".into(),
+                "-c".into(),
+                "{file}".into()
+            ])
+        );
+        for bad in ["nginx -t", "nginx '-t"] {
+            let text =
+                format!("[[template]]\nsource = \"a\"\ndestination = \"b\"\ncheck = \"{bad}\"\n");
+            let errors = parse("envrender.toml", &text).unwrap_err();
+            assert_eq!(errors[0].line, Some(4), "{bad}");
+            assert!(
+                errors[0].message.contains("template.check"),
+                "{}",
+                errors[0].message
+            );
+        }
     }
 
     #[test]

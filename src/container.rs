@@ -39,6 +39,7 @@ pub fn copy_self(dest: &Path) -> Result<PathBuf, Error> {
         mode: 0o755,
         owner: None,
         origin: format!("copy of {}", exe.display()),
+        check: None,
     }])
     .map_err(Error::Output)?;
     tracing::info!(

@@ -41,6 +41,9 @@ pub struct TemplateOutput {
     pub owner: Option<Owner>,
     /// Actions after this output changed (watch mode).
     pub on_change: Vec<Action>,
+    /// A command that must accept the staged file before it goes live
+    /// (`nginx -t -c {file}`): argv, `{file}` standing for the file.
+    pub check: Option<Vec<String>>,
 }
 
 /// An env file of the `[env]` values.
@@ -351,6 +354,7 @@ impl Plan {
                     mode: t.mode,
                     owner: t.owner,
                     origin: name,
+                    check: t.check.clone(),
                 }),
                 Err(e) => errors.push(e),
             }
@@ -365,6 +369,7 @@ impl Plan {
                 contents: output::env_file(&vars, f.format),
                 mode: f.mode,
                 owner: f.owner,
+                check: None,
                 origin: match f.format {
                     EnvFormat::Dotenv => "env file (dotenv)",
                     EnvFormat::Json => "env file (json)",

@@ -32,6 +32,9 @@ pub enum Error {
     /// A file that could not be written, and what became of the others.
     #[error(transparent)]
     Output(OutputError),
+    /// New outputs their check commands refused: nothing was written.
+    #[error("{} refused by {}:{}\nnothing was written", count(.0.len(), "output"), if .0.len() == 1 { "its check" } else { "their checks" }, List(.0))]
+    Refused(Vec<ConfigError>),
     /// A run that stopped before writing anything, and why.
     #[error("{0}\nnothing was written")]
     NothingWritten(Box<Error>),
@@ -52,6 +55,7 @@ impl Error {
             Error::Unresolved(_)
             | Error::Render(_)
             | Error::Output(_)
+            | Error::Refused(_)
             | Error::Setup(_)
             | Error::Unhealthy(_) => 1,
             Error::NothingWritten(e) => e.exit_code(),

@@ -53,6 +53,9 @@ pub struct FileWrite {
     pub owner: Option<Owner>,
     /// What produced it, for messages: a template path or "env file".
     pub origin: String,
+    /// A command that must accept the staged file before it goes live:
+    /// argv, `{file}` standing for the staged file (see [`Prepared`]).
+    pub check: Option<Vec<String>>,
 }
 
 impl fmt::Debug for FileWrite {
@@ -250,9 +253,39 @@ struct Staged<'a> {
 }
 
 /// Writes every file, all or nothing. Returns each file's status, in order.
+/// Check commands are not run: see [`Prepared`].
 pub fn commit(writes: &[FileWrite]) -> Result<Vec<Status>, OutputError> {
     let staged = prepare(writes)?;
     finish(staged)
+}
+
+/// Every file of a commit staged beside its destination, nothing visible
+/// changed yet: the staged files can be checked before [`Prepared::finish`]
+/// puts them in place. Dropped, it removes them and changes nothing.
+pub struct Prepared<'a> {
+    staged: Vec<Staged<'a>>,
+}
+
+impl<'a> Prepared<'a> {
+    /// Looks at every destination and stages every new file.
+    pub fn new(writes: &'a [FileWrite]) -> Result<Self, OutputError> {
+        Ok(Prepared {
+            staged: prepare(writes)?,
+        })
+    }
+
+    /// The files that would change, with the path of each one's staged
+    /// content.
+    pub fn changed(&self) -> impl Iterator<Item = (&'a FileWrite, &Path)> {
+        self.staged
+            .iter()
+            .filter_map(|s| Some((s.write, s.temp.as_deref()?)))
+    }
+
+    /// Puts the staged files in place, all or nothing (see [`commit`]).
+    pub fn finish(self) -> Result<Vec<Status>, OutputError> {
+        finish(self.staged)
+    }
 }
 
 /// The first phase of [`commit`]: every destination looked at, every new
@@ -440,6 +473,7 @@ fn undo(s: &Staged<'_>) -> Result<(), OutputError> {
                     gid: Some(before.gid),
                 }),
                 origin: s.write.origin.clone(),
+                check: None,
             };
             let temp = stage(&restore)?;
             temp.persist(path)
@@ -537,6 +571,7 @@ mod tests {
             mode: 0o600,
             owner: None,
             origin: "test".into(),
+            check: None,
         }
     }
 

@@ -33,7 +33,6 @@ use tokio::time::Instant;
 use crate::engine::{EnvValue, Plan, Settings};
 use crate::error::Error;
 use crate::health::Health;
-use crate::output;
 use crate::resolve::Resolver;
 use crate::shutdown::Stop;
 use crate::supervise::env::{ChildEnv, SecretFiles, child_env};
@@ -114,7 +113,7 @@ pub async fn run(
     let writes = plan
         .outputs(&resolution)
         .map_err(|e| Error::NothingWritten(Box::new(e)))?;
-    output::commit(&writes).map_err(Error::Output)?;
+    crate::action::commit_checked(&writes).await?;
 
     let mut secrets = SecretFiles::new(run.secrets_dir.clone());
     let env = child_env(

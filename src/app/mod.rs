@@ -15,7 +15,7 @@ use crate::engine::{Plan, Settings};
 use crate::environment::Environment;
 use crate::error::Error;
 use crate::local_values::LocalValues;
-use crate::output::{self, Status};
+use crate::output::Status;
 use crate::problem::ConfigError;
 use crate::reference;
 use crate::resolve::{FetchResults, Resolver};
@@ -241,7 +241,7 @@ pub async fn render(resolver: &Resolver, settings: &Settings) -> Result<(), Erro
     let writes = plan
         .outputs(&resolution)
         .map_err(|e| Error::NothingWritten(Box::new(e)))?;
-    let statuses = output::commit(&writes).map_err(Error::Output)?;
+    let statuses = crate::action::commit_checked(&writes).await?;
     let mut written = 0;
     for (w, status) in writes.iter().zip(&statuses) {
         if *status != Status::Unchanged {

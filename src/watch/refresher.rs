@@ -18,7 +18,7 @@ use crate::backoff::Backoff;
 use crate::engine::{Plan, Settings};
 use crate::error::Error;
 use crate::health::Health;
-use crate::output::{self, Status};
+use crate::output::Status;
 use crate::reference::Scheme;
 use crate::resolve::{FetchResults, Resolver};
 
@@ -288,7 +288,7 @@ async fn render_cycle(
         .resolve_with(resolver, started + settings.timeout, cache.clone())
         .await?;
     let writes = plan.outputs(&resolution)?;
-    let statuses = output::commit(&writes).map_err(Error::Output)?;
+    let statuses = crate::action::commit_checked(&writes).await?;
     let env = plan.env_vars(&resolution);
     *cache = resolution.fetched;
     crate::resolve::keep_answers(cache);

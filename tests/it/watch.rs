@@ -583,6 +583,53 @@ fn watch_splay_puts_off_the_render_of_a_change() {
     );
 }
 
+/// A template's check command runs against the staged file before it goes
+/// live: a file it refuses leaves the one in place, readiness and metrics
+/// say so, and the app is not signalled; `render` exits 1 writing nothing.
+#[test]
+fn a_check_command_keeps_a_refused_file_out() {
+    let d = Dir::new();
+    d.write("v.txt", "good one");
+    d.write("t.hbs", "{{file \"v.txt\"}}\n");
+    d.write(
+        "envrender.toml",
+        "[[template]]\nsource = \"t.hbs\"\ndestination = \"out.conf\"\ncheck = \"grep -q good {file}\"\n",
+    );
+    let _app = App::start(&d);
+    let w = Watch::start(
+        d.cmd(&["watch", "--signal", "SIGHUP", "--pid-file", "app.pid"]),
+        &d,
+    );
+    assert_eq!(d.read("out.conf"), "good one\n");
+    d.write("v.txt", "bad two");
+    eventually(Duration::from_secs(10), "degraded readiness", || {
+        let (status, text) = w.ready();
+        status == 503 && text.contains("refused the new content")
+    });
+    assert_eq!(d.read("out.conf"), "good one\n");
+    assert_eq!(App::hups(&d), 0);
+    let metrics = w.get("/metrics").1;
+    assert!(
+        !metrics.contains("envrender_render_errors_total 0"),
+        "{metrics}"
+    );
+    d.write("v.txt", "good three");
+    eventually(Duration::from_secs(40), "the accepted file", || {
+        d.read("out.conf") == "good three\n"
+    });
+    eventually(Duration::from_secs(10), "one signal", || App::hups(&d) == 1);
+    eventually(Duration::from_secs(10), "readiness", || w.ready().0 == 200);
+    let log = w.stop();
+    assert!(!log.contains("bad two"), "{log}");
+    // render: nothing written.
+    d.write("v.txt", "bad four");
+    let out = d.cmd(&["render", "--output-root", "root"]).run();
+    out.code(1)
+        .stderr_has("refused by its check")
+        .stderr_has("grep -q good {file}");
+    assert!(!d.join("root/out.conf").exists());
+}
+
 #[test]
 fn template_edits_and_configmap_swaps_rerender() {
     let d = Dir::new();
