@@ -55,6 +55,8 @@ struct RawConfig {
 struct RawRender {
     timeout: Option<Spanned<String>>,
     max_output: Option<Spanned<SizeValue>>,
+    #[serde(default)]
+    linked_dirs: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -193,6 +195,9 @@ pub struct Config {
     pub timeout: Option<Duration>,
     /// The most one template may render to (`render.max_output`).
     pub max_output: Option<usize>,
+    /// `render.linked_dirs`: directories whose outputs change together,
+    /// through a `..data` link swapped in one step.
+    pub linked_dirs: Vec<PathBuf>,
     /// `log.level`; `--log-level` (`ENVRENDER_LOG_LEVEL`) wins over it,
     /// `info` when unset.
     pub log_level: Option<LogLevel>,
@@ -342,10 +347,17 @@ impl Validator<'_> {
             .values
             .as_ref()
             .map(|p| self.path(p, "local.values"));
+        let linked_dirs = raw
+            .render
+            .linked_dirs
+            .iter()
+            .map(|d| self.path(d, "render.linked_dirs"))
+            .collect();
         Config {
             file: None,
             timeout,
             max_output,
+            linked_dirs,
             log_level,
             log_format,
             local_values,

@@ -40,6 +40,7 @@ pub fn copy_self(dest: &Path) -> Result<PathBuf, Error> {
         owner: None,
         origin: format!("copy of {}", exe.display()),
         check: None,
+        linked: false,
     }])
     .map_err(Error::Output)?;
     tracing::info!(

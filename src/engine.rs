@@ -83,6 +83,8 @@ pub struct Settings {
     pub timeout: Duration,
     /// Limits on what templates may do (`render.max_output`).
     pub limits: crate::template::Limits,
+    /// Directories whose outputs change together (`render.linked_dirs`).
+    pub linked_dirs: Vec<PathBuf>,
 }
 
 /// What a run will do, checked: the templates compiled, the destinations
@@ -93,6 +95,7 @@ pub struct Plan {
     env: Vec<(String, EnvValue)>,
     env_files: Vec<EnvFileOutput>,
     output_root: Option<PathBuf>,
+    linked_dirs: Vec<PathBuf>,
 }
 
 /// The values of a run, and what could not be had.
@@ -208,6 +211,7 @@ impl Plan {
             env: settings.env.clone(),
             env_files: settings.env_files.clone(),
             output_root: settings.output_root.clone(),
+            linked_dirs: settings.linked_dirs.clone(),
         })
     }
 
@@ -317,6 +321,14 @@ impl Plan {
         destination_under(self.output_root.as_deref(), path)
     }
 
+    /// Whether the output at `path` is in one of the linked directories.
+    fn linked(&self, path: &Path) -> bool {
+        let parent = self.destination(path).parent().map(Path::to_path_buf);
+        self.linked_dirs
+            .iter()
+            .any(|d| Some(self.destination(d)) == parent)
+    }
+
     /// The environment variables of the plan, resolved.
     pub fn env_vars(&self, resolution: &Resolution) -> Vec<(String, String)> {
         self.env
@@ -355,6 +367,7 @@ impl Plan {
                     owner: t.owner,
                     origin: name,
                     check: t.check.clone(),
+                    linked: self.linked(&t.destination),
                 }),
                 Err(e) => errors.push(e),
             }
@@ -370,6 +383,7 @@ impl Plan {
                 mode: f.mode,
                 owner: f.owner,
                 check: None,
+                linked: self.linked(&f.destination),
                 origin: match f.format {
                     EnvFormat::Dotenv => "env file (dotenv)",
                     EnvFormat::Json => "env file (json)",

@@ -217,6 +217,7 @@ fn settings_of(config: &Config, args: &OutputArgs, timeout: Duration) -> Result<
         env: config.env.clone(),
         env_files: config.env_files.clone(),
         output_root: args.output_root.clone(),
+        linked_dirs: config.linked_dirs.clone(),
         timeout,
         limits,
     })

@@ -630,6 +630,82 @@ fn a_check_command_keeps_a_refused_file_out() {
     assert!(!d.join("root/out.conf").exists());
 }
 
+/// The outputs of a linked directory change together: a certificate and
+/// its key are seen through `..data`, swapped in one step, so a reader
+/// that resolves `..data` once never sees the new certificate with the old
+/// key; the files of the render before are removed.
+#[test]
+fn a_linked_directory_changes_in_one_step() {
+    let d = Dir::new();
+    d.write("values.yaml", "\"ssm:/tls\": { crt: crt-0, key: key-0 }\n");
+    d.write("crt.hbs", "{{ssm \"/tls#crt\"}}");
+    d.write("key.hbs", "{{ssm \"/tls#key\"}}");
+    d.write(
+        "envrender.toml",
+        "[local]\nvalues = \"values.yaml\"\n\n[render]\nlinked_dirs = [\"tls\"]\n\n\
+         [[template]]\nsource = \"crt.hbs\"\ndestination = \"tls/tls.crt\"\n\n\
+         [[template]]\nsource = \"key.hbs\"\ndestination = \"tls/tls.key\"\n",
+    );
+    let w = Watch::start(d.cmd(&["watch"]), &d);
+    let link = |name: &str| std::fs::read_link(d.join("tls").join(name)).unwrap();
+    assert_eq!(link("tls.crt"), std::path::Path::new("..data/tls.crt"));
+    assert_eq!(link("tls.key"), std::path::Path::new("..data/tls.key"));
+    assert_eq!(d.read("tls/tls.crt"), "crt-0");
+    assert_eq!(d.read("tls/tls.key"), "key-0");
+    let mode = std::fs::metadata(d.join("tls/tls.key"))
+        .unwrap()
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    // A reader that resolves ..data once, again and again, while the pair
+    // changes.
+    let dir = d.join("tls");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut seen = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let Ok(target) = std::fs::read_link(dir.join("..data")) else {
+                    continue;
+                };
+                let data = dir.join(target);
+                let (Ok(crt), Ok(key)) = (
+                    std::fs::read_to_string(data.join("tls.crt")),
+                    std::fs::read_to_string(data.join("tls.key")),
+                ) else {
+                    continue;
+                };
+                assert_eq!(crt.trim_start_matches("crt"), key.trim_start_matches("key"));
+                seen += 1;
+            }
+            seen
+        })
+    };
+    for i in 1..=5 {
+        d.write(
+            "values.yaml",
+            &format!("\"ssm:/tls\": {{ crt: crt-{i}, key: key-{i} }}\n"),
+        );
+        eventually(Duration::from_secs(10), "the new pair", || {
+            d.read("tls/tls.crt") == format!("crt-{i}")
+        });
+        assert_eq!(d.read("tls/tls.key"), format!("key-{i}"));
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(reader.join().unwrap() > 0);
+    // One directory of files: the current render's.
+    let dirs: Vec<String> = std::fs::read_dir(d.join("tls"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("..envrender-"))
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    w.stop();
+}
+
 #[test]
 fn template_edits_and_configmap_swaps_rerender() {
     let d = Dir::new();

@@ -13,6 +13,8 @@
 //! shell sourcing them and dotenv parsers read every value back exactly
 //! (and nothing in a value runs), and JSON objects.
 
+pub mod linked;
+
 use std::collections::BTreeSet;
 use std::fmt;
 use std::io::Write as _;
@@ -56,6 +58,9 @@ pub struct FileWrite {
     /// A command that must accept the staged file before it goes live:
     /// argv, `{file}` standing for the staged file (see [`Prepared`]).
     pub check: Option<Vec<String>>,
+    /// Written with the other linked files of its directory, in one step
+    /// (see [`linked`]).
+    pub linked: bool,
 }
 
 impl fmt::Debug for FileWrite {
@@ -229,6 +234,9 @@ pub fn preview(writes: &[FileWrite]) -> Result<Vec<Status>, OutputError> {
     writes
         .iter()
         .map(|w| {
+            if w.linked {
+                return linked::status(w);
+            }
             Ok(status_against(
                 w,
                 existing(&w.path, w.contents.len())?.as_ref(),
@@ -255,54 +263,135 @@ struct Staged<'a> {
 /// Writes every file, all or nothing. Returns each file's status, in order.
 /// Check commands are not run: see [`Prepared`].
 pub fn commit(writes: &[FileWrite]) -> Result<Vec<Status>, OutputError> {
-    let staged = prepare(writes)?;
-    finish(staged)
+    Prepared::new(writes)?.finish()
 }
 
-/// Every file of a commit staged beside its destination, nothing visible
-/// changed yet: the staged files can be checked before [`Prepared::finish`]
-/// puts them in place. Dropped, it removes them and changes nothing.
+/// Every file of a commit staged, nothing visible changed yet: the staged
+/// files can be checked before [`Prepared::finish`] puts them in place.
+/// Dropped, it removes them and changes nothing.
 pub struct Prepared<'a> {
+    writes: &'a [FileWrite],
     staged: Vec<Staged<'a>>,
+    linked: Vec<linked::LinkedDir<'a>>,
 }
 
 impl<'a> Prepared<'a> {
-    /// Looks at every destination and stages every new file.
+    /// Looks at every destination and stages every new file: beside it, or
+    /// in a new directory of its linked directory.
     pub fn new(writes: &'a [FileWrite]) -> Result<Self, OutputError> {
+        let mut paths = BTreeSet::new();
+        for w in writes {
+            if !paths.insert(&w.path) {
+                return Err(err(&w.path, "write")(std::io::Error::other(
+                    "two outputs have this destination",
+                )));
+            }
+        }
+        let plain: Vec<&FileWrite> = writes.iter().filter(|w| !w.linked).collect();
+        let together: Vec<&FileWrite> = writes.iter().filter(|w| w.linked).collect();
         Ok(Prepared {
-            staged: prepare(writes)?,
+            writes,
+            staged: prepare(&plain)?,
+            linked: linked::prepare(&together)?,
         })
     }
 
     /// The files that would change, with the path of each one's staged
     /// content.
-    pub fn changed(&self) -> impl Iterator<Item = (&'a FileWrite, &Path)> {
-        self.staged
+    pub fn changed(&self) -> Vec<(&'a FileWrite, PathBuf)> {
+        let plain = self
+            .staged
             .iter()
-            .filter_map(|s| Some((s.write, s.temp.as_deref()?)))
+            .filter_map(|s| Some((s.write, s.temp.as_deref()?.to_path_buf())));
+        let linked = self.linked.iter().flat_map(|d| d.changed());
+        plain.chain(linked).collect()
     }
 
-    /// Puts the staged files in place, all or nothing (see [`commit`]).
-    pub fn finish(self) -> Result<Vec<Status>, OutputError> {
-        finish(self.staged)
+    /// Puts the staged files in place, all or nothing: each linked
+    /// directory in one step, then each other file; everything put back
+    /// on a failure. Returns each file's status, in order.
+    pub fn finish(mut self) -> Result<Vec<Status>, OutputError> {
+        for i in 0..self.linked.len() {
+            if let Err(mut e) = self.linked[i].swap() {
+                e.outcome = if i == 0 && !self.linked[i].swapped {
+                    NOTHING_CHANGED
+                } else {
+                    RESTORED
+                };
+                for d in self.linked[..=i].iter().rev() {
+                    if let Err(undo) = d.undo() {
+                        tracing::error!(dir = %d.dir.display(), error = %undo, "could not restore a linked directory after a failed commit");
+                        e.outcome = NOT_RESTORED;
+                    }
+                }
+                return Err(e);
+            }
+        }
+        let linked_changed = self.linked.iter().any(|d| d.swapped);
+        if let Err(mut e) = finish(&mut self.staged) {
+            if linked_changed && e.outcome == NOTHING_CHANGED {
+                e.outcome = RESTORED;
+            }
+            for d in self.linked.iter().rev() {
+                if let Err(undo) = d.undo() {
+                    tracing::error!(dir = %d.dir.display(), error = %undo, "could not restore a linked directory after a failed commit");
+                    e.outcome = NOT_RESTORED;
+                }
+            }
+            return Err(e);
+        }
+        let mut dirs: BTreeSet<PathBuf> = BTreeSet::new();
+        for d in &mut self.linked {
+            if d.swapped {
+                dirs.insert(d.dir.clone());
+            }
+            d.settle();
+        }
+        dirs.extend(
+            self.staged
+                .iter()
+                .filter(|s| s.status != Status::Unchanged)
+                .filter_map(|s| s.write.path.parent())
+                .map(Path::to_path_buf),
+        );
+        for dir in dirs {
+            let dir = if dir.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                dir
+            };
+            // The files are in place; a failed directory sync only weakens
+            // their durability across a crash, so it is reported, not undone.
+            if let Err(e) = std::fs::File::open(&dir).and_then(|d| d.sync_all()) {
+                tracing::warn!(dir = %dir.display(), error = %e, "could not sync the directory");
+            }
+        }
+        let status_of = |w: &FileWrite| {
+            let plain = self
+                .staged
+                .iter()
+                .find(|s| std::ptr::eq(s.write, w))
+                .map(|s| s.status);
+            let linked = || {
+                self.linked
+                    .iter()
+                    .flat_map(|d| d.files.iter())
+                    .find(|(f, _)| std::ptr::eq(*f, w))
+                    .map(|(_, s)| *s)
+            };
+            plain.or_else(linked).unwrap_or(Status::Unchanged)
+        };
+        Ok(self.writes.iter().map(status_of).collect())
     }
 }
 
-/// The first phase of [`commit`]: every destination looked at, every new
+/// The first phase of a commit: every destination looked at, every new
 /// file staged beside it. Nothing visible has changed yet.
-fn prepare(writes: &[FileWrite]) -> Result<Vec<Staged<'_>>, OutputError> {
-    let mut paths = BTreeSet::new();
-    for w in writes {
-        if !paths.insert(&w.path) {
-            return Err(err(&w.path, "write")(std::io::Error::other(
-                "two outputs have this destination",
-            )));
-        }
-    }
+fn prepare<'a>(writes: &[&'a FileWrite]) -> Result<Vec<Staged<'a>>, OutputError> {
     // Stage: nothing visible changes yet. On error the temp files are
     // removed as `staged` drops.
     let mut staged = Vec::with_capacity(writes.len());
-    for w in writes {
+    for &w in writes {
         let before = existing(&w.path, w.contents.len())?;
         let status = status_against(w, before.as_ref());
         // Same content with another mode or owner is written anew too:
@@ -322,10 +411,9 @@ fn prepare(writes: &[FileWrite]) -> Result<Vec<Staged<'_>>, OutputError> {
     Ok(staged)
 }
 
-/// The second phase of [`commit`]: the staged files renamed into place,
+/// The second phase of a commit: the staged files renamed into place,
 /// undone on failure.
-fn finish(mut staged: Vec<Staged<'_>>) -> Result<Vec<Status>, OutputError> {
-    // Commit: rename each staged file into place; undo on failure.
+fn finish(staged: &mut [Staged<'_>]) -> Result<(), OutputError> {
     for i in 0..staged.len() {
         let w = staged[i].write;
         let result = match staged[i].temp.take() {
@@ -345,24 +433,7 @@ fn finish(mut staged: Vec<Staged<'_>>) -> Result<Vec<Status>, OutputError> {
             return Err(e);
         }
     }
-    let dirs: BTreeSet<&Path> = staged
-        .iter()
-        .filter(|s| s.status != Status::Unchanged)
-        .filter_map(|s| s.write.path.parent())
-        .collect();
-    for dir in dirs {
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
-        // The files are in place; a failed directory sync only weakens
-        // their durability across a crash, so it is reported, not undone.
-        if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
-            tracing::warn!(dir = %dir.display(), error = %e, "could not sync the directory");
-        }
-    }
-    Ok(staged.iter().map(|s| s.status).collect())
+    Ok(())
 }
 
 fn stage(w: &FileWrite) -> Result<tempfile::TempPath, OutputError> {
@@ -474,6 +545,7 @@ fn undo(s: &Staged<'_>) -> Result<(), OutputError> {
                 }),
                 origin: s.write.origin.clone(),
                 check: None,
+                linked: false,
             };
             let temp = stage(&restore)?;
             temp.persist(path)
@@ -572,6 +644,7 @@ mod tests {
             owner: None,
             origin: "test".into(),
             check: None,
+            linked: false,
         }
     }
 
@@ -660,11 +733,11 @@ mod tests {
             gid: Some(65534),
         });
         let writes = [w];
-        let staged = prepare(&writes).unwrap();
-        assert_eq!(staged[0].status, Status::Attributes);
+        let prepared = Prepared::new(&writes).unwrap();
+        assert_eq!(prepared.staged[0].status, Status::Attributes);
         std::fs::remove_file(&p).unwrap();
         std::os::unix::fs::symlink(&target, &p).unwrap();
-        assert_eq!(finish(staged).unwrap(), [Status::Attributes]);
+        assert_eq!(prepared.finish().unwrap(), [Status::Attributes]);
         let t = std::fs::metadata(&target).unwrap();
         assert_eq!((mode(&target), t.uid(), t.gid()), (0o600, 0, 0));
         let out = std::fs::symlink_metadata(&p).unwrap();
