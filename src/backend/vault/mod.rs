@@ -397,7 +397,7 @@ impl Vault {
     }
 
     /// Keeps the token and every held lease and certificate alive: renews
-    /// at about two thirds of their TTL, re-issues what cannot be renewed,
+    /// early enough to keep their overlap, re-issues what cannot be renewed,
     /// re-authenticates when the token cannot be renewed. Runs until
     /// dropped.
     pub async fn maintain(&self) {
@@ -1077,10 +1077,11 @@ impl Watching for Vault {
             return Vec::new();
         }
         vec![format!(
-            "{} source{}: KV secrets re-read every {} (a change is a new version); leases renewed at about 2/3 of their TTL and re-issued at their max TTL; certificates re-issued at {:.0}% of their lifetime",
+            "{} source{}: KV secrets re-read every {} (a change is a new version); leases renewed, and re-issued at their max TTL while the old one keeps {:.0}% of its TTL (lease_overlap); certificates re-issued at {:.0}% of their lifetime",
             sources.len(),
             if sources.len() == 1 { "" } else { "s" },
             humantime::format_duration(self.inner.config.kv_refresh),
+            self.inner.config.lease_overlap * 100.0,
             self.inner.config.pki_reissue_at * 100.0,
         )]
     }
