@@ -313,6 +313,9 @@ impl Plan {
             .chain(self.env_files.iter().map(|f| &f.destination))
             .map(|d| self.destination(d))
             .collect();
+        for dir in &self.linked_dirs {
+            crate::output::linked::remove_stale(&self.destination(dir));
+        }
         crate::output::remove_interrupted_writes(destinations.iter().map(PathBuf::as_path))
     }
 

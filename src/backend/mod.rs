@@ -824,8 +824,16 @@ impl Backends {
         let mut seen = std::collections::BTreeSet::new();
         for backend in self.by_scheme.values() {
             // Consul serves two schemes through one backend.
-            if seen.insert(backend.name()) {
-                backend.release(why).await;
+            // A backend that does not answer does not hold up the exit.
+            if seen.insert(backend.name())
+                && tokio::time::timeout(Duration::from_secs(10), backend.release(why))
+                    .await
+                    .is_err()
+            {
+                tracing::warn!(
+                    backend = backend.name(),
+                    "giving back leases took over 10 s; the rest end with their TTL"
+                );
             }
         }
     }

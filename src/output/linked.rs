@@ -15,14 +15,20 @@
 //! ```
 //!
 //! A render writes every file of the directory into a new `..envrender-*`
-//! directory, then replaces `..data` with one rename: a reader that opens
-//! `tls.crt` and `tls.key` sees both old or both new. The old directory is
-//! removed once everything is in place. Watchers of `..data` swaps (Envoy
-//! SDS, Go certificate reloaders, the kubelet's own consumers) see one
-//! change.
+//! directory, then replaces `..data` with one rename: a reader that
+//! resolves `..data` once (as watchers of `..data` swaps do: Envoy SDS, Go
+//! certificate reloaders, the kubelet's own consumers) sees both files old
+//! or both new, and sees one change. The old directory is removed once
+//! everything is in place.
+//!
+//! The new directory is written through a handle opened on it, never
+//! through its path: a neighbour who can write the output directory and
+//! swaps the new directory for a link cannot make envrender write the files,
+//! or change a mode, anywhere else; the swap is refused if the directory is
+//! no longer the one written.
 
 use std::ffi::OsString;
-use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use super::{Existing, FileWrite, OutputError, Status, err, existing, set_owner, status_against};
@@ -43,8 +49,14 @@ pub(super) struct LinkedDir<'a> {
     pub staged: Option<tempfile::TempDir>,
     /// Where `..data` pointed before, if anywhere.
     pub before: Option<OsString>,
+    /// The new directory, opened (its device and inode are checked
+    /// before the swap).
+    handle: Option<std::fs::File>,
     /// The visible names that are not yet links through `..data`.
     pub unlinked: Vec<OsString>,
+    /// Of `unlinked`, those that existed: kept aside under another name
+    /// until the commit is settled, to be put back if it is undone.
+    aside: Vec<OsString>,
     /// Set once `..data` points to the new directory.
     pub swapped: bool,
 }
@@ -104,7 +116,9 @@ pub(super) fn prepare<'a>(writes: &[&'a FileWrite]) -> Result<Vec<LinkedDir<'a>>
                 files: vec![(w, status)],
                 staged: None,
                 before: None,
+                handle: None,
                 unlinked: Vec::new(),
+                aside: Vec::new(),
                 swapped: false,
             }),
         }
@@ -122,31 +136,46 @@ pub(super) fn prepare<'a>(writes: &[&'a FileWrite]) -> Result<Vec<LinkedDir<'a>>
             .prefix(PREFIX)
             .tempdir_in(&d.dir)
             .map_err(err(&d.dir, "create a directory in"))?;
-        std::fs::set_permissions(staged.path(), std::fs::Permissions::from_mode(0o755))
+        let handle = open_dir(staged.path())?;
+        handle
+            .set_permissions(std::fs::Permissions::from_mode(0o755))
             .map_err(err(staged.path(), "set the mode"))?;
         for (w, _) in &d.files {
-            write_file(w, &staged.path().join(name(w)))?;
+            write_file(w, &handle, &name(w))?;
             if !is_data_link(&w.path, &name(w)) {
                 d.unlinked.push(name(w));
             }
         }
+        handle.sync_all().map_err(err(staged.path(), "sync"))?;
+        d.handle = Some(handle);
         d.staged = Some(staged);
     }
     Ok(dirs)
 }
 
-/// Writes one file of a new directory: owner and mode before the first
-/// byte, then synced.
-fn write_file(w: &FileWrite, path: &Path) -> Result<(), OutputError> {
-    use std::io::Write as _;
+/// Opens a directory as a handle, not following a link.
+fn open_dir(path: &Path) -> Result<std::fs::File, OutputError> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(nix::libc::O_NOFOLLOW)
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW)
         .open(path)
-        .map_err(err(&w.path, "write"))?;
+        .map_err(err(path, "open the directory"))
+}
+
+/// Writes one file of a new directory, through its handle: owner and mode
+/// before the first byte, then synced.
+fn write_file(w: &FileWrite, dir: &std::fs::File, name: &OsString) -> Result<(), OutputError> {
+    use nix::fcntl::OFlag;
+    use std::io::Write as _;
+    let fd = nix::fcntl::openat(
+        dir,
+        Path::new(name),
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .map_err(|e| err(&w.path, "write")(std::io::Error::from(e)))?;
+    let mut file = std::fs::File::from(fd);
     set_owner(&file, &w.path, w.owner)?;
     file.set_permissions(std::fs::Permissions::from_mode(w.mode))
         .map_err(err(&w.path, "set the mode"))?;
@@ -182,16 +211,30 @@ impl<'a> LinkedDir<'a> {
     }
 
     /// Swaps `..data` to the new directory, then makes each name a link
-    /// through it.
+    /// through it (what was at a name is kept aside until
+    /// [`LinkedDir::settle`]).
     pub fn swap(&mut self) -> Result<(), OutputError> {
-        let Some(staged) = &self.staged else {
+        let (Some(staged), Some(handle)) = (&self.staged, &self.handle) else {
             return Ok(());
         };
-        let new = staged
-            .path()
-            .file_name()
-            .map(PathBuf::from)
-            .unwrap_or_default();
+        let path = staged.path();
+        let opened = handle.metadata().map_err(err(path, "inspect"))?;
+        let now = std::fs::symlink_metadata(path).map_err(err(path, "inspect"))?;
+        if !now.is_dir() || (now.dev(), now.ino()) != (opened.dev(), opened.ino()) {
+            return Err(err(path, "swap the link")(std::io::Error::other(
+                "the new directory was replaced while it was written",
+            )));
+        }
+        for name in &self.unlinked {
+            let path = self.dir.join(name);
+            if std::fs::symlink_metadata(&path).is_ok() {
+                let aside = self.dir.join(aside_name(name));
+                let _ = std::fs::remove_file(&aside);
+                std::fs::hard_link(&path, &aside).map_err(err(&path, "keep aside"))?;
+                self.aside.push(name.clone());
+            }
+        }
+        let new = path.file_name().map(PathBuf::from).unwrap_or_default();
         let data = self.dir.join(DATA);
         relink(&data, &new).map_err(err(&data, "swap the link"))?;
         self.swapped = true;
@@ -202,12 +245,34 @@ impl<'a> LinkedDir<'a> {
         Ok(())
     }
 
-    /// Puts `..data` back where it pointed (the names made links stay:
-    /// they read through it).
-    pub fn undo(&self) -> Result<(), OutputError> {
+    /// Puts back what was at each name and where `..data` pointed. When
+    /// that fails, the new directory is kept: `..data` may still point to
+    /// it.
+    pub fn undo(&mut self) -> Result<(), OutputError> {
         if !self.swapped {
+            self.drop_asides();
             return Ok(());
         }
+        let result = self.restore();
+        if result.is_err()
+            && let Some(staged) = self.staged.take()
+        {
+            let _ = staged.keep();
+        }
+        result
+    }
+
+    fn restore(&mut self) -> Result<(), OutputError> {
+        for name in &self.unlinked {
+            let path = self.dir.join(name);
+            if self.aside.contains(name) {
+                std::fs::rename(self.dir.join(aside_name(name)), &path)
+                    .map_err(err(&path, "put back"))?;
+            } else if is_data_link(&path, name) {
+                std::fs::remove_file(&path).map_err(err(&path, "remove"))?;
+            }
+        }
+        self.aside.clear();
         let data = self.dir.join(DATA);
         match &self.before {
             Some(before) => {
@@ -217,16 +282,28 @@ impl<'a> LinkedDir<'a> {
         }
     }
 
+    fn drop_asides(&mut self) {
+        for name in self.aside.drain(..) {
+            let _ = std::fs::remove_file(self.dir.join(aside_name(&name)));
+        }
+    }
+
     /// Once every output is in place: the new directory kept, the one
-    /// `..data` pointed to before removed.
+    /// `..data` pointed to before and what was kept aside removed.
     pub fn settle(&mut self) {
         if let Some(staged) = self.staged.take() {
             let _ = staged.keep();
         }
+        self.drop_asides();
         if let Some(before) = self.before.take() {
             remove_data_dir(&self.dir, &before);
         }
     }
+}
+
+/// Where what was at `name` is kept while a commit may be undone.
+fn aside_name(name: &OsString) -> String {
+    format!(".{}.envrender-before", name.to_string_lossy())
 }
 
 /// Removes a directory of an earlier render: only a directory of ours
@@ -244,15 +321,20 @@ fn remove_data_dir(dir: &Path, name: &OsString) {
 }
 
 /// Removes what an interrupted render left in `dir`: directories of ours
-/// that `..data` does not point to.
-fn remove_stale(dir: &Path) {
+/// that `..data` does not point to, and the links and names it kept aside.
+pub fn remove_stale(dir: &Path) {
     let current = std::fs::read_link(dir.join(DATA)).ok();
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        if current.as_deref() != Some(Path::new(&name)) {
+        let text = name.to_string_lossy();
+        if text.starts_with('.')
+            && (text.ends_with(".envrender-before") || text.ends_with(".envrender-link"))
+        {
+            let _ = std::fs::remove_file(entry.path());
+        } else if current.as_deref() != Some(Path::new(&name)) {
             remove_data_dir(dir, &name);
         }
     }

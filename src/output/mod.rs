@@ -318,7 +318,7 @@ impl<'a> Prepared<'a> {
                 } else {
                     RESTORED
                 };
-                for d in self.linked[..=i].iter().rev() {
+                for d in self.linked[..=i].iter_mut().rev() {
                     if let Err(undo) = d.undo() {
                         tracing::error!(dir = %d.dir.display(), error = %undo, "could not restore a linked directory after a failed commit");
                         e.outcome = NOT_RESTORED;
@@ -332,7 +332,7 @@ impl<'a> Prepared<'a> {
             if linked_changed && e.outcome == NOTHING_CHANGED {
                 e.outcome = RESTORED;
             }
-            for d in self.linked.iter().rev() {
+            for d in self.linked.iter_mut().rev() {
                 if let Err(undo) = d.undo() {
                     tracing::error!(dir = %d.dir.display(), error = %undo, "could not restore a linked directory after a failed commit");
                     e.outcome = NOT_RESTORED;
@@ -646,6 +646,56 @@ mod tests {
             check: None,
             linked: false,
         }
+    }
+
+    /// A linked directory's first commit turns its files into links
+    /// through `..data`; undone (another output failed), the files are as
+    /// they were, and nothing of the commit is left behind.
+    #[test]
+    fn a_linked_directory_commit_is_undone_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = dir.path().join("tls");
+        std::fs::create_dir(&tls).unwrap();
+        std::fs::write(tls.join("a"), "old-a").unwrap();
+        let mut a = write(&tls.join("a"), "new-a");
+        a.linked = true;
+        let mut b = write(&tls.join("b"), "new-b");
+        b.linked = true;
+        let plain = write(&dir.path().join("p"), "new-p");
+        let writes = [a, b, plain];
+        let prepared = Prepared::new(&writes).unwrap();
+        // The plain file's staged copy disappears: its rename fails after
+        // the linked directory was swapped.
+        std::fs::remove_file(prepared.staged[0].temp.as_deref().unwrap()).unwrap();
+        let e = prepared.finish().unwrap_err();
+        assert_eq!(e.outcome, RESTORED);
+        assert!(std::fs::symlink_metadata(tls.join("a")).unwrap().is_file());
+        assert_eq!(std::fs::read_to_string(tls.join("a")).unwrap(), "old-a");
+        let left: Vec<String> = std::fs::read_dir(&tls)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, ["a"]);
+        // Committed, then committed again with the same content: the second
+        // time nothing changes.
+        let writes = &writes[..2];
+        assert_eq!(commit(writes).unwrap(), [Status::Updated, Status::Created]);
+        assert_eq!(
+            std::fs::read_link(tls.join("a")).unwrap(),
+            Path::new("..data/a")
+        );
+        assert_eq!(std::fs::read_to_string(tls.join("b")).unwrap(), "new-b");
+        assert_eq!(
+            commit(writes).unwrap(),
+            [Status::Unchanged, Status::Unchanged]
+        );
+        let data = std::fs::read_link(tls.join("..data")).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(&tls)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["..data", data.to_str().unwrap(), "a", "b"]);
     }
 
     fn mode(path: &Path) -> u32 {

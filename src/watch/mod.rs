@@ -102,14 +102,17 @@ pub async fn watch(
     }
     tracing::info!("stopping");
     // A sidecar stopped while the app it signals still runs is being
-    // restarted; once the app is gone, the pod or task is.
+    // restarted; once the app is gone, the pod or task is. With no signal
+    // action it cannot be told: a restart is assumed.
     let app_runs = refresher
         .settings()
         .templates
         .iter()
         .flat_map(|t| t.on_change.iter())
         .chain(&options.actions)
-        .any(|a| a.target_running() == Some(true));
+        .filter_map(Action::target_running)
+        .reduce(|a, b| a || b)
+        .unwrap_or(true);
     let why = if app_runs {
         Release::Restarting
     } else {

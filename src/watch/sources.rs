@@ -11,7 +11,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::files::{WatchedFiles, watch_files};
-use crate::backend::{Backend, ErrorKind, FetchError, Fetched, Observation, Seen, poll_delay};
+use crate::backend::{
+    Backend, ErrorKind, FetchError, Fetched, Observation, Seen, WatchGroup, poll_delay,
+};
 use crate::backoff::Backoff;
 use crate::engine::Settings;
 use crate::reference::{Scheme, Source};
@@ -54,7 +56,8 @@ pub struct Sources {
     /// backend.
     background: JoinSet<()>,
     started: BTreeSet<&'static str>,
-    watching: BTreeSet<Source>,
+    /// The sources watched, and whether each is pushed.
+    watching: BTreeSet<(Source, bool)>,
     files: Option<(WatchedFiles, notify::RecommendedWatcher)>,
 }
 
@@ -83,13 +86,31 @@ impl Sources {
         settings: &Settings,
         cache: &FetchResults,
     ) -> usize {
-        let known = watched(resolver, cache);
-        let now_watched: BTreeSet<Source> = known
+        let layout: Vec<(Arc<dyn Backend>, Known, Vec<WatchGroup>)> = watched(resolver, cache)
+            .into_iter()
+            .map(|(backend, known)| {
+                let sources: Vec<Source> = known.iter().map(|(s, _)| s.clone()).collect();
+                let groups = backend
+                    .watching()
+                    .map(|w| w.watch_groups(&sources))
+                    .unwrap_or_default();
+                (backend, known, groups)
+            })
+            .collect();
+        // Restarted when a source comes or goes, or moves between pushed
+        // and polled (a Vault source that turned out to be a lease).
+        let now_watched: BTreeSet<(Source, bool)> = layout
             .iter()
-            .flat_map(|(_, v)| v.iter().map(|(s, _)| s.clone()))
+            .flat_map(|(_, known, groups)| {
+                groups.iter().flat_map(move |g| {
+                    g.members
+                        .iter()
+                        .filter_map(move |&i| Some((known.get(i)?.0.clone(), g.pushed)))
+                })
+            })
             .collect();
         if now_watched != self.watching {
-            self.start_watches(known);
+            self.start_watches(layout);
             self.watching = now_watched;
         }
         let inputs = WatchedFiles::new(settings, cache, resolver.local_values_file());
@@ -132,15 +153,10 @@ impl Sources {
     }
 
     /// One task per watch group of each backend, replacing those running.
-    fn start_watches(&mut self, known: Vec<(Arc<dyn Backend>, Known)>) {
+    fn start_watches(&mut self, layout: Vec<(Arc<dyn Backend>, Known, Vec<WatchGroup>)>) {
         self.watchers.abort_all();
-        for (backend, sources) in known {
+        for (backend, sources, groups) in layout {
             self.start_background(&backend);
-            let Some(watching) = backend.watching() else {
-                continue;
-            };
-            let groups =
-                watching.watch_groups(&sources.iter().map(|(s, _)| s.clone()).collect::<Vec<_>>());
             let mut sources: Vec<Option<(Source, Seen)>> = sources.into_iter().map(Some).collect();
             for (watcher, group) in groups.into_iter().enumerate() {
                 let known: Vec<(Source, Seen)> = group
@@ -199,10 +215,11 @@ fn watched(resolver: &Resolver, cache: &FetchResults) -> Vec<(Arc<dyn Backend>, 
 }
 
 /// The backend that follows `source` in watch mode: none for `file:`
-/// sources (the file watcher sees them), values answered by a local values
-/// file (they do not change), and backends that cannot watch.
+/// sources (the file watcher sees them), sources the local values file
+/// answers, found or not (the file is watched; in airplane mode nothing goes
+/// to the network), and backends that cannot watch.
 fn watcher_of(resolver: &Resolver, source: &Source) -> Option<Arc<dyn Backend>> {
-    if source.scheme == Scheme::File || resolver.serves_locally(source) {
+    if source.scheme == Scheme::File || resolver.answers_locally(source) {
         return None;
     }
     let backend = resolver.backends().get(source.scheme).ok()?;

@@ -526,6 +526,22 @@ impl DynamicPod {
         }
     }
 
+    /// After an outage: the next credential is written within 2 s of
+    /// Vault issuing it, and it is the only one issued (the first was one).
+    fn delivered_once(&self, first: &str) {
+        let (user, written) = self.next_user(first, Duration::from_secs(30));
+        let delay = written.duration_since(self.issued_at(&user));
+        assert!(
+            delay < Duration::from_secs(2),
+            "written {delay:?} after Vault issued it\n{}",
+            self.r.log()
+        );
+        std::thread::sleep(Duration::from_secs(4));
+        assert_eq!(self.server.count("leases_issued"), 2, "{}", self.r.log());
+        assert_eq!(self.user(), user);
+        assert!(self.server.valid_credentials().contains(&user));
+    }
+
     /// When Vault issued the credential of `user`.
     fn issued_at(&self, user: &str) -> Instant {
         self.server
@@ -551,17 +567,7 @@ fn after_a_vault_outage_the_new_credential_is_delivered_at_once() {
     assert_eq!(pod.user(), first, "rewritten during the outage");
     assert!(!pod.server.valid_credentials().contains(&first));
     pod.proxy.clear();
-    let (user, written) = pod.next_user(&first, Duration::from_secs(30));
-    let delay = written.duration_since(pod.issued_at(&user));
-    assert!(
-        delay < Duration::from_secs(2),
-        "written {delay:?} after Vault issued it\n{}",
-        pod.r.log()
-    );
-    std::thread::sleep(Duration::from_secs(4));
-    assert_eq!(pod.server.count("leases_issued"), 2, "{}", pod.r.log());
-    assert_eq!(pod.user(), user);
-    assert!(pod.server.valid_credentials().contains(&user));
+    pod.delivered_once(&first);
 }
 
 /// The same through a restart that loses Vault's tokens and leases: a new
@@ -575,18 +581,8 @@ fn after_a_vault_restart_that_loses_its_leases_one_new_credential_is_delivered_a
     pod.server.lose_sessions();
     std::thread::sleep(Duration::from_secs(9));
     pod.proxy.clear();
-    let (user, written) = pod.next_user(&first, Duration::from_secs(30));
-    let delay = written.duration_since(pod.issued_at(&user));
-    assert!(
-        delay < Duration::from_secs(2),
-        "written {delay:?} after Vault issued it\n{}",
-        pod.r.log()
-    );
-    std::thread::sleep(Duration::from_secs(4));
-    assert_eq!(pod.server.count("leases_issued"), 2, "{}", pod.r.log());
+    pod.delivered_once(&first);
     assert_eq!(pod.server.count("logins"), 2, "{}", pod.r.log());
-    assert_eq!(pod.user(), user);
-    assert!(pod.server.valid_credentials().contains(&user));
 }
 
 /// A lease re-issued (its renewal refused) is the only thing fetched:

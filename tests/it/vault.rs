@@ -1343,13 +1343,37 @@ fn a_failed_render_revokes_what_it_obtained() {
         .stderr_has("revoked the Vault token envrender logged in for");
     assert_eq!(server.count("leases_issued"), 2);
     assert_eq!(server.valid_credentials(), Vec::<String>::new());
+    // A token envrender was given (a file, an agent's sink) is not its own
+    // to revoke: the lease it may not revoke is left to its TTL.
+    let token = server.token(&["app"], 3600, 7200);
+    d.write("token", &token);
+    d.write(
+        "envrender.toml",
+        "[vault]\nauth = { method = \"token\", token_file = \"token\" }\n",
+    );
+    d.cmd(&["render", "--template", "t.hbs:out.conf"])
+        .env("VAULT_ADDR", &server.url)
+        .run()
+        .code(1)
+        .stderr_has("sys/leases/revoke");
+    assert_eq!(server.valid_credentials().len(), 1);
+    d.write("t.hbs", "user={{vault \"database/creds/app#username\"}}\n");
+    d.cmd(&["render", "--template", "t.hbs:out.conf"])
+        .env("VAULT_ADDR", &server.url)
+        .run()
+        .success();
+    assert_eq!(server.valid_credentials().len(), 2);
+    d.write(
+        "envrender.toml",
+        "[vault]\nauth = { method = \"approle\", role_id_file = \"role-id\", secret_id_file = \"secret-id\" }\n",
+    );
     // A render that succeeds keeps its credential: it is in the output.
     d.write("t.hbs", "user={{vault \"database/creds/app#username\"}}\n");
     d.cmd(&["render", "--template", "t.hbs:out.conf"])
         .env("VAULT_ADDR", &server.url)
         .run()
         .success();
-    assert_eq!(server.valid_credentials().len(), 1);
+    assert_eq!(server.valid_credentials().len(), 3);
 }
 
 /// With `revoke_on_stop`, a wrapper that ends (its command exited) revokes

@@ -499,7 +499,8 @@ impl Watching for SecretsManager {
         Box::pin(async move {
             let mut out = Vec::with_capacity(known.len());
             for (s, old) in known {
-                if s.version.as_deref().is_some_and(is_version_id) && old.is_some() {
+                let by_id = s.version.as_deref().filter(|v| is_version_id(v));
+                if by_id.is_some() && old.is_some() {
                     // A version id names one immutable version.
                     out.push(Observation::Unchanged);
                     continue;
@@ -509,6 +510,19 @@ impl Watching for SecretsManager {
                     continue;
                 };
                 let client = self.client(&region).await;
+                if let Some(id) = by_id {
+                    // Absent so far: asked for by its id, not as a stage.
+                    let fresh = SecretsManager::get(
+                        self.aws.clone(),
+                        client,
+                        region,
+                        s.path.clone(),
+                        Some(id.to_string()),
+                    )
+                    .await;
+                    out.push(Observation::compare(None, fresh, Fetched::differs_from));
+                    continue;
+                }
                 let stage = s.version.as_deref().unwrap_or("AWSCURRENT");
                 let current =
                     SecretsManager::current_version(&self.aws, &client, &region, &s.path, stage)

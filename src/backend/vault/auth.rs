@@ -43,6 +43,9 @@ pub struct Token {
     pub capped: bool,
     /// How it was obtained ([`Auth::describe`]).
     pub method: String,
+    /// This process logged in for it (not given, not handed over).
+    #[serde(skip)]
+    pub obtained_here: bool,
 }
 
 impl std::fmt::Debug for Token {
@@ -99,6 +102,7 @@ impl Token {
             refreshed: now,
             capped: false,
             method,
+            obtained_here: true,
         })
     }
 }
@@ -214,6 +218,12 @@ impl Auth {
     /// Whether a new token can be had when the current one is rejected.
     pub(super) fn can_login(&self) -> bool {
         !matches!(self, Auth::Static { .. })
+    }
+
+    /// Whether envrender logs in itself (approle, kubernetes, aws): its
+    /// tokens are its own, not a user's or an agent's.
+    pub(super) fn logs_in(&self) -> bool {
+        matches!(self, Auth::Login { config, .. } if !matches!(config, AuthConfig::Token { .. }))
     }
 
     /// A new token: a login, or the token given, looked up so that its
@@ -410,6 +420,7 @@ async fn lookup(inner: &Inner, id: String, method: String) -> Result<Token, Fetc
         refreshed: now,
         capped: false,
         method,
+        obtained_here: false,
     })
 }
 

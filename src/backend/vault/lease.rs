@@ -629,13 +629,29 @@ impl Inner {
             .filter(|h| !h.lease_id.is_empty() && (everything || h.issued_here))
             .cloned()
             .collect();
-        let ours = self.auth.can_login();
-        if leases.is_empty() && !(everything && ours) {
+        // Only a token envrender logged in for is its own to revoke (never
+        // one given to it, or an agent's); after a failed render, only one
+        // this process logged in for, with nothing handed over under it.
+        let logs_in = self.auth.logs_in();
+        if leases.is_empty() && !(everything && logs_in) {
             return;
         }
-        let Some(token) = self.token.lock().await.clone() else {
+        let Ok(slot) = self.token.try_lock() else {
+            tracing::warn!("a Vault login is under way; leases are left to end with their TTL");
             return;
         };
+        let Some(token) = slot.clone() else {
+            return;
+        };
+        drop(slot);
+        let handed_over = self
+            .ledger
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .held
+            .values()
+            .any(|h| !h.issued_here);
+        let ours = logs_in && (everything || (token.obtained_here && !handed_over));
         let mut denied = Vec::new();
         let mut revoked = 0;
         for held in leases {
@@ -653,9 +669,13 @@ impl Inner {
                 Ok(a) if matches!(a.status, 200 | 204) => {
                     revoked += 1;
                     self.forget(&held.key);
+                    self.save();
                 }
                 // Gone already: nothing to give back.
-                Ok(a) if a.status == 400 => self.forget(&held.key),
+                Ok(a) if a.status == 400 => {
+                    self.forget(&held.key);
+                    self.save();
+                }
                 Ok(a) if a.status == 403 => denied.push(held),
                 Ok(a) => {
                     tracing::warn!(lease = %held.lease_id, error = %a.summary(), "cannot revoke a Vault lease; it ends with its TTL")
