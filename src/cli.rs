@@ -8,13 +8,34 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::telemetry::{LogFormat, LogLevel};
 
+/// The version and the commit it was built from (`--version`).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("ENVRENDER_COMMIT"),
+    ")"
+);
+
+/// The top-level help's examples, one per mode, and the exit codes.
+const AFTER_HELP: &str = "\
+Examples:
+  envrender render --config envrender.toml           # init container: render once, exit
+  envrender watch --signal SIGHUP --process-name nginx --listen 0.0.0.0:8080
+                                                      # sidecar: keep the files fresh
+  DB_PASSWORD=ssm:/app/db/password envrender -- ./server
+                                                      # wrapper: resolve the environment, run the app
+  envrender check                                     # what a render would do, nothing written
+  envrender get vault:secret/app#api_key              # one value
+
+Exit codes: 0 success; 1 a value could not be resolved, rendered or written; 2 invalid usage or input.";
+
 /// The whole command line: global flags, then a subcommand.
 #[derive(Debug, Parser)]
 #[command(
     name = "envrender",
-    version,
+    version = VERSION,
     about = "Renders configuration and secrets from Consul, Vault, AWS and local files into files and environment variables.",
-    after_help = "Exit codes: 0 success; 1 a value could not be resolved, rendered or written; 2 invalid usage or input."
+    after_help = AFTER_HELP
 )]
 pub struct Cli {
     /// Configuration file [default: ./envrender.toml when it exists].
@@ -120,6 +141,36 @@ pub enum Command {
         #[arg(long, default_value = "3s", value_name = "DUR", value_parser = parse_duration)]
         timeout: Duration,
     },
+
+    /// Print a shell completion script for this command line.
+    ///
+    /// Example: envrender completions bash > /etc/bash_completion.d/envrender
+    Completions {
+        /// The shell.
+        #[arg(value_enum, value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+
+    /// Print the manual page (roff) for this command line.
+    ///
+    /// Example: envrender manpage > envrender.1 && man ./envrender.1
+    Manpage,
+}
+
+/// `envrender completions SHELL`: the script for `shell`, built from the
+/// same definition as the command line itself.
+pub fn completions(shell: clap_complete::Shell) -> Vec<u8> {
+    let mut command = <Cli as clap::CommandFactory>::command();
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut command, "envrender", &mut out);
+    out
+}
+
+/// `envrender manpage`: the manual page, in roff.
+pub fn manpage() -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut out)?;
+    Ok(out)
 }
 
 /// The flags of `run`.

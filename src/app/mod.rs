@@ -26,6 +26,17 @@ use settings::{
     watch_settings,
 };
 
+/// Writes `bytes` to stdout (the output of `completions` and `manpage`).
+fn print(bytes: &[u8]) -> Result<u8, Error> {
+    use std::io::Write as _;
+    std::io::stdout().write_all(bytes).map(|()| 0).map_err(|e| {
+        Error::Setup(ConfigError::new(
+            "envrender",
+            format!("cannot write to stdout: {e}"),
+        ))
+    })
+}
+
 /// Runs one command; returns the exit code of a success (`run`: the
 /// app's; 128+N when stop signal N ended the command). Logging is set up
 /// here, once the configuration (which may set the level) has been read.
@@ -44,6 +55,14 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<u8, Error> {
             report_private(private);
             let url = crate::container::probe_url(target)?;
             return crate::container::probe(&url, *timeout).await.map(|_| 0);
+        }
+        Some(Command::Completions { shell }) => {
+            return print(&crate::cli::completions(*shell));
+        }
+        Some(Command::Manpage) => {
+            let page = crate::cli::manpage()
+                .map_err(|e| Error::Setup(ConfigError::new("envrender manpage", e.to_string())))?;
+            return print(&page);
         }
         _ => {}
     }
@@ -125,8 +144,13 @@ pub async fn run(cli: Cli, env: Arc<dyn Environment>) -> Result<u8, Error> {
                 Err(sig) => Ok(stopped(sig)),
             }
         }
-        Command::Copy { .. } | Command::Probe { .. } => {
-            unreachable!("copy and probe return before the configuration is read")
+        Command::Copy { .. }
+        | Command::Probe { .. }
+        | Command::Completions { .. }
+        | Command::Manpage => {
+            unreachable!(
+                "copy, probe, completions and manpage return before the configuration is read"
+            )
         }
     }
 }

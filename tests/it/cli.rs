@@ -590,3 +590,67 @@ fn check_covers_a_wrapper_configuration_and_references_in_the_environment() {
         .code(2)
         .stderr_has("nothing to check");
 }
+
+/// `--version` names the commit; the top-level help has an example per mode.
+#[test]
+fn version_names_the_commit_and_help_shows_each_mode() {
+    let d = Dir::new();
+    let out = d.cmd(&["--version"]).run().success();
+    let line = out.stdout.trim();
+    let commit = line
+        .strip_prefix(concat!(
+            "envrender ",
+            env!("CARGO_PKG_VERSION"),
+            " (commit "
+        ))
+        .and_then(|rest| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(
+        commit == "unknown"
+            || (commit.len() == 12 && commit.chars().all(|c| c.is_ascii_hexdigit())),
+        "{line}"
+    );
+    let help = d.cmd(&["--help"]).run().success();
+    for example in [
+        "envrender render",
+        "envrender watch",
+        "envrender -- ./server",
+        "envrender check",
+    ] {
+        assert!(help.stdout.contains(example), "{example}\n{}", help.stdout);
+    }
+}
+
+/// Shell completions and the manual page come from the command line's own
+/// definition.
+#[test]
+fn completions_and_the_manual_page_cover_every_command() {
+    let d = Dir::new();
+    let bash = d.cmd(&["completions", "bash"]).run().success();
+    for command in ["render", "watch", "run", "check", "get", "--splay"] {
+        assert!(bash.stdout.contains(command), "{command}");
+    }
+    std::fs::write(d.join("envrender.bash"), &bash.stdout).unwrap();
+    let syntax = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(d.join("envrender.bash"))
+        .status()
+        .unwrap();
+    assert!(syntax.success());
+    for shell in ["zsh", "fish"] {
+        let out = d.cmd(&["completions", shell]).run().success();
+        assert!(out.stdout.contains("watch"), "{shell}");
+    }
+    let man = d.cmd(&["manpage"]).run().success();
+    assert!(man.stdout.starts_with(".ie"), "{}", man.stdout);
+    for section in [
+        ".TH envrender 1",
+        ".SH NAME",
+        ".SH SYNOPSIS",
+        "render",
+        "watch",
+    ] {
+        assert!(man.stdout.contains(section), "{section}");
+    }
+    d.cmd(&["completions", "tcsh"]).run().code(2);
+}
