@@ -69,6 +69,32 @@ impl Action {
     }
 }
 
+/// Sends `signal` to each of `pids`, all of them whatever fails: a retry
+/// of the action would signal again those already signalled. A process
+/// that exited since it was found is no failure, unless none was left.
+fn signal_each(pids: &[i32], signal: nix::sys::signal::Signal) -> Result<(), String> {
+    let mut errors = Vec::new();
+    let mut gone = Vec::new();
+    for &pid in pids {
+        match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::ESRCH) => gone.push(pid),
+            Err(e) => errors.push(format!("cannot signal process {pid}: {e}")),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors.join("; "));
+    }
+    if !pids.is_empty() && gone.len() == pids.len() {
+        let list: Vec<String> = gone.iter().map(i32::to_string).collect();
+        return Err(format!(
+            "no process left to signal: {} exited",
+            list.join(", ")
+        ));
+    }
+    Ok(())
+}
+
 /// Runs a command (argv, no shell) with envrender's credentials removed
 /// from its environment, in a process group of its own, killed with its
 /// children after `timeout`. `quiet`: its output is dropped (it may quote
@@ -287,11 +313,7 @@ pub async fn run(action: &Action, keep_env: &[String]) -> Result<(), String> {
                     pids
                 }
             };
-            for pid in pids {
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), *signal)
-                    .map_err(|e| format!("cannot signal process {pid}: {e}"))?;
-            }
-            Ok(())
+            signal_each(&pids, *signal)
         }
         Action::Exec { argv, timeout } => exec(argv, *timeout, keep_env, false).await,
         Action::Http { url } => {
@@ -415,6 +437,30 @@ fn processes_named(name: &str) -> Vec<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A process of the name that exits between the look and the signal
+    /// is no failure, and the others are signalled once: a retry would
+    /// signal them twice.
+    #[test]
+    fn a_process_gone_before_its_signal_does_not_fail_the_others() {
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        let gone_pid = gone.id() as i32;
+        gone.wait().unwrap();
+        let mut alive = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let result = signal_each(
+            &[gone_pid, alive.id() as i32],
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let status = alive.wait().unwrap();
+        assert_eq!(result, Ok(()));
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(15)
+        );
+    }
 
     #[test]
     fn pid_files_are_read_safely() {
