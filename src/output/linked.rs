@@ -31,7 +31,7 @@ use std::ffi::OsString;
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
-use super::{Existing, FileWrite, OutputError, Status, err, existing, set_owner, status_against};
+use super::{FileWrite, OutputError, Status, err, existing, set_owner, status_against};
 
 /// The link every file of a linked directory goes through.
 pub const DATA: &str = "..data";
@@ -79,27 +79,30 @@ fn is_data_link(path: &Path, name: &OsString) -> bool {
     std::fs::read_link(path).is_ok_and(|t| t == Path::new(DATA).join(name))
 }
 
-/// What is in place for a linked output: the file behind `..data` when its
-/// name is already a link through it.
-fn current(w: &FileWrite) -> Result<Option<Existing>, OutputError> {
-    let dir = dir_of(&w.path);
-    let name = name(w);
-    if !is_data_link(&w.path, &name) {
-        return existing(&w.path, w.contents.len());
-    }
-    existing(&dir.join(DATA).join(&name), w.contents.len())
+/// Whether `..data` in `dir` points to a directory of ours, by name, in
+/// `dir`: only then is anything read through it.
+fn data_is_ours(dir: &Path) -> bool {
+    std::fs::read_link(dir.join(DATA)).is_ok_and(|t| {
+        t.to_str()
+            .is_some_and(|t| t.starts_with(PREFIX) && !t.contains('/'))
+    })
 }
 
-/// The status of a linked output: as for any file, except that a name not
-/// yet seen through `..data` is updated (made a link) even when its content
-/// is the same.
+/// The status of a linked output: as for any file, compared with the file
+/// behind `..data`, except that a name not yet seen through `..data`, or a
+/// `..data` pointed anywhere but to a directory of ours (never read
+/// through), is updated even when its content is the same.
 pub(super) fn status(w: &FileWrite) -> Result<Status, OutputError> {
-    let before = current(w)?;
-    let status = status_against(w, before.as_ref());
-    if status == Status::Unchanged && !is_data_link(&w.path, &name(w)) {
-        return Ok(Status::Updated);
+    let dir = dir_of(&w.path);
+    let name = name(w);
+    if !is_data_link(&w.path, &name) || !data_is_ours(&dir) {
+        return Ok(match std::fs::symlink_metadata(&w.path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Status::Created,
+            _ => Status::Updated,
+        });
     }
-    Ok(status)
+    let before = existing(&dir.join(DATA).join(&name), w.contents.len())?;
+    Ok(status_against(w, before.as_ref()))
 }
 
 /// Groups the linked outputs by directory and stages a new directory for

@@ -366,20 +366,23 @@ impl<'a> Prepared<'a> {
                 tracing::warn!(dir = %dir.display(), error = %e, "could not sync the directory");
             }
         }
+        // Plain files were staged in the order of `writes`; linked ones by
+        // directory.
+        let mut plain = self.staged.iter().map(|s| s.status);
+        let linked: Vec<(&FileWrite, Status)> = self
+            .linked
+            .iter()
+            .flat_map(|d| d.files.iter().copied())
+            .collect();
         let status_of = |w: &FileWrite| {
-            let plain = self
-                .staged
-                .iter()
-                .find(|s| std::ptr::eq(s.write, w))
-                .map(|s| s.status);
-            let linked = || {
-                self.linked
+            if w.linked {
+                linked
                     .iter()
-                    .flat_map(|d| d.files.iter())
                     .find(|(f, _)| std::ptr::eq(*f, w))
-                    .map(|(_, s)| *s)
-            };
-            plain.or_else(linked).unwrap_or(Status::Unchanged)
+                    .map_or(Status::Unchanged, |(_, s)| *s)
+            } else {
+                plain.next().unwrap_or(Status::Unchanged)
+            }
         };
         Ok(self.writes.iter().map(status_of).collect())
     }
@@ -696,6 +699,33 @@ mod tests {
             .collect();
         names.sort();
         assert_eq!(names, ["..data", data.to_str().unwrap(), "a", "b"]);
+    }
+
+    /// `..data` pointed elsewhere (by whoever can write the directory) is
+    /// never read through, and the next commit puts it back, though the
+    /// files there are the same.
+    #[test]
+    fn a_data_link_pointed_elsewhere_is_put_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = dir.path().join("tls");
+        let mut a = write(&tls.join("a"), "new-a");
+        a.linked = true;
+        let writes = [a];
+        assert_eq!(commit(&writes).unwrap(), [Status::Created]);
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::fs::write(elsewhere.join("a"), "new-a").unwrap();
+        std::fs::set_permissions(elsewhere.join("a"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        std::fs::remove_file(tls.join("..data")).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, tls.join("..data")).unwrap();
+        assert_eq!(commit(&writes).unwrap(), [Status::Updated]);
+        let data = std::fs::read_link(tls.join("..data")).unwrap();
+        assert!(
+            data.to_string_lossy().starts_with("..envrender-"),
+            "{data:?}"
+        );
+        assert_eq!(std::fs::read_to_string(tls.join("a")).unwrap(), "new-a");
     }
 
     fn mode(path: &Path) -> u32 {
