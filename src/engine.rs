@@ -398,8 +398,6 @@ impl Plan {
     }
 }
 
-/// Where a destination is written, under `root` if given. (Under a root,
-/// [`Plan::new`] has refused destinations with `..`.)
 /// A variable's text: as a template writes the value, except that an SSM
 /// `StringList` is its items joined by commas, as ECS gives it to a task
 /// (`valueFrom`); a template still gets a list.
@@ -416,6 +414,8 @@ fn env_text(r: &Reference, value: &Secret) -> String {
     }
 }
 
+/// Where a destination is written, under `root` if given. (Under a root,
+/// [`Plan::new`] has refused destinations with `..`.)
 fn destination_under(root: Option<&Path>, path: &Path) -> PathBuf {
     match root {
         None => path.to_path_buf(),

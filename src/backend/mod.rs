@@ -67,11 +67,9 @@ impl Fetched {
 pub struct Lease {
     /// Vault's lease id (`database/creds/app/…`).
     pub id: String,
-    /// The life left when the value was answered, at most Vault's default
-    /// max TTL (768h).
-    pub duration: Duration,
     /// When it ends unless renewed, in Unix seconds, as last known:
-    /// renewals move it.
+    /// renewals move it (the TTLs it comes from are clamped to Vault's
+    /// default max TTL, 768h).
     pub expires: f64,
     /// Whether Vault allows the lease to be renewed.
     pub renewable: bool,

@@ -86,31 +86,31 @@ impl Sources {
         settings: &Settings,
         cache: &FetchResults,
     ) -> usize {
-        let layout: Vec<(Arc<dyn Backend>, Known, Vec<WatchGroup>)> = watched(resolver, cache)
+        let layout: Layout = watched(resolver, cache)
             .into_iter()
-            .map(|(backend, known)| {
-                let sources: Vec<Source> = known.iter().map(|(s, _)| s.clone()).collect();
+            .map(|(backend, sources)| {
                 let groups = backend
                     .watching()
                     .map(|w| w.watch_groups(&sources))
                     .unwrap_or_default();
-                (backend, known, groups)
+                (backend, sources, groups)
             })
             .collect();
         // Restarted when a source comes or goes, or moves between pushed
-        // and polled (a Vault source that turned out to be a lease).
+        // and polled (a Vault source that turned out to be a lease); the
+        // values are copied for the watchers only then.
         let now_watched: BTreeSet<(Source, bool)> = layout
             .iter()
-            .flat_map(|(_, known, groups)| {
+            .flat_map(|(_, sources, groups)| {
                 groups.iter().flat_map(move |g| {
                     g.members
                         .iter()
-                        .filter_map(move |&i| Some((known.get(i)?.0.clone(), g.pushed)))
+                        .filter_map(move |&i| Some((sources.get(i)?.clone(), g.pushed)))
                 })
             })
             .collect();
         if now_watched != self.watching {
-            self.start_watches(layout);
+            self.start_watches(layout, cache);
             self.watching = now_watched;
         }
         let inputs = WatchedFiles::new(settings, cache, resolver.local_values_file());
@@ -153,16 +153,18 @@ impl Sources {
     }
 
     /// One task per watch group of each backend, replacing those running.
-    fn start_watches(&mut self, layout: Vec<(Arc<dyn Backend>, Known, Vec<WatchGroup>)>) {
+    fn start_watches(&mut self, layout: Layout, cache: &FetchResults) {
         self.watchers.abort_all();
         for (backend, sources, groups) in layout {
             self.start_background(&backend);
-            let mut sources: Vec<Option<(Source, Seen)>> = sources.into_iter().map(Some).collect();
             for (watcher, group) in groups.into_iter().enumerate() {
                 let known: Vec<(Source, Seen)> = group
                     .members
                     .iter()
-                    .filter_map(|&i| sources.get_mut(i)?.take())
+                    .filter_map(|&i| {
+                        let source = sources.get(i)?;
+                        Some((source.clone(), cache.get(source)?.as_ref().ok().cloned()))
+                    })
                     .collect();
                 if known.is_empty() {
                     continue;
@@ -183,21 +185,18 @@ impl Sources {
     }
 }
 
-/// Sources and what was last seen of each.
-type Known = Vec<(Source, Seen)>;
+/// Each watching backend's sources, and how its watchers group them.
+type Layout = Vec<(Arc<dyn Backend>, Vec<Source>, Vec<WatchGroup>)>;
 
-/// The sources fetched or found absent, by the backend that watches them;
-/// local ones
-/// (`file:` sources are watched through the file system, values answered
-/// by a local values file do not change) are left out.
-fn watched(resolver: &Resolver, cache: &FetchResults) -> Vec<(Arc<dyn Backend>, Known)> {
-    let mut by_backend: HashMap<&'static str, (Arc<dyn Backend>, Known)> = HashMap::new();
+/// The sources held (fetched, or found absent), by the backend that watches
+/// them, sorted; local ones (`file:` sources are watched through the file
+/// system, the local values file likewise) are left out.
+fn watched(resolver: &Resolver, cache: &FetchResults) -> Vec<(Arc<dyn Backend>, Vec<Source>)> {
+    let mut by_backend: HashMap<&'static str, (Arc<dyn Backend>, Vec<Source>)> = HashMap::new();
     for (source, r) in cache {
-        let seen = match r {
-            Ok(fetched) => Some(fetched.clone()),
-            Err(e) if e.kind == ErrorKind::NotFound => None,
-            Err(_) => continue,
-        };
+        if matches!(r, Err(e) if e.kind != ErrorKind::NotFound) {
+            continue;
+        }
         let Some(backend) = watcher_of(resolver, source) else {
             continue;
         };
@@ -205,11 +204,11 @@ fn watched(resolver: &Resolver, cache: &FetchResults) -> Vec<(Arc<dyn Backend>, 
             .entry(backend.name())
             .or_insert_with(|| (backend.clone(), Vec::new()))
             .1
-            .push((source.clone(), seen));
+            .push(source.clone());
     }
     let mut out: Vec<_> = by_backend.into_values().collect();
     for (_, sources) in &mut out {
-        sources.sort_by(|a, b| a.0.cmp(&b.0));
+        sources.sort();
     }
     out
 }

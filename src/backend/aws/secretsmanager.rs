@@ -51,6 +51,12 @@ fn arn_name(id: &str) -> Option<&str> {
     Some(suffixed.map_or(name, |(name, _)| name))
 }
 
+/// Whether `id` is an ARN of a secret `ids` also names by name: asked for
+/// once, by name, since the answer carries both.
+fn named_by_name_too(id: &str, ids: &[impl AsRef<str>]) -> bool {
+    arn_name(id).is_some_and(|name| ids.iter().any(|n| n.as_ref() == name))
+}
+
 /// A secret a batch returned: its name, its ARN, its value.
 type Found = (Option<String>, Option<String>, Result<Fetched, FetchError>);
 
@@ -366,11 +372,7 @@ impl Backend for SecretsManager {
         for (region, mut ids) in batched {
             ids.sort();
             ids.dedup();
-            // A secret named by name and by ARN is asked for once.
-            let n = ids
-                .iter()
-                .filter(|id| !arn_name(id).is_some_and(|name| ids.contains(&name)))
-                .count();
+            let n = ids.iter().filter(|id| !named_by_name_too(id, &ids)).count();
             for start in (0..n).step_by(BATCH) {
                 calls.push(PlannedCall {
                     target: Some(region.clone()),
@@ -417,18 +419,16 @@ impl Backend for SecretsManager {
             for (region, mut ids) in batched {
                 ids.sort();
                 ids.dedup();
-                // A secret named both by name and by ARN is asked for once,
-                // by name: the answer carries both.
                 let (mut same, asked): (Vec<String>, Vec<String>) = ids
                     .iter()
                     .cloned()
-                    .partition(|id| arn_name(id).is_some_and(|name| ids.iter().any(|n| n == name)));
+                    .partition(|id| named_by_name_too(id, &ids));
                 let client = self.client(&region).await;
                 for chunk in asked.chunks(BATCH) {
                     let also: Vec<String>;
-                    (also, same) = same.into_iter().partition(|arn| {
-                        arn_name(arn).is_some_and(|name| chunk.iter().any(|n| n == name))
-                    });
+                    (also, same) = same
+                        .into_iter()
+                        .partition(|arn| named_by_name_too(arn, chunk));
                     let (aws, client, region, chunk) = (
                         self.aws.clone(),
                         client.clone(),

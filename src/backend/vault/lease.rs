@@ -32,9 +32,7 @@ use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::ttl::{
-    MAX_CERT_LIFETIME, MAX_TTL, MIN_TTL, SHORT_TTL, jitter, now, seconds, short_backoff,
-};
+use super::ttl::{MAX_CERT_LIFETIME, MIN_TTL, SHORT_TTL, jitter, now, seconds, short_backoff};
 use super::{Inner, Token, VaultConfig};
 use crate::backend::{ErrorKind, FetchError, Fetched, Lease, Release};
 use crate::backoff::Backoff;
@@ -205,15 +203,13 @@ impl Held {
     }
 
     /// The value to answer from what is held: versioned by
-    /// [`Held::version`], with the lease and the life it has left.
+    /// [`Held::version`], with the lease and when it ends.
     pub fn fetched(&self) -> Fetched {
-        let left = (self.expires - now()).max(0.0);
         Fetched {
             value: Secret::new(self.data.clone()),
             version: Some(self.version()),
             lease: (!self.lease_id.is_empty()).then(|| Lease {
                 id: self.lease_id.clone(),
-                duration: Duration::from_secs_f64(left.min(MAX_TTL as f64)),
                 expires: self.expires,
                 renewable: self.renewable,
             }),
@@ -726,7 +722,7 @@ impl Inner {
         for held in denied {
             tracing::warn!(
                 lease = %held.lease_id,
-                identity = %format!("{} ({})", self.auth.describe(), token.who()),
+                identity = %self.identity(&token),
                 "cannot revoke a Vault lease: HTTP 403 permission denied on PUT /v1/sys/leases/revoke; it ends with its TTL\nhint: add to one of the token's policies ({}): path \"sys/leases/revoke\" {{ capabilities = [\"update\"] }}",
                 token.policies.join(", ")
             );

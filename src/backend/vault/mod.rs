@@ -655,8 +655,14 @@ impl Inner {
         let mut e = FetchError::new(kind, "vault", action, super::http_status(status, &text));
         e.hint = hint;
         e.retry_after = answer.retry_after;
-        e.identity = Some(format!("{} ({})", self.auth.describe(), token.who()));
+        e.identity = Some(self.identity(token));
         e
+    }
+
+    /// Who asks, for messages: the auth method and the token's accessor
+    /// and policies (never the token).
+    fn identity(&self, token: &Token) -> String {
+        format!("{} ({})", self.auth.describe(), token.who())
     }
 
     fn known_mount(&self, logical: &str) -> Option<Mount> {
