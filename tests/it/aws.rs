@@ -458,6 +458,42 @@ fn secrets_manager_asks_once_for_a_secret_named_by_name_and_by_arn() {
     assert_eq!(proxy.count("GetSecretValue"), 0, "{:?}", proxy.counts());
 }
 
+/// A version named by its id that is absent so far is looked for by that
+/// id (not as a stage), so it comes through once it exists.
+#[test]
+fn secrets_manager_watches_for_an_absent_version_id() {
+    let moto = moto();
+    let sm = aws_sdk_secretsmanager::Client::new(&sdk(&moto.url));
+    block_on(
+        sm.create_secret()
+            .name("t/vid/s")
+            .secret_string("v1")
+            .send(),
+    )
+    .unwrap();
+    let aws = Arc::new(Aws::with_sdk(AwsConfig::default(), sdk(&moto.url)));
+    let backend = SecretsManager::new(aws);
+    let id = "0f9e8d7c-6b5a-4f3e-9d2c-1b0a9f8e7d6c";
+    let source = envrender::reference::parse(&format!("sm:t/vid/s@{id}"))
+        .unwrap()
+        .source;
+    block_on(async {
+        let known = vec![(source.clone(), None)];
+        assert_eq!(backend.observe(&known).await, vec![Observation::Unchanged]);
+        sm.put_secret_value()
+            .secret_id("t/vid/s")
+            .secret_string("v2")
+            .client_request_token(id)
+            .send()
+            .await
+            .unwrap();
+        match backend.observe(&known).await.remove(0) {
+            Observation::Changed(f) => assert_eq!(f.value.expose(), "v2"),
+            other => panic!("{other:?}"),
+        }
+    });
+}
+
 #[test]
 fn secrets_manager_looks_at_describe_secret_before_fetching_again() {
     let moto = moto();

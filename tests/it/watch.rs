@@ -511,6 +511,14 @@ fn a_sidecar_revokes_its_lease_when_the_app_is_gone_not_on_a_restart() {
         ])
         .env("VAULT_ADDR", &server.url)
     };
+    // With no signal action there is no telling the app's state: the stop
+    // is taken for a restart.
+    let unsignalled = d
+        .cmd(&["watch", "--template", "db.hbs:db.conf"])
+        .env("VAULT_ADDR", &server.url);
+    let log = Watch::start(unsignalled, &d).stop();
+    assert!(log.contains("stay in the state file"), "{log}");
+    assert_eq!(server.valid_credentials().len(), 1);
     let app = App::start(&d);
     let log = Watch::start(cmd(), &d).stop();
     assert!(log.contains("stay in the state file"), "{log}");
@@ -703,6 +711,35 @@ fn a_linked_directory_changes_in_one_step() {
         .filter(|n| n.starts_with("..envrender-"))
         .collect();
     assert_eq!(dirs.len(), 1, "{dirs:?}");
+    w.stop();
+}
+
+/// In airplane mode (a values file, no fallthrough) a reference the file
+/// lacks is absent, answered by the file: `watch` holds it without asking
+/// its backend, then or later.
+#[test]
+fn airplane_mode_watch_never_asks_the_network_for_an_absent_value() {
+    let consul = ConsulServer::start();
+    let d = Dir::new();
+    d.write("values.yaml", "\"ssm:/app/level\": one\n");
+    d.write(
+        "t.hbs",
+        "level={{ssm \"/app/level\"}} conns={{consul \"app/max_conns\" default=\"1024\"}}\n",
+    );
+    let w = Watch::start(
+        d.cmd(&[
+            "--values",
+            "values.yaml",
+            "watch",
+            "--template",
+            "t.hbs:out.conf",
+        ])
+        .env("CONSUL_HTTP_ADDR", &consul.url),
+        &d,
+    );
+    assert_eq!(d.read("out.conf"), "level=one conns=1024\n");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(consul.requests(), 0, "{}", w.log());
     w.stop();
 }
 
