@@ -336,6 +336,24 @@ fn kms_decrypts_with_and_without_encryption_context_once_per_ciphertext() {
         .stderr_has("give the same one as context.NAME=VALUE parameters");
 }
 
+/// Secrets `PREFIX/00`… holding `s00`…, and a template line using each:
+/// `{{sm "PREFIX/00"}},…`.
+fn many_secrets(sm: &aws_sdk_secretsmanager::Client, prefix: &str, n: usize) -> String {
+    block_on(async {
+        for i in 0..n {
+            sm.create_secret()
+                .name(format!("{prefix}/{i:02}"))
+                .secret_string(format!("s{i:02}"))
+                .send()
+                .await
+                .unwrap();
+        }
+    });
+    (0..n)
+        .map(|i| format!("{{{{sm \"{prefix}/{i:02}\"}}}},"))
+        .collect()
+}
+
 #[test]
 fn secrets_manager_names_keys_stages_arns_and_batches() {
     let moto = moto();
@@ -354,20 +372,10 @@ fn secrets_manager_names_keys_stages_arns_and_batches() {
             .send()
             .await
             .unwrap();
-        for i in 0..25 {
-            sm.create_secret()
-                .name(format!("t/sm/many/{i:02}"))
-                .secret_string(format!("s{i:02}"))
-                .send()
-                .await
-                .unwrap();
-        }
         created.arn().unwrap().to_string()
     });
+    let many = many_secrets(&sm, "t/sm/many", 25);
     let d = Dir::new();
-    let many: String = (0..25)
-        .map(|i| format!("{{{{sm \"t/sm/many/{i:02}\"}}}},"))
-        .collect();
     d.write(
         "t.hbs",
         &format!(
@@ -425,20 +433,10 @@ fn secrets_manager_asks_once_for_a_secret_named_by_name_and_by_arn() {
             .send()
             .await
             .unwrap();
-        for i in 0..19 {
-            sm.create_secret()
-                .name(format!("t/dup/many/{i:02}"))
-                .secret_string(format!("s{i:02}"))
-                .send()
-                .await
-                .unwrap();
-        }
         created.arn().unwrap().to_string()
     });
+    let many = many_secrets(&sm, "t/dup/many", 19);
     let d = Dir::new();
-    let many: String = (0..19)
-        .map(|i| format!("{{{{sm \"t/dup/many/{i:02}\"}}}},"))
-        .collect();
     d.write(
         "t.hbs",
         &format!("{{{{sm \"t/dup/db\"}}}} {{{{secret \"{arn}\"}}}}\n{many}\n"),

@@ -16,7 +16,7 @@ use serde_json::json;
 use support::aws::block_on;
 use support::consul::ConsulServer;
 use support::fault::{Fault, FaultProxy};
-use support::vault::{Role, VaultServer};
+use support::vault::{APPROLE_AUTH, VaultServer};
 use support::{Dir, eventually};
 
 /// The three backends, each behind its own fault proxy, with one value in
@@ -390,23 +390,10 @@ fn a_vault_outage_longer_than_a_lease_reissues_once_on_recovery() {
     server.policy("app", &[("database/creds/app", &["read"])]);
     // Leases of 2 s, renewable for up to a minute.
     server.database_role("app", 2, 60);
-    let role_id = server.approle(
-        "app",
-        Role {
-            policies: vec!["app".into()],
-            ttl: 600,
-            ..Role::default()
-        },
-    );
-    let secret_id = server.secret_id("app", 0);
     let proxy = FaultProxy::start(&server.url);
     let d = Dir::new();
-    d.write("role-id", &role_id);
-    d.write("secret-id", &secret_id);
-    d.write(
-        "envrender.toml",
-        "[vault]\nauth = { method = \"approle\", role_id_file = \"role-id\", secret_id_file = \"secret-id\" }\n",
-    );
+    server.approle_files(d.path(), &["app"], 600);
+    d.write("envrender.toml", &format!("[vault]\n{APPROLE_AUTH}\n"));
     d.write("db.hbs", "user={{vault \"database/creds/app#username\"}}\n");
     let listen = listen();
     let r = Running::start(
@@ -463,24 +450,12 @@ impl DynamicPod {
         );
         server.database_role("app", 6, 30);
         server.kv2_put("secret/", "app", json!({ "password": "kv-one" }));
-        let role_id = server.approle(
-            "app",
-            Role {
-                policies: vec!["app".into()],
-                ttl: 600,
-                ..Role::default()
-            },
-        );
-        let secret_id = server.secret_id("app", 0);
         let proxy = FaultProxy::start(&server.url);
         let d = Dir::new();
-        d.write("role-id", &role_id);
-        d.write("secret-id", &secret_id);
+        server.approle_files(d.path(), &["app"], 600);
         d.write(
             "envrender.toml",
-            &format!(
-                "[vault]\nauth = {{ method = \"approle\", role_id_file = \"role-id\", secret_id_file = \"secret-id\" }}\n{vault_config}"
-            ),
+            &format!("[vault]\n{APPROLE_AUTH}\n{vault_config}"),
         );
         d.write(
             "db.hbs",

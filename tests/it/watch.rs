@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use support::aws::block_on;
 use support::consul::ConsulServer;
-use support::vault::{Role, VaultServer};
+use support::vault::{APPROLE_AUTH, Role, VaultServer};
 use support::{Dir, eventually};
 
 /// A stand-in for the app: writes its pid to `app.pid` and a line to
@@ -476,27 +476,19 @@ fn new_credentials_arrive_while_the_old_ones_keep_their_overlap() {
 /// the app is gone (the pod is), it revokes the lease and its token.
 #[test]
 fn a_sidecar_revokes_its_lease_when_the_app_is_gone_not_on_a_restart() {
-    let (server, role_id, secret_id) = {
+    let server = {
         let server = VaultServer::start();
         server.policy("app", &[("database/creds/app", &["read"])]);
         server.database_role("app", 3600, 7200);
-        let role_id = server.approle(
-            "app",
-            Role {
-                policies: vec!["app".into()],
-                ttl: 3600,
-                ..Role::default()
-            },
-        );
-        let secret_id = server.secret_id("app", 0);
-        (server, role_id, secret_id)
+        server
     };
     let d = Dir::new();
-    d.write("role-id", &role_id);
-    d.write("secret-id", &secret_id);
+    server.approle_files(d.path(), &["app"], 3600);
     d.write(
         "envrender.toml",
-        "[vault]\nstate_file = \"vault-state.json\"\nrevoke_on_stop = true\nauth = { method = \"approle\", role_id_file = \"role-id\", secret_id_file = \"secret-id\" }\n",
+        &format!(
+            "[vault]\nstate_file = \"vault-state.json\"\nrevoke_on_stop = true\n{APPROLE_AUTH}\n"
+        ),
     );
     d.write("db.hbs", "user={{vault \"database/creds/app#username\"}}\n");
     let cmd = || {

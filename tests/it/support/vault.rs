@@ -427,6 +427,11 @@ fn renew_ttl(now: u64, issue: u64, max: u64, increment: u64) -> Result<(u64, Val
     Ok((increment, Value::Null))
 }
 
+/// The `[vault]` `auth` line of an AppRole login with the files
+/// [`VaultServer::approle_files`] writes.
+pub const APPROLE_AUTH: &str =
+    "auth = { method = \"approle\", role_id_file = \"role-id\", secret_id_file = \"secret-id\" }";
+
 impl VaultServer {
     pub fn start() -> VaultServer {
         VaultServer::start_on("127.0.0.1:0")
@@ -566,6 +571,23 @@ impl VaultServer {
             .approle
             .insert(name.to_string(), (role, role_id.clone()));
         role_id
+    }
+
+    /// An AppRole role `app` with `policies` and tokens of `ttl` seconds,
+    /// for envrender to log in with: its role_id and an unlimited
+    /// secret_id written to `role-id` and `secret-id` in `dir`, which
+    /// [`APPROLE_AUTH`] reads.
+    pub fn approle_files(&self, dir: &std::path::Path, policies: &[&str], ttl: u64) {
+        let role_id = self.approle(
+            "app",
+            Role {
+                policies: policies.iter().map(|p| p.to_string()).collect(),
+                ttl,
+                ..Role::default()
+            },
+        );
+        std::fs::write(dir.join("role-id"), role_id).unwrap();
+        std::fs::write(dir.join("secret-id"), self.secret_id("app", 0)).unwrap();
     }
 
     /// A secret_id for an AppRole role, usable `uses` times (0: unlimited).
