@@ -102,3 +102,6 @@ for arch in "${archs[@]}"; do
 done
 (cd dist && sha256sum envrender-"$version"-* >SHA256SUMS)
 cat dist/SHA256SUMS
+for arch in "${archs[@]}"; do
+  stat -c '%s bytes  %n' "dist/envrender-$version-$arch-linux-musl"
+done
