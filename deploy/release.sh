@@ -1,27 +1,73 @@
 #!/usr/bin/env bash
-# Builds envrender's release artifacts into dist/:
-#   envrender-VERSION-x86_64-linux-musl, envrender-VERSION-aarch64-linux-musl
-#     fully static binaries (musl), stripped;
-#   envrender-VERSION-ARCH-linux-musl.tar.gz
-#     the binary, LICENSE, README.md, shell completions and the man page;
-#   SHA256SUMS.
+# Builds envrender's release artifacts into dist/ (DIST overrides):
+#   envrender-VERSION-ARCH-linux-musl           fully static binaries (musl),
+#                                               stripped, for x86_64 and aarch64;
+#                                               each carries its dependency list
+#                                               (cargo auditable)
+#   envrender-VERSION-ARCH-linux-musl.cdx.json  its SBOM (CycloneDX), made
+#                                               from that list (auditable2cdx)
+#   envrender-VERSION-ARCH-linux-musl.tar.gz    the binary, LICENSE, README.md,
+#                                               shell completions, the man page
+#   envrender-VERSION-image.oci.tar             the multi-arch image (OCI layout:
+#                                               both images and their index),
+#                                               also left here as TAG-amd64 and
+#                                               TAG-arm64 (deploy/image/build.sh)
+#   SHA256SUMS
 # The x86_64 binary is built with musl-gcc (Debian's musl-tools), the arm64
-# one with cargo-zigbuild (PyPI's ziglang and cargo-zigbuild); both are
-# installed when missing. Each binary is checked to be static for its
-# architecture and to run (the arm64 one under qemu-aarch64-static, when
-# present). CARGO_TARGET_DIR is honoured.
+# one with cargo-zigbuild (PyPI's ziglang and cargo-zigbuild); these and
+# cargo-auditable and auditable2cdx are installed, pinned, when missing.
+# Each binary is checked to be static for its architecture and to run (the
+# arm64 one under qemu-aarch64-static, when present). Paths of this machine
+# are remapped out of the binaries, and archives and images carry the
+# commit's time, so the same commit builds the same files. CARGO_TARGET_DIR
+# and PODMAN (see deploy/image/build.sh) are honoured.
 #
-#   deploy/release.sh            # both architectures
-#   deploy/release.sh x86_64     # one
+#   deploy/release.sh                         # both architectures, both images
+#   deploy/release.sh --tag REGISTRY/envrender:0.1.0
+#   deploy/release.sh --no-image x86_64       # one binary, no image
 set -euo pipefail
+shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 
-archs=("$@")
-[ ${#archs[@]} -gt 0 ] || archs=(x86_64 aarch64)
+# Pinned build tools.
+ZIGLANG=0.17.1
+CARGO_ZIGBUILD=0.24.1
+CARGO_AUDITABLE=0.7.7
+AUDITABLE2CDX=0.1.0
+
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n1)
+image=1
+tag="localhost/envrender:$version"
+archs=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --no-image) image=0 ;;
+    --tag) tag=$2; shift ;;
+    --tag=*) tag=${1#--tag=} ;;
+    x86_64 | aarch64) archs+=("$1") ;;
+    *)
+      echo "usage: deploy/release.sh [--no-image] [--tag TAG] [x86_64] [aarch64]" >&2
+      exit 2
+      ;;
+  esac
+  shift
+done
+[ ${#archs[@]} -gt 0 ] || archs=(x86_64 aarch64)
+dist=${DIST:-dist}
 target_dir=${CARGO_TARGET_DIR:-target}
-# Archives carry the commit's time, not the build's.
-epoch=$(git log -1 --format=%ct 2>/dev/null || echo 0)
+# Archives, SBOMs and images carry the commit's time, not the build's.
+epoch=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}
+export SOURCE_DATE_EPOCH=$epoch
+if [ "$image" = 1 ] && ! command -v "$(echo "${PODMAN:-podman}" | cut -d" " -f1)" >/dev/null 2>&1; then
+  echo "podman is needed for the image (Debian: apt-get install podman); --no-image builds the binaries only" >&2
+  exit 1
+fi
+
+tools() {
+  command -v file >/dev/null || { apt-get update -q && apt-get install -y -q file; }
+  command -v cargo-auditable >/dev/null || cargo install --locked --version "$CARGO_AUDITABLE" cargo-auditable
+  command -v auditable2cdx >/dev/null || cargo install --locked --version "$AUDITABLE2CDX" auditable2cdx
+}
 
 need() {
   case "$1" in
@@ -29,11 +75,8 @@ need() {
       command -v musl-gcc >/dev/null || { apt-get update -q && apt-get install -y -q musl-tools; }
       ;;
     aarch64)
-      command -v cargo-zigbuild >/dev/null || python3 -m pip install -q ziglang cargo-zigbuild
-      ;;
-    *)
-      echo "unknown architecture $1 (x86_64 or aarch64)" >&2
-      exit 2
+      command -v cargo-zigbuild >/dev/null \
+        || python3 -m pip install -q "ziglang==$ZIGLANG" "cargo-zigbuild==$CARGO_ZIGBUILD"
       ;;
   esac
   rustup target add "$1-unknown-linux-musl" >/dev/null
@@ -41,11 +84,13 @@ need() {
 
 build() {
   local arch=$1 triple=$1-unknown-linux-musl
-  if [ "$arch" = x86_64 ]; then
-    cargo build --locked --release --target "$triple"
-  else
-    cargo zigbuild --locked --release --target "$triple"
-  fi
+  # Neither this checkout's path nor the registry's goes into the binary.
+  local remap="--remap-path-prefix=$PWD=/envrender --remap-path-prefix=${CARGO_HOME:-$HOME/.cargo}=/cargo"
+  # cargo-auditable runs $CARGO (cargo, or cargo-zigbuild for arm64); run
+  # as `cargo auditable`, cargo would set CARGO to itself.
+  local cargo=cargo
+  [ "$arch" = x86_64 ] || cargo="cargo-zigbuild"
+  RUSTFLAGS="$remap" CARGO=$cargo cargo-auditable auditable build --locked --release --target "$triple" >&2
   echo "$target_dir/$triple/release/envrender"
 }
 
@@ -71,21 +116,28 @@ check() {
   fi
 }
 
-mkdir -p dist
-rm -f dist/SHA256SUMS
+tools
+mkdir -p "$dist"
+rm -f "$dist/SHA256SUMS"
+made=()
 host_bin=""
 for arch in "${archs[@]}"; do
   need "$arch"
-  bin=$(build "$arch" | tail -n1)
+  bin=$(build "$arch")
   check "$arch" "$bin"
   name="envrender-$version-$arch-linux-musl"
-  cp "$bin" "dist/$name"
-  [ "$arch" != "$(uname -m)" ] || host_bin="dist/$name"
+  cp "$bin" "$dist/$name"
+  auditable2cdx "$dist/$name" >"$dist/$name.cdx.json"
+  made+=("$name" "$name.cdx.json" "$name.tar.gz")
+  [ "$arch" != "$(uname -m)" ] || host_bin="$dist/$name"
 done
 # Completions and the man page come from the command line's definition,
 # the same for every architecture: generated once, by a binary that runs
 # here.
-[ -n "$host_bin" ] || host_bin=$(build "$(uname -m)" | tail -n1)
+if [ -z "$host_bin" ]; then
+  need "$(uname -m)"
+  host_bin=$(build "$(uname -m)")
+fi
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage/completions" "$stage/man"
@@ -96,12 +148,17 @@ mkdir -p "$stage/completions" "$stage/man"
 cp LICENSE README.md "$stage/"
 for arch in "${archs[@]}"; do
   name="envrender-$version-$arch-linux-musl"
-  cp "dist/$name" "$stage/envrender"
+  cp "$dist/$name" "$stage/envrender"
   tar --sort=name --mtime="@$epoch" --owner=0 --group=0 --numeric-owner \
-    -C "$stage" -cf - envrender LICENSE README.md completions man | gzip -n >"dist/$name.tar.gz"
+    -C "$stage" -cf - envrender LICENSE README.md completions man | gzip -n >"$dist/$name.tar.gz"
 done
-(cd dist && sha256sum envrender-"$version"-* >SHA256SUMS)
-cat dist/SHA256SUMS
+if [ "$image" = 1 ]; then
+  DIST=$dist deploy/image/build.sh "$tag" "${archs[@]}"
+  made+=("envrender-$version-image.oci.tar")
+fi
+# The files of this run only.
+(cd "$dist" && sha256sum "${made[@]}" >SHA256SUMS)
+cat "$dist/SHA256SUMS"
 for arch in "${archs[@]}"; do
-  stat -c '%s bytes  %n' "dist/envrender-$version-$arch-linux-musl"
+  stat -c '%s bytes  %n' "$dist/envrender-$version-$arch-linux-musl"
 done

@@ -9,9 +9,12 @@
   shared PID namespace wherever envrender signals a process by name).
 - ECS task definitions: botocore's RegisterTaskDefinition model (types and
   required fields, then every enum value), plus dependsOn/mount/health-check
-  consistency.
+  consistency, a CPU architecture stated, and every volume envrender writes
+  declared as a VOLUME of the ECS image (ECS takes a volume's owner from the
+  image only there).
 - The Terraform example: parsed with python-hcl2; its task definition is
-  the JSON one (read with jsondecode), and the files it reads exist.
+  the JSON one (read with jsondecode), its CPU architecture a variable whose
+  default is the JSON's, and the files it reads exist.
 - IAM policies: JSON, no wildcard action, "Resource": "*" only for actions
   that have no resource-level permissions.
 
@@ -44,6 +47,22 @@ ENVRENDER_COMMANDS = {"get", "render", "check", "watch", "run", "copy", "probe"}
 # Actions that cannot be scoped to a resource (the IAM service authorisation
 # reference lists no resource type for them).
 NO_RESOURCE_LEVEL = {"ecr:GetAuthorizationToken", "secretsmanager:BatchGetSecretValue"}
+# The image deploy/ecs/Containerfile builds, as the task definitions name it.
+ECS_IMAGE = "app-envrender"
+
+
+def image_name(container):
+    """The image's repository name without registry or tag: app-envrender."""
+    return container.get("image", "").rsplit("/", 1)[-1].split(":", 1)[0]
+
+
+def containerfile_volumes(text):
+    """The paths of every VOLUME instruction (JSON form) of a Containerfile."""
+    paths = set()
+    for line in text.splitlines():
+        if line.strip().upper().startswith("VOLUME"):
+            paths.update(json.loads(line.strip()[len("VOLUME"):]))
+    return paths
 
 
 class Problems(list):
@@ -196,7 +215,7 @@ def enum_problems(value, shape, path):
         yield f"{path}: {value!r} is not one of {sorted(shape.enum)}"
 
 
-def check_ecs(name, task, problems):
+def check_ecs(name, task, volumes_declared, problems):
     model = botocore.session.get_session().get_service_model("ecs")
     shape = model.operation_model("RegisterTaskDefinition").input_shape
     report = botocore.validate.ParamValidator().validate(task, shape)
@@ -209,6 +228,8 @@ def check_ecs(name, task, problems):
     volumes = {v["name"] for v in task.get("volumes", [])}
     if not any(c.get("essential", True) for c in containers.values()):
         problems.add(name, "no container is essential")
+    if "cpuArchitecture" not in task.get("runtimePlatform", {}):
+        problems.add(name, "runtimePlatform.cpuArchitecture is not set (ECS would choose X86_64): state ARM64 or X86_64")
     for c in containers.values():
         where = f"{name}: container {c['name']}"
         if "essential" not in c:
@@ -216,6 +237,20 @@ def check_ecs(name, task, problems):
         for m in c.get("mountPoints", []):
             if m["sourceVolume"] not in volumes:
                 problems.add(where, f"mounts {m['sourceVolume']!r}, which the task does not declare")
+            if m.get("readOnly") or "envrender" not in image_name(c):
+                continue
+            if image_name(c) != ECS_IMAGE:
+                problems.add(
+                    where,
+                    f"writes {m['containerPath']} from {image_name(c)}, which declares no VOLUME there:"
+                    f" ECS would make the volume root's; use the {ECS_IMAGE} image (deploy/ecs/Containerfile)",
+                )
+            elif m["containerPath"] not in volumes_declared:
+                problems.add(
+                    where,
+                    f"writes {m['containerPath']}, which deploy/ecs/Containerfile does not declare as a VOLUME:"
+                    " ECS would make the volume root's",
+                )
         for d in c.get("dependsOn", []):
             target = containers.get(d["containerName"])
             if target is None:
@@ -241,7 +276,7 @@ def check_ecs(name, task, problems):
                 problems.add(where, f"health check asks {health[3]}, envrender listens on {flag(args, '--listen')}")
 
 
-def check_terraform(name, text, problems):
+def check_terraform(name, text, json_arch, problems):
     try:
         tf = hcl2.loads(text)
     except Exception as e:  # python-hcl2 raises lark errors of several kinds
@@ -264,6 +299,20 @@ def check_terraform(name, text, problems):
                 problems.add(name, f"aws_ecs_task_definition: {key} is not taken from the JSON task definition")
         if "local.task.containerDefinitions" not in t.get("container_definitions", ""):
             problems.add(name, "container_definitions are not the JSON task definition's")
+        platform = (t.get("runtime_platform") or [{}])[0]
+        if "var.cpu_architecture" not in str(platform.get("cpu_architecture", "")):
+            problems.add(name, "aws_ecs_task_definition: cpu_architecture is not the variable cpu_architecture")
+    variables = {k.strip('"'): v for block in tf.get("variable", []) for k, v in block.items()}
+    arch = variables.get("cpu_architecture")
+    if arch is None:
+        problems.add(name, "declares no variable cpu_architecture")
+    else:
+        default = str(arch.get("default")).strip('"')
+        if default != json_arch:
+            problems.add(name, f"cpu_architecture defaults to {default!r}, the JSON task definition says {json_arch!r}")
+        condition = str(arch.get("validation", [{}])[0].get("condition", ""))
+        if not all(a in condition for a in ("ARM64", "X86_64")):
+            problems.add(name, "cpu_architecture's validation does not allow ARM64 and X86_64")
     if 'jsondecode(file("${path.module}/sidecar-task-definition.json"))' not in text:
         problems.add(name, "does not read sidecar-task-definition.json")
     for f in re.findall(r'file\(\\?"\$\{path\.module\}/([^"\\]+)', text):
@@ -311,18 +360,21 @@ def load():
         if "Statement" in p.read_text()
     }
     tf = {p.name: p.read_text() for p in sorted((DEPLOY / "ecs").glob("*.tf"))}
-    return k8s, ecs, policies, tf
+    containerfile = (DEPLOY / "ecs" / "Containerfile").read_text()
+    return k8s, ecs, policies, tf, containerfile
 
 
-def check(k8s, ecs, policies, tf):
+def check(k8s, ecs, policies, tf, containerfile):
     problems = Problems()
     check_kubernetes(k8s, problems)
+    volumes = containerfile_volumes(containerfile)
     for name, task in ecs.items():
-        check_ecs(name, task, problems)
+        check_ecs(name, task, volumes, problems)
     for name, policy in policies.items():
         check_policy(name, policy, problems)
+    sidecar_arch = ecs["sidecar-task-definition.json"].get("runtimePlatform", {}).get("cpuArchitecture")
     for name, text in tf.items():
-        check_terraform(name, text, problems)
+        check_terraform(name, text, sidecar_arch, problems)
     # The ECS sidecar's template is the ConfigMap's, so both platforms render
     # the same app.conf.
     cm = next(r for r in k8s["configmap.yaml"] if r["kind"] == "ConfigMap")
@@ -331,7 +383,7 @@ def check(k8s, ecs, policies, tf):
     return problems
 
 
-def self_test(k8s, ecs, policies, tf):
+def self_test(k8s, ecs, policies, tf, cf):
     """Each break must be reported by the check meant for it."""
 
     def pod(docs, file):
@@ -340,40 +392,53 @@ def self_test(k8s, ecs, policies, tf):
     def breaks():
         d = copy.deepcopy(k8s)
         pod(d, "sidecar.yaml")["containers"][0]["restartPolicy"] = "Always"
-        yield "restartPolicy", (d, ecs, policies, tf)
+        yield "restartPolicy", (d, ecs, policies, tf, cf)
         d = copy.deepcopy(k8s)
         pod(d, "init-container.yaml")["containers"][0]["volumeMounts"][0]["name"] = "nowhere"
-        yield "does not declare", (d, ecs, policies, tf)
+        yield "does not declare", (d, ecs, policies, tf, cf)
         d = copy.deepcopy(k8s)
         pod(d, "sidecar.yaml")["initContainers"][0]["startupProbe"]["httpGet"]["path"] = "/ready"
-        yield "does not serve", (d, ecs, policies, tf)
+        yield "does not serve", (d, ecs, policies, tf, cf)
         d = copy.deepcopy(k8s)
         pod(d, "sidecar.yaml")["initContainers"][0]["securityContext"]["privileged"] = "yes"
-        yield "Kubernetes 1.35.0", (d, ecs, policies, tf)
+        yield "Kubernetes 1.35.0", (d, ecs, policies, tf, cf)
         d = copy.deepcopy(k8s)
         pod(d, "sidecar.yaml")["initContainers"][0]["securityContext"]["readOnlyRootFileSystem"] = True
-        yield "Additional properties", (d, ecs, policies, tf)
+        yield "Additional properties", (d, ecs, policies, tf, cf)
         d = copy.deepcopy(k8s)
         del pod(d, "sidecar.yaml")["shareProcessNamespace"]
-        yield "shareProcessNamespace", (d, ecs, policies, tf)
+        yield "shareProcessNamespace", (d, ecs, policies, tf, cf)
         e = copy.deepcopy(ecs)
         e["sidecar-task-definition.json"]["pidMode"] = "shared"
-        yield "is not one of", (k8s, e, policies, tf)
+        yield "is not one of", (k8s, e, policies, tf, cf)
         e = copy.deepcopy(ecs)
         e["sidecar-task-definition.json"]["containerDefinitions"][0]["memory"] = "64"
-        yield "Invalid type", (k8s, e, policies, tf)
+        yield "Invalid type", (k8s, e, policies, tf, cf)
         e = copy.deepcopy(ecs)
         del e["sidecar-task-definition.json"]["containerDefinitions"][0]["healthCheck"]
-        yield "has no healthCheck", (k8s, e, policies, tf)
+        yield "has no healthCheck", (k8s, e, policies, tf, cf)
         p = copy.deepcopy(policies)
         p["ecs/task-role-policy.json"]["Statement"][0]["Action"] = "ssm:*"
-        yield "wildcard", (k8s, ecs, p, tf)
+        yield "wildcard", (k8s, ecs, p, tf, cf)
         t = dict(tf)
         t["sidecar.tf"] = tf["sidecar.tf"].replace("= local.task.pidMode", '= "task"')
-        yield "pid_mode", (k8s, ecs, policies, t)
+        yield "pid_mode", (k8s, ecs, policies, t, cf)
         t = dict(tf)
         t["sidecar.tf"] = tf["sidecar.tf"] + "\nresource {\n"
-        yield "does not parse", (k8s, ecs, policies, t)
+        yield "does not parse", (k8s, ecs, policies, t, cf)
+        t = dict(tf)
+        t["sidecar.tf"] = tf["sidecar.tf"].replace('default     = "ARM64"', 'default     = "X86_64"')
+        yield "cpu_architecture defaults to 'X86_64'", (k8s, ecs, policies, t, cf)
+        t = dict(tf)
+        t["sidecar.tf"] = tf["sidecar.tf"].replace("= var.cpu_architecture", "= local.task.runtimePlatform.cpuArchitecture")
+        yield "is not the variable cpu_architecture", (k8s, ecs, policies, t, cf)
+        e = copy.deepcopy(ecs)
+        del e["wrapper-task-definition.json"]["runtimePlatform"]["cpuArchitecture"]
+        yield "cpuArchitecture is not set", (k8s, e, policies, tf, cf)
+        e = copy.deepcopy(ecs)
+        e["wrapper-task-definition.json"]["containerDefinitions"][0]["image"] = "registry.example.com/envrender:0.1.0"
+        yield "which declares no VOLUME there", (k8s, e, policies, tf, cf)
+        yield "does not declare as a VOLUME", (k8s, ecs, policies, tf, cf.replace(', "/envrender-bin"]', "]"))
 
     missed = []
     for expected, inputs in breaks():

@@ -13,6 +13,16 @@ variable "envrender_image" {
   description = "envrender's image with this folder's envrender.toml and app.conf.hbs (Containerfile)"
 }
 
+variable "cpu_architecture" {
+  type        = string
+  default     = "ARM64"
+  description = "ARM64 (Graviton: cheaper on Fargate) or X86_64; envrender's image has both, the app's image and the ECS image (Containerfile) must have this one"
+  validation {
+    condition     = contains(["ARM64", "X86_64"], var.cpu_architecture)
+    error_message = "cpu_architecture is ARM64 or X86_64."
+  }
+}
+
 locals {
   # The task definition is sidecar-task-definition.json itself (edit it there),
   # with this module's images and roles.
@@ -69,7 +79,7 @@ resource "aws_ecs_task_definition" "app" {
 
   runtime_platform {
     operating_system_family = local.task.runtimePlatform.operatingSystemFamily
-    cpu_architecture        = local.task.runtimePlatform.cpuArchitecture
+    cpu_architecture        = var.cpu_architecture
   }
 
   dynamic "volume" {

@@ -1,5 +1,6 @@
-//! deploy/: the manifests validated offline, the image built, and each
-//! Kubernetes pattern played with real containers of that image.
+//! deploy/: the manifests validated offline, and each Kubernetes pattern and
+//! the ECS sidecar task played with real containers of the image
+//! deploy/release.sh builds (support::release).
 //!
 //! The pod player reads the pod spec from the manifest itself (commands,
 //! arguments, environment, mounts, security context, probes, the shared PID
@@ -10,25 +11,30 @@
 //! the test servers. Where the manifest and this test disagree, one of them is
 //! wrong.
 //!
-//! Podman runs here as root with `--runtime runc --cgroup-manager=cgroupfs`
-//! (ENVRENDER_PODMAN overrides the command). Without podman the container
-//! tests say so and pass, unless ENVRENDER_REQUIRE_PODMAN is set (CI sets it);
-//! the process-level variant (`unshare`) runs everywhere.
+//! Without podman the container tests say so and pass, unless
+//! ENVRENDER_REQUIRE_PODMAN is set (CI sets it); the process-level variant
+//! (`unshare`) runs everywhere.
 
 use crate::support;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::consul::ConsulServer;
+use support::release::{podman, podman_ok};
 use support::vault::{Role, VaultServer};
 
-const ENVRENDER_IMAGE: &str = "localhost/envrender:test";
+/// The image deploy/release.sh built for this machine's architecture (CI's:
+/// x86_64), from the static musl binary it ships.
+#[cfg(target_arch = "aarch64")]
+const ENVRENDER_IMAGE: &str = "localhost/envrender:test-arm64";
+#[cfg(not(target_arch = "aarch64"))]
+const ENVRENDER_IMAGE: &str = "localhost/envrender:test-amd64";
 const APP_IMAGE: &str = "localhost/envrender-test-app:1";
 /// deploy/ecs/Containerfile built on ENVRENDER_IMAGE.
 const ECS_SIDECAR_IMAGE: &str = "localhost/envrender-ecs-sidecar:test";
@@ -479,65 +485,16 @@ impl Drop for Pod {
 
 // ------------------------------------------------------------ podman
 
-fn podman_words() -> Vec<String> {
-    std::env::var("ENVRENDER_PODMAN")
-        .unwrap_or_else(|_| {
-            "podman --runtime runc --cgroup-manager=cgroupfs --events-backend=file".into()
-        })
-        .split_whitespace()
-        .map(String::from)
-        .collect()
-}
-
-fn podman(args: &[&str]) -> Output {
-    let words = podman_words();
-    Command::new(&words[0])
-        .args(&words[1..])
-        .args(args)
-        .output()
-        .expect("podman")
-}
-
-fn podman_ok(args: &[&str]) -> String {
-    let out = podman(args);
-    assert!(
-        out.status.success(),
-        "podman {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Whether the container tests can run: podman present, the images built
 /// (envrender's from deploy/image, the app's from tests/deploy/app).
 fn images() -> bool {
     static BUILT: OnceLock<bool> = OnceLock::new();
     *BUILT.get_or_init(|| {
-        let words = podman_words();
-        let present = Command::new(&words[0])
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !present {
-            assert!(
-                std::env::var_os("ENVRENDER_REQUIRE_PODMAN").is_none(),
-                "ENVRENDER_REQUIRE_PODMAN is set but {} does not run",
-                words[0]
-            );
+        let artifacts = support::release::artifacts();
+        if !artifacts.images {
             eprintln!("podman is not installed: the container patterns are not played");
             return false;
         }
-        let out = Command::new(support::repo().join("deploy/image/build.sh"))
-            .arg(ENVRENDER_IMAGE)
-            .env("PODMAN", words.join(" "))
-            .output()
-            .expect("deploy/image/build.sh");
-        assert!(
-            out.status.success(),
-            "deploy/image/build.sh: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
         let ctx = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("deploy-app-image");
         let _ = std::fs::remove_dir_all(&ctx);
         std::fs::create_dir_all(&ctx).unwrap();
@@ -791,7 +748,7 @@ impl Runtime for Podman<'_> {
 impl Drop for Podman<'_> {
     fn drop(&mut self) {
         for name in self.started.iter().rev() {
-            let _ = podman(&["rm", "--force", "--time", "0", name]);
+            let _ = podman(&["rm", "--force", "--volumes", "--time", "0", name]);
         }
     }
 }

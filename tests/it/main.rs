@@ -34,6 +34,7 @@ mod layers;
 mod load;
 mod malformed;
 mod properties;
+mod release;
 mod run;
 mod shutdown;
 mod vault;

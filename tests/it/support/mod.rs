@@ -6,6 +6,7 @@
 pub mod aws;
 pub mod consul;
 pub mod fault;
+pub mod release;
 pub mod vault;
 
 use std::os::unix::fs::PermissionsExt as _;
