@@ -13,14 +13,18 @@
 #                                               also left here as TAG-amd64 and
 #                                               TAG-arm64 (deploy/image/build.sh)
 #   SHA256SUMS
-# The x86_64 binary is built with musl-gcc (Debian's musl-tools), the arm64
-# one with cargo-zigbuild (PyPI's ziglang and cargo-zigbuild); these and
-# cargo-auditable and auditable2cdx are installed, pinned, when missing.
+# On an x86_64 machine the x86_64 binary is built with musl-gcc (Debian's
+# musl-tools), any other with cargo-zigbuild (PyPI's ziglang and
+# cargo-zigbuild, installed into CARGO_TARGET_DIR/release-tools); these and
+# cargo-auditable and auditable2cdx are installed when missing, the PyPI
+# and crates.io ones at pinned versions, Debian's as the release has them
+# (that needs root).
 # Each binary is checked to be static for its architecture and to run (the
 # arm64 one under qemu-aarch64-static, when present). Paths of this machine
 # are remapped out of the binaries, and archives and images carry the
-# commit's time, so the same commit builds the same files. CARGO_TARGET_DIR
-# and PODMAN (see deploy/image/build.sh) are honoured.
+# commit's time, so the same commit and tools build the same files.
+# CARGO_TARGET_DIR, DIST, RUSTFLAGS and PODMAN (see deploy/image/build.sh)
+# are honoured; relative paths are the repository's.
 #
 #   deploy/release.sh                         # both architectures, both images
 #   deploy/release.sh --tag REGISTRY/envrender:0.1.0
@@ -53,8 +57,10 @@ while [ $# -gt 0 ]; do
   shift
 done
 [ ${#archs[@]} -gt 0 ] || archs=(x86_64 aarch64)
+# Relative paths are the repository's (the script works from its root).
 dist=${DIST:-dist}
 target_dir=${CARGO_TARGET_DIR:-target}
+tools_dir=$target_dir/release-tools
 # Archives, SBOMs and images carry the commit's time, not the build's.
 epoch=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || echo 0)}
 export SOURCE_DATE_EPOCH=$epoch
@@ -63,34 +69,56 @@ if [ "$image" = 1 ] && ! command -v "$(echo "${PODMAN:-podman}" | cut -d" " -f1)
   exit 1
 fi
 
+# Debian packages, when missing (needs root).
+apt_install() {
+  if [ "$(id -u)" != 0 ]; then
+    echo "missing: $* (Debian: apt-get install $*, as root)" >&2
+    exit 1
+  fi
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"
+}
+
 tools() {
-  command -v file >/dev/null || { apt-get update -q && apt-get install -y -q file; }
+  command -v file >/dev/null || apt_install file
   command -v cargo-auditable >/dev/null || cargo install --locked --version "$CARGO_AUDITABLE" cargo-auditable
   command -v auditable2cdx >/dev/null || cargo install --locked --version "$AUDITABLE2CDX" auditable2cdx
 }
 
+# The native x86_64 build uses musl-gcc; every other one, cargo-zigbuild.
+native() {
+  [ "$1" = x86_64 ] && [ "$(uname -m)" = x86_64 ]
+}
+
 need() {
-  case "$1" in
-    x86_64)
-      command -v musl-gcc >/dev/null || { apt-get update -q && apt-get install -y -q musl-tools; }
-      ;;
-    aarch64)
-      command -v cargo-zigbuild >/dev/null \
-        || python3 -m pip install -q "ziglang==$ZIGLANG" "cargo-zigbuild==$CARGO_ZIGBUILD"
-      ;;
-  esac
+  if native "$1"; then
+    command -v musl-gcc >/dev/null || apt_install musl-tools
+  elif ! command -v cargo-zigbuild >/dev/null; then
+    # From PyPI into a folder of the build's own (no system Python is
+    # touched); its zig is found through PYTHONPATH (python3 -m ziglang).
+    local py=$tools_dir/python
+    if [ ! -x "$py/bin/cargo-zigbuild" ]; then
+      python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
+      python3 -m pip install -q --disable-pip-version-check --target "$py" \
+        "ziglang==$ZIGLANG" "cargo-zigbuild==$CARGO_ZIGBUILD"
+    fi
+    export PATH="$py/bin:$PATH" PYTHONPATH="$py${PYTHONPATH:+:$PYTHONPATH}"
+  fi
   rustup target add "$1-unknown-linux-musl" >/dev/null
 }
 
 build() {
   local arch=$1 triple=$1-unknown-linux-musl
-  # Neither this checkout's path nor the registry's goes into the binary.
-  local remap="--remap-path-prefix=$PWD=/envrender --remap-path-prefix=${CARGO_HOME:-$HOME/.cargo}=/cargo"
-  # cargo-auditable runs $CARGO (cargo, or cargo-zigbuild for arm64); run
-  # as `cargo auditable`, cargo would set CARGO to itself.
+  # Neither this checkout's path nor the registry's goes into the binary
+  # (added to the caller's RUSTFLAGS; paths with spaces kept whole).
+  local sep=$'\x1f' flags
+  flags="--remap-path-prefix=$PWD=/envrender$sep--remap-path-prefix=${CARGO_HOME:-$HOME/.cargo}=/cargo"
+  [ -z "${RUSTFLAGS:-}" ] || flags="$(printf '%s' "$RUSTFLAGS" | tr ' ' "$sep")$sep$flags"
+  # cargo-auditable runs $CARGO (cargo, or cargo-zigbuild); run as `cargo
+  # auditable`, cargo would set CARGO to itself.
   local cargo=cargo
-  [ "$arch" = x86_64 ] || cargo="cargo-zigbuild"
-  RUSTFLAGS="$remap" CARGO=$cargo cargo-auditable auditable build --locked --release --target "$triple" >&2
+  native "$arch" || cargo="cargo-zigbuild"
+  CARGO_ENCODED_RUSTFLAGS="$flags" CARGO=$cargo \
+    cargo-auditable auditable build --locked --release --target "$triple" >&2
   echo "$target_dir/$triple/release/envrender"
 }
 

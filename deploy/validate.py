@@ -53,15 +53,17 @@ ECS_IMAGE = "app-envrender"
 
 def image_name(container):
     """The image's repository name without registry or tag: app-envrender."""
-    return container.get("image", "").rsplit("/", 1)[-1].split(":", 1)[0]
+    return container.get("image", "").rsplit("/", 1)[-1].split("@", 1)[0].split(":", 1)[0]
 
 
 def containerfile_volumes(text):
-    """The paths of every VOLUME instruction (JSON form) of a Containerfile."""
+    """The paths of every VOLUME instruction (JSON or shell form) of a Containerfile."""
     paths = set()
     for line in text.splitlines():
-        if line.strip().upper().startswith("VOLUME"):
-            paths.update(json.loads(line.strip()[len("VOLUME"):]))
+        words = line.split(None, 1)
+        if len(words) == 2 and words[0].upper() == "VOLUME":
+            rest = words[1].strip()
+            paths.update(json.loads(rest) if rest.startswith("[") else rest.split())
     return paths
 
 

@@ -490,9 +490,8 @@ impl Drop for Pod {
 fn images() -> bool {
     static BUILT: OnceLock<bool> = OnceLock::new();
     *BUILT.get_or_init(|| {
-        let artifacts = support::release::artifacts();
-        if !artifacts.images {
-            eprintln!("podman is not installed: the container patterns are not played");
+        if !support::release::artifacts().is_some_and(|a| a.images) {
+            eprintln!("no image of envrender: the container patterns are not played");
             return false;
         }
         let ctx = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("deploy-app-image");

@@ -54,7 +54,7 @@ fn git_head() -> String {
 
 #[test]
 fn both_binaries_are_static_for_their_architecture_with_sums_and_archives() {
-    let a = artifacts();
+    let Some(a) = artifacts() else { return };
     for (arch, _, machine) in ARCHS {
         let bin = a.file(arch, "");
         let kind = file_kind(&bin);
@@ -132,7 +132,7 @@ fn locked() -> BTreeMap<String, BTreeSet<String>> {
 
 #[test]
 fn each_binary_has_an_sbom_of_the_rust_dependencies_it_was_built_with() {
-    let a = artifacts();
+    let Some(a) = artifacts() else { return };
     let locked = locked();
     for (arch, _, _) in ARCHS {
         let path = a.file(arch, ".cdx.json");
@@ -207,10 +207,9 @@ fn json_blob(layout: &Path, digest: &str) -> Value {
 
 #[test]
 fn both_images_hold_only_envrender_with_labels_and_no_volumes() {
-    let a = artifacts();
-    if !a.images {
+    let Some(a) = artifacts().filter(|a| a.images) else {
         return;
-    }
+    };
     let source = std::fs::read_to_string(support::repo().join("Cargo.toml"))
         .unwrap()
         .lines()
@@ -311,6 +310,27 @@ fn both_images_hold_only_envrender_with_labels_and_no_volumes() {
             IMAGE_FILES.iter().map(|f| f.to_string()).collect(),
             "{platform}"
         );
+        // The paths volumes are mounted on (and /run) belong to the
+        // non-root user, everything else to root.
+        for l in layers {
+            let blob = image_archive_blob(layout.path(), l["digest"].as_str().unwrap());
+            let listing = run(
+                "tar",
+                &["--numeric-owner", "-tvzf", blob.to_str().unwrap()],
+                layout.path(),
+            );
+            for line in listing.lines() {
+                let name = line.rsplit(' ').next().unwrap().trim_start_matches("./");
+                let owner = line.split_whitespace().nth(1).unwrap();
+                let expected =
+                    if ["run/", "run/app/", "run/envrender/", "envrender-bin/"].contains(&name) {
+                        "65532/65532"
+                    } else {
+                        "0/0"
+                    };
+                assert_eq!(owner, expected, "{platform}: {line}");
+            }
+        }
         let out = layout.join(&format!("envrender-{platform}"));
         for l in layers {
             let blob = image_archive_blob(layout.path(), l["digest"].as_str().unwrap());
@@ -352,7 +372,7 @@ fn qemu() -> Option<PathBuf> {
 #[test]
 fn the_arm64_binary_renders_under_qemu_from_local_values_and_the_test_servers() {
     let Some(qemu) = qemu() else { return };
-    let a = artifacts();
+    let Some(a) = artifacts() else { return };
     let bin = a.file("aarch64", "");
     let d = Dir::new();
     let arm64 = |args: &[&str]| {

@@ -46,31 +46,68 @@ impl Artifacts {
     }
 }
 
-/// Runs `deploy/release.sh` once (a no-op for cargo when `.ci/run` built
-/// the same commit before the tests).
-pub fn artifacts() -> &'static Artifacts {
-    static BUILT: OnceLock<Artifacts> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let dist = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dist");
-        let images = podman_present();
-        let mut command = Command::new(super::repo().join("deploy/release.sh"));
-        command
-            .arg("--tag")
-            .arg(IMAGE_TAG)
-            .env("DIST", &dist)
-            .env("PODMAN", podman_words().join(" "));
-        if !images {
-            command.arg("--no-image");
-        }
-        let out = command.output().expect("deploy/release.sh");
-        assert!(
-            out.status.success(),
-            "deploy/release.sh: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            tail(&String::from_utf8_lossy(&out.stderr), 60),
-        );
-        Artifacts { dist, images }
-    })
+/// Runs `deploy/release.sh` once (it takes seconds when `.ci/run` built
+/// the same commit before the tests). None, said on stderr, where it cannot
+/// run (not root, and musl-gcc or `file` missing, which it would install),
+/// unless ENVRENDER_REQUIRE_RELEASE is set (CI sets it).
+pub fn artifacts() -> Option<&'static Artifacts> {
+    static BUILT: OnceLock<Option<Artifacts>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = real_uid() == Some(0);
+            let tools = ["musl-gcc", "file"].iter().all(|t| on_path(t));
+            if !root && !tools {
+                assert!(
+                    std::env::var_os("ENVRENDER_REQUIRE_RELEASE").is_none(),
+                    "ENVRENDER_REQUIRE_RELEASE is set but deploy/release.sh cannot install musl-tools and file (not root)"
+                );
+                eprintln!(
+                    "musl-gcc or file is missing and this is not root: the release artifacts are not built"
+                );
+                return None;
+            }
+            Some(build())
+        })
+        .as_ref()
+}
+
+fn build() -> Artifacts {
+    let dist = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dist");
+    let images = podman_present();
+    let mut command = Command::new(super::repo().join("deploy/release.sh"));
+    command
+        .arg("--tag")
+        .arg(IMAGE_TAG)
+        .env("DIST", &dist)
+        .env("PODMAN", podman_words().join(" "));
+    if !images {
+        command.arg("--no-image");
+    }
+    let out = command.output().expect("deploy/release.sh");
+    assert!(
+        out.status.success(),
+        "deploy/release.sh: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        tail(&String::from_utf8_lossy(&out.stderr), 60),
+    );
+    Artifacts { dist, images }
+}
+
+/// The real user id, from /proc.
+fn real_uid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+pub fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(program).is_file()))
 }
 
 fn tail(text: &str, lines: usize) -> String {
