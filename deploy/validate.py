@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Checks every deployment file in deploy/ offline.
 
-- Kubernetes manifests: kubernetes-validate --strict against the oldest and
-  the newest supported Kubernetes version, plus what the schema cannot see
+- Kubernetes manifests: kubernetes-validate --strict against every
+  Kubernetes version from 1.29 to the newest it knows, plus what the schema cannot see
   (restartPolicy only on init containers, mounts name declared volumes,
   probes ask envrender's own paths on its --listen port, the ConfigMap holds
   every template its configuration names, hardened security contexts, a
@@ -35,11 +35,16 @@ import botocore.session
 import botocore.validate
 import hcl2
 import kubernetes_validate
+import kubernetes_validate.utils
 import yaml
 
 DEPLOY = pathlib.Path(__file__).resolve().parent
-# Oldest and newest Kubernetes versions in upstream support (kubernetes.io/releases).
-KUBERNETES_VERSIONS = ["1.35.0", "1.37.0"]
+# Every Kubernetes version from 1.29 (the first with native sidecars on by
+# default: restartPolicy on init containers) to the newest the validator knows.
+KUBERNETES_VERSIONS = sorted(
+    {v for v in kubernetes_validate.utils.all_versions() if tuple(map(int, v.split("."))) >= (1, 29)},
+    key=lambda v: tuple(map(int, v.split("."))),
+)
 # Where every pattern mounts the configuration (ConfigMap, or the ECS image).
 CONFIG_MOUNT = "/etc/envrender"
 ENVRENDER_PATHS = {"/healthz", "/readyz", "/metrics"}
@@ -125,7 +130,8 @@ def check_kubernetes(docs, problems):
             if r["kind"] == "ConfigMap":
                 check_configmap(name, r, problems)
             if r["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
-                check_pod(name, r["spec"]["template"]["spec"], by_kind, problems)
+                template = r["spec"]["template"]
+                check_pod(name, template["spec"], by_kind, problems, template.get("metadata", {}))
 
 
 def check_configmap(name, cm, problems):
@@ -144,7 +150,7 @@ def check_configmap(name, cm, problems):
             problems.add(name, f"template source {t['source']!r} is not a key of the ConfigMap under {CONFIG_MOUNT}")
 
 
-def check_pod(name, pod, by_kind, problems):
+def check_pod(name, pod, by_kind, problems, metadata=None):
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     used = set()
     sa = pod.get("serviceAccountName")
@@ -196,6 +202,51 @@ def check_pod(name, pod, by_kind, problems):
                     problems.add(where, f"{probe_kind} asks port {port}, envrender listens on {flag(args, '--listen')}")
     for unused in set(volumes) - used:
         problems.add(name, f"volume {unused!r} is declared but mounted nowhere")
+    check_credentials(name, pod, by_kind, problems, metadata or {})
+
+
+def check_credentials(name, pod, by_kind, problems, metadata):
+    """envrender's credentials reach envrender's containers only: no
+    automatic service-account token, a projected one for Vault (its own
+    audience, short-lived) mounted where envrender runs, and IRSA's
+    credentials kept from every other container."""
+    containers = pod.get("initContainers", []) + pod.get("containers", [])
+    runs_envrender = {c["name"] for c in containers if envrender_argv(c) is not None}
+    if not runs_envrender:
+        return
+    if pod.get("automountServiceAccountToken") is not False:
+        problems.add(
+            name,
+            "the service-account token is mounted into every container: set automountServiceAccountToken: false"
+            " and mount a projected token (audience vault) into envrender's",
+        )
+    for v in pod.get("volumes", []):
+        for source in v.get("projected", {}).get("sources", []):
+            token = source.get("serviceAccountToken")
+            if token is None:
+                continue
+            if not token.get("audience"):
+                problems.add(name, f"volume {v['name']}: the projected token has no audience (it would be the API server's)")
+            if token.get("expirationSeconds", 3607) > 3600:
+                problems.add(name, f"volume {v['name']}: the projected token lives longer than an hour")
+            for c in containers:
+                mounted = any(m["name"] == v["name"] for m in c.get("volumeMounts", []))
+                if mounted and c["name"] not in runs_envrender:
+                    problems.add(name, f"volume {v['name']}: the Vault token is mounted into {c['name']}, which does not run envrender")
+    account = by_kind.get("ServiceAccount", {}).get(pod.get("serviceAccountName"), {})
+    if "eks.amazonaws.com/role-arn" in account.get("metadata", {}).get("annotations", {}):
+        skipped = {
+            n.strip()
+            for n in metadata.get("annotations", {}).get("eks.amazonaws.com/skip-containers", "").split(",")
+            if n.strip()
+        }
+        for c in containers:
+            if c["name"] not in runs_envrender and c["name"] not in skipped:
+                problems.add(
+                    name,
+                    f"IRSA gives {c['name']} envrender's AWS role: list it in the pod template's"
+                    " eks.amazonaws.com/skip-containers annotation",
+                )
 
 
 # ---------------------------------------------------------------------- ECS
@@ -315,6 +366,25 @@ def check_terraform(name, text, json_arch, problems):
         condition = str(arch.get("validation", [{}])[0].get("condition", ""))
         if not all(a in condition for a in ("ARM64", "X86_64")):
             problems.add(name, "cpu_architecture's validation does not allow ARM64 and X86_64")
+    providers = [
+        p for block in tf.get("terraform", []) for p in block.get("required_providers", []) if "aws" in p
+    ]
+    if not providers or "hashicorp/aws" not in str(providers[0]["aws"]):
+        problems.add(name, "does not pin its AWS provider (terraform.required_providers.aws)")
+    # Every role ECS assumes is bound to this account's tasks.
+    for doc in tf.get("data", []):
+        for kind, named in doc.items():
+            if kind.strip('"') != "aws_iam_policy_document":
+                continue
+            for doc_name, body in named.items():
+                for st in body.get("statement", []):
+                    principals = str(st.get("principals", ""))
+                    if "ecs-tasks.amazonaws.com" not in principals:
+                        continue
+                    variables = {str(c.get("variable", "")).strip('"') for c in st.get("condition", [])}
+                    for key in ("aws:SourceAccount", "aws:SourceArn"):
+                        if key not in variables:
+                            problems.add(name, f"{doc_name.strip(chr(34))}: ecs-tasks may assume the role without an {key} condition")
     if 'jsondecode(file("${path.module}/sidecar-task-definition.json"))' not in text:
         problems.add(name, "does not read sidecar-task-definition.json")
     for f in re.findall(r'file\(\\?"\$\{path\.module\}/([^"\\]+)', text):
@@ -403,10 +473,22 @@ def self_test(k8s, ecs, policies, tf, cf):
         yield "does not serve", (d, ecs, policies, tf, cf)
         d = copy.deepcopy(k8s)
         pod(d, "sidecar.yaml")["initContainers"][0]["securityContext"]["privileged"] = "yes"
-        yield "Kubernetes 1.35.0", (d, ecs, policies, tf, cf)
+        yield "Kubernetes 1.29.0", (d, ecs, policies, tf, cf)
         d = copy.deepcopy(k8s)
         pod(d, "sidecar.yaml")["initContainers"][0]["securityContext"]["readOnlyRootFileSystem"] = True
         yield "Additional properties", (d, ecs, policies, tf, cf)
+        d = copy.deepcopy(k8s)
+        del pod(d, "sidecar.yaml")["automountServiceAccountToken"]
+        yield "set automountServiceAccountToken: false", (d, ecs, policies, tf, cf)
+        d = copy.deepcopy(k8s)
+        pod(d, "sidecar.yaml")["containers"][0]["volumeMounts"].append({"name": "vault-token", "mountPath": "/t"})
+        yield "the Vault token is mounted into app", (d, ecs, policies, tf, cf)
+        d = copy.deepcopy(k8s)
+        del pod(d, "init-container.yaml")["volumes"][0]["projected"]["sources"][0]["serviceAccountToken"]["audience"]
+        yield "has no audience", (d, ecs, policies, tf, cf)
+        d = copy.deepcopy(k8s)
+        next(r for r in d["init-container.yaml"] if r["kind"] == "Deployment")["spec"]["template"]["metadata"]["annotations"] = {}
+        yield "IRSA gives app envrender's AWS role", (d, ecs, policies, tf, cf)
         d = copy.deepcopy(k8s)
         del pod(d, "sidecar.yaml")["shareProcessNamespace"]
         yield "shareProcessNamespace", (d, ecs, policies, tf, cf)
@@ -434,6 +516,12 @@ def self_test(k8s, ecs, policies, tf, cf):
         t = dict(tf)
         t["sidecar.tf"] = tf["sidecar.tf"].replace("= var.cpu_architecture", "= local.task.runtimePlatform.cpuArchitecture")
         yield "is not the variable cpu_architecture", (k8s, ecs, policies, t, cf)
+        t = dict(tf)
+        t["sidecar.tf"] = tf["sidecar.tf"].replace('"aws:SourceArn"', '"aws:PrincipalArn"')
+        yield "without an aws:SourceArn condition", (k8s, ecs, policies, t, cf)
+        t = dict(tf)
+        t["sidecar.tf"] = tf["sidecar.tf"].replace('"hashicorp/aws"', '"example/aws"')
+        yield "does not pin its AWS provider", (k8s, ecs, policies, t, cf)
         e = copy.deepcopy(ecs)
         del e["wrapper-task-definition.json"]["runtimePlatform"]["cpuArchitecture"]
         yield "cpuArchitecture is not set", (k8s, e, policies, tf, cf)

@@ -3,6 +3,16 @@
 # The policies and the awslogs settings name eu-west-1 and account
 # 111122223333 as the JSON files do: replace them in those files.
 
+terraform {
+  required_version = ">= 1.5"
+  required_providers {
+    aws = {
+      source  = "hashicorp/aws"
+      version = ">= 5.0"
+    }
+  }
+}
+
 variable "app_image" {
   type        = string
   description = "The app's image, e.g. 111122223333.dkr.ecr.eu-west-1.amazonaws.com/app:1.4.2"
@@ -30,12 +40,27 @@ locals {
   images = { envrender = var.envrender_image, app = var.app_image }
 }
 
+data "aws_caller_identity" "current" {}
+data "aws_region" "current" {}
+
+# ECS may assume the roles only for tasks of this account and region (no
+# confused deputy).
 data "aws_iam_policy_document" "ecs_tasks_assume" {
   statement {
     actions = ["sts:AssumeRole"]
     principals {
       type        = "Service"
       identifiers = ["ecs-tasks.amazonaws.com"]
+    }
+    condition {
+      test     = "StringEquals"
+      variable = "aws:SourceAccount"
+      values   = [data.aws_caller_identity.current.account_id]
+    }
+    condition {
+      test     = "ArnLike"
+      variable = "aws:SourceArn"
+      values   = ["arn:aws:ecs:${data.aws_region.current.name}:${data.aws_caller_identity.current.account_id}:*"]
     }
   }
 }

@@ -375,7 +375,8 @@ struct Pod {
     app: Vec<Container>,
     share_pid: bool,
     volumes: BTreeMap<String, PathBuf>,
-    /// Kubernetes: the service-account token file mounted in every container.
+    /// Kubernetes: the service-account token file mounted in every container
+    /// (None when the pod sets automountServiceAccountToken: false).
     token: Option<PathBuf>,
     /// ECS: volume → the podman named volume standing in for the task
     /// volume (both start empty and take their owner from the image).
@@ -404,6 +405,17 @@ impl Pod {
                 for (key, text) in configmap_data() {
                     std::fs::write(dir.join(key), text).unwrap();
                 }
+            } else if let Some(sources) = v["projected"]["sources"].as_array() {
+                // A projected service-account token, as the kubelet writes it.
+                for source in sources {
+                    let token = &source["serviceAccountToken"];
+                    assert_eq!(token["audience"], "vault", "{file}: volume {name}");
+                    let path = dir.join(token["path"].as_str().unwrap());
+                    std::fs::write(&path, JWT).unwrap();
+                    std::os::unix::fs::chown(&path, Some(0), Some(UID)).unwrap();
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640))
+                        .unwrap();
+                }
             } else {
                 assert!(v.get("emptyDir").is_some(), "{file}: volume {name}");
                 // fsGroup: the volume belongs to the pod's group.
@@ -427,7 +439,8 @@ impl Pod {
             app: list("containers"),
             share_pid: spec["shareProcessNamespace"].as_bool() == Some(true),
             volumes,
-            token: Some(token),
+            // automountServiceAccountToken: false mounts it nowhere.
+            token: (spec["automountServiceAccountToken"].as_bool() != Some(false)).then_some(token),
             named: BTreeMap::new(),
             _scratch: scratch,
         }
@@ -628,6 +641,26 @@ trait Runtime {
     /// Runs a command in the running container (an ECS health check);
     /// whether it exited 0.
     fn exec_ok(&self, name: &str, argv: &[String]) -> bool;
+    /// Whether each container has mounts of its own (containers), or the
+    /// pod's containers share one mount namespace (processes).
+    fn own_mounts(&self) -> bool {
+        false
+    }
+
+    /// Kubernetes, with mounts of its own: the app's container holds
+    /// neither the service-account token nor envrender's Vault token.
+    fn assert_no_tokens(&self, pod: &Pod, app: &str) {
+        if !self.own_mounts() || !pod.named.is_empty() {
+            return;
+        }
+        let absent = format!(
+            "! test -e {SERVICE_ACCOUNT_TOKEN} && ! test -e /run/secrets/vault/token && test -d /run/app"
+        );
+        assert!(
+            self.exec_ok(app, &["sh".into(), "-c".into(), absent]),
+            "the app's container holds a token"
+        );
+    }
 
     /// Starts a container; a native sidecar must then pass its startupProbe
     /// before the next one starts, as the kubelet has it.
@@ -676,6 +709,10 @@ trait Runtime {
 }
 
 impl Runtime for Podman<'_> {
+    fn own_mounts(&self) -> bool {
+        true
+    }
+
     fn run_to_end(&mut self, c: &Container) -> String {
         let args = self.run_args(c, false);
         let out = podman(&args.iter().map(String::as_str).collect::<Vec<_>>());
@@ -820,6 +857,7 @@ fn play_init_container(rt: &mut dyn Runtime, pod: &Pod, backends: &Backends) {
     assert_private(&pod.volume("app-config").join("app.conf"));
     assert_private(&pod.volume("envrender-state").join("vault.json"));
     let app = rt.start_ready(&pod.app[0]);
+    rt.assert_no_tokens(pod, &app);
     let logs = rt.wait_log(&app, "end 1");
     assert_rendered(&loaded(&logs, 1), "https://v1.example.com");
     assert_eq!(backends.vault.count("logins"), 1);
@@ -833,6 +871,7 @@ fn play_native_sidecar(rt: &mut dyn Runtime, pod: &Pod, backends: &Backends) {
     let sidecar = rt.start_ready(&pod.init[0]);
     assert_private(&pod.volume("app-config").join("app.conf"));
     let app = rt.start_ready(&pod.app[0]);
+    rt.assert_no_tokens(pod, &app);
     let logs = rt.wait_log(&app, "end 1");
     assert_rendered(&loaded(&logs, 1), "https://v1.example.com");
     backends
