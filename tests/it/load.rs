@@ -159,9 +159,30 @@ fn ten_thousand_keys_under_a_thousand_changes_a_second() {
     // The last value of every key reaches the file.
     let want = expected(&values);
     let caught_up = Instant::now();
-    eventually(Duration::from_secs(30), "the final state on disk", || {
-        d.read("load.conf") == want
-    });
+    while d.read("load.conf") != want {
+        if caught_up.elapsed() > Duration::from_secs(30) {
+            // What is stale, and what the watcher said: enough to tell a
+            // lost change from a slow one.
+            let have = d.read("load.conf");
+            let stale: Vec<String> = have
+                .lines()
+                .zip(want.lines())
+                .filter(|(h, w)| h != w)
+                .map(|(h, w)| format!("{h} (want {w})"))
+                .collect();
+            let log = d.read("watch.log");
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            panic!(
+                "the final state did not reach the file in 30 s: {} stale lines, first {:?}; \
+                 metrics:\n{}\nwatch.log, last lines first:\n{}",
+                stale.len(),
+                &stale[..stale.len().min(5)],
+                metrics(),
+                tail.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let lag = caught_up.elapsed();
     let m = metrics();
     let renders = metric(&m, "envrender_renders_total") - renders_before;
