@@ -80,11 +80,13 @@ fn is_data_link(path: &Path, name: &OsString) -> bool {
 }
 
 /// Whether `..data` in `dir` points to a directory of ours, by name, in
-/// `dir`: only then is anything read through it.
+/// `dir`, and that name is a directory, not a symlink to elsewhere: only
+/// then is anything read through it.
 fn data_is_ours(dir: &Path) -> bool {
     std::fs::read_link(dir.join(DATA)).is_ok_and(|t| {
         t.to_str()
             .is_some_and(|t| t.starts_with(PREFIX) && !t.contains('/'))
+            && std::fs::symlink_metadata(dir.join(&t)).is_ok_and(|m| m.is_dir())
     })
 }
 

@@ -728,6 +728,35 @@ mod tests {
         assert_eq!(std::fs::read_to_string(tls.join("a")).unwrap(), "new-a");
     }
 
+    /// A `..data` pointed at a name of ours that is a symlink to elsewhere
+    /// is not ours either: never read through, put back.
+    #[test]
+    fn a_data_link_through_a_lookalike_symlink_is_put_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = dir.path().join("tls");
+        let mut a = write(&tls.join("a"), "new-a");
+        a.linked = true;
+        let writes = [a];
+        assert_eq!(commit(&writes).unwrap(), [Status::Created]);
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::fs::write(elsewhere.join("a"), "new-a").unwrap();
+        std::fs::set_permissions(elsewhere.join("a"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        std::os::unix::fs::symlink(&elsewhere, tls.join("..envrender-lookalike")).unwrap();
+        std::fs::remove_file(tls.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..envrender-lookalike", tls.join("..data")).unwrap();
+        assert_eq!(commit(&writes).unwrap(), [Status::Updated]);
+        let data = std::fs::read_link(tls.join("..data")).unwrap();
+        assert_ne!(data, Path::new("..envrender-lookalike"));
+        assert_eq!(std::fs::read_to_string(tls.join("a")).unwrap(), "new-a");
+        // What the lookalike pointed at is left alone.
+        assert_eq!(
+            std::fs::read_to_string(elsewhere.join("a")).unwrap(),
+            "new-a"
+        );
+    }
+
     fn mode(path: &Path) -> u32 {
         std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
     }
