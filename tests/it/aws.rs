@@ -336,6 +336,10 @@ fn kms_decrypts_with_and_without_encryption_context_once_per_ciphertext() {
         .stderr_has("give the same one as context.NAME=VALUE parameters");
 }
 
+fn create_secret(sm: &aws_sdk_secretsmanager::Client, name: &str, value: &str) {
+    block_on(sm.create_secret().name(name).secret_string(value).send()).unwrap();
+}
+
 /// Secrets `PREFIX/00`… holding `s00`…, and a template line using each:
 /// `{{sm "PREFIX/00"}},…`.
 fn many_secrets(sm: &aws_sdk_secretsmanager::Client, prefix: &str, n: usize) -> String {
@@ -462,13 +466,7 @@ fn secrets_manager_asks_once_for_a_secret_named_by_name_and_by_arn() {
 fn secrets_manager_watches_for_an_absent_version_id() {
     let moto = moto();
     let sm = aws_sdk_secretsmanager::Client::new(&sdk(&moto.url));
-    block_on(
-        sm.create_secret()
-            .name("t/vid/s")
-            .secret_string("v1")
-            .send(),
-    )
-    .unwrap();
+    create_secret(&sm, "t/vid/s", "v1");
     let aws = Arc::new(Aws::with_sdk(AwsConfig::default(), sdk(&moto.url)));
     let backend = SecretsManager::new(aws);
     let id = "0f9e8d7c-6b5a-4f3e-9d2c-1b0a9f8e7d6c";
@@ -496,13 +494,7 @@ fn secrets_manager_watches_for_an_absent_version_id() {
 fn secrets_manager_looks_at_describe_secret_before_fetching_again() {
     let moto = moto();
     let sm = aws_sdk_secretsmanager::Client::new(&sdk(&moto.url));
-    block_on(
-        sm.create_secret()
-            .name("t/watch/s")
-            .secret_string("v1")
-            .send(),
-    )
-    .unwrap();
+    create_secret(&sm, "t/watch/s", "v1");
     let proxy = Proxy::start(&moto.url);
     let aws = Arc::new(Aws::with_sdk(AwsConfig::default(), sdk(&proxy.url)));
     let backend = SecretsManager::new(aws);

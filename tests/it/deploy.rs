@@ -936,7 +936,7 @@ type Play = fn(&mut dyn Runtime, &Pod, &Backends);
 
 /// The patterns need root (containers, mount namespaces, file owners).
 fn as_root() -> bool {
-    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    let root = support::is_root();
     if !root {
         assert!(
             std::env::var_os("ENVRENDER_REQUIRE_PODMAN").is_none(),

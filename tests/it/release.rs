@@ -354,11 +354,7 @@ fn both_images_hold_only_envrender_with_labels_and_no_volumes() {
 /// `qemu-aarch64-static`, or None (then the test says so) unless
 /// ENVRENDER_REQUIRE_QEMU is set.
 fn qemu() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|d| d.join("qemu-aarch64-static"))
-            .find(|p| p.is_file())
-    });
+    let found = support::which("qemu-aarch64-static");
     if found.is_none() {
         assert!(
             std::env::var_os("ENVRENDER_REQUIRE_QEMU").is_none(),

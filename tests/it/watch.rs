@@ -525,6 +525,17 @@ fn a_sidecar_revokes_its_lease_when_the_app_is_gone_not_on_a_restart() {
     assert_eq!(server.count("logins"), 1);
 }
 
+/// `watch` of `t.hbs` into `out.conf` with values from `values.yaml`.
+fn values_watch(d: &Dir) -> support::Cmd {
+    d.cmd(&[
+        "--values",
+        "values.yaml",
+        "watch",
+        "--template",
+        "t.hbs:out.conf",
+    ])
+}
+
 /// `watch --values` reads the values file again when it changes; one that
 /// no longer loads leaves the outputs as they are and says so in readiness.
 #[test]
@@ -532,16 +543,7 @@ fn watch_reads_the_local_values_file_again_when_it_changes() {
     let d = Dir::new();
     d.write("values.yaml", "\"ssm:/app/level\": one\n");
     d.write("t.hbs", "level={{ssm \"/app/level\"}}\n");
-    let w = Watch::start(
-        d.cmd(&[
-            "--values",
-            "values.yaml",
-            "watch",
-            "--template",
-            "t.hbs:out.conf",
-        ]),
-        &d,
-    );
+    let w = Watch::start(values_watch(&d), &d);
     assert_eq!(d.read("out.conf"), "level=one\n");
     d.write("values.yaml", "\"ssm:/app/level\": two\n");
     eventually(Duration::from_secs(10), "the new value", || {
@@ -718,17 +720,7 @@ fn airplane_mode_watch_never_asks_the_network_for_an_absent_value() {
         "t.hbs",
         "level={{ssm \"/app/level\"}} conns={{consul \"app/max_conns\" default=\"1024\"}}\n",
     );
-    let w = Watch::start(
-        d.cmd(&[
-            "--values",
-            "values.yaml",
-            "watch",
-            "--template",
-            "t.hbs:out.conf",
-        ])
-        .env("CONSUL_HTTP_ADDR", &consul.url),
-        &d,
-    );
+    let w = Watch::start(values_watch(&d).env("CONSUL_HTTP_ADDR", &consul.url), &d);
     assert_eq!(d.read("out.conf"), "level=one conns=1024\n");
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(consul.requests(), 0, "{}", w.log());

@@ -178,6 +178,20 @@ impl Run {
     }
 }
 
+/// Where `program` is on PATH.
+pub fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+/// Whether the tests run as root.
+pub fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
 /// Installs PyPI packages (`spec`: requirements separated by spaces) with their dependencies into the test scratch
 /// directory (`pip install --target`), once: later runs reuse it. `override_var`
 /// names an environment variable that points at an existing install instead.

@@ -54,8 +54,8 @@ pub fn artifacts() -> Option<&'static Artifacts> {
     static BUILT: OnceLock<Option<Artifacts>> = OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let root = real_uid() == Some(0);
-            let tools = ["musl-gcc", "file"].iter().all(|t| on_path(t));
+            let root = super::is_root();
+            let tools = ["musl-gcc", "file"].iter().all(|t| super::which(t).is_some());
             if !root && !tools {
                 assert!(
                     std::env::var_os("ENVRENDER_REQUIRE_RELEASE").is_none(),
@@ -91,23 +91,6 @@ fn build() -> Artifacts {
         tail(&String::from_utf8_lossy(&out.stderr), 60),
     );
     Artifacts { dist, images }
-}
-
-/// The real user id, from /proc.
-fn real_uid() -> Option<u32> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-pub fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(program).is_file()))
 }
 
 fn tail(text: &str, lines: usize) -> String {
